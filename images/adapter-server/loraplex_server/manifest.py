@@ -1,0 +1,171 @@
+"""The adapter manifest: the one document the operator writes and every pod's server reads.
+
+It is defined here, in the server package, and imported by the operator, so the two sides can
+never disagree about its shape. The JSON form uses camelCase keys like the Kubernetes objects
+it is derived from; Python code uses snake_case attributes.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from loraplex_server.source_uri import SourceError, parse_source_uri
+
+# vLLM accepts only these values for --max-lora-rank (vllm/config/lora.py).
+ALLOWED_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+# A Kubernetes object name (DNS-1123 subdomain, but without dots so it is also a safe single
+# path component in the adapter cache).
+ADAPTER_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# What clients may send as OpenAI `model`: no slashes, no "..", printable and short.
+SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+SHA256_RE = re.compile(r"^[a-f0-9]{64}$")
+
+
+class _Wire(BaseModel):
+    """camelCase on the wire, snake_case in Python, and unknown keys refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+def check_served_name(value: str) -> str:
+    """Served names become OpenAI model ids and cache file names, so they must be plain."""
+    if not SERVED_NAME_RE.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"servedName {value!r} is not allowed: use 1-128 letters, digits, '.', '_', ':' or "
+            "'-', starting with a letter or digit, with no '..' and no '/'"
+        )
+    return value
+
+
+class ManifestAdapter(_Wire):
+    """One declared adapter as a pod should serve it."""
+
+    name: str = Field(description="LoRAAdapter metadata.name; also the adapter's cache folder.")
+    served_name: str = Field(description="The OpenAI `model` value that selects this adapter.")
+    source: str = Field(description="hf://, s3://, https://, or pvc://claim/path.")
+    revision: str | None = None
+    sha256: str | None = None
+    pinned: bool = False
+    uid: str = ""
+    rank: int | None = Field(default=None, ge=1, description="Rank declared in the spec.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not ADAPTER_NAME_RE.fullmatch(value):
+            raise ValueError(
+                f"adapter name {value!r} must be a DNS-1123 label (lowercase letters, digits, '-')"
+            )
+        return value
+
+    @field_validator("served_name")
+    @classmethod
+    def _served_name(cls, value: str) -> str:
+        return check_served_name(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, value: str | None) -> str | None:
+        if value is not None and not SHA256_RE.fullmatch(value):
+            raise ValueError("sha256 must be 64 lowercase hex characters")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        try:
+            parse_source_uri(value)
+        except SourceError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+
+class AdapterManifest(_Wire):
+    """Everything a pod needs to know to serve its adapters; newer generations win."""
+
+    generation: int = Field(ge=0, description="Monotonic; a pod ignores older manifests.")
+    base_served_name: str = Field(description="The served name of the base model.")
+    base_model: str = Field(default="", description="The base model source, for base checks.")
+    max_loras: int = Field(ge=1, description="GPU slots: adapters loaded at once.")
+    max_lora_rank: int = Field(description="The largest rank vLLM was started with.")
+    max_cpu_loras: int = Field(ge=1)
+    adapters: list[ManifestAdapter] = Field(default_factory=list)
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank(cls, value: int) -> int:
+        if value not in ALLOWED_MAX_LORA_RANKS:
+            raise ValueError(f"maxLoraRank must be one of {list(ALLOWED_MAX_LORA_RANKS)}")
+        return value
+
+    @field_validator("base_served_name")
+    @classmethod
+    def _base_name(cls, value: str) -> str:
+        return check_served_name(value)
+
+    @model_validator(mode="after")
+    def _unique(self) -> AdapterManifest:
+        names = [a.name for a in self.adapters]
+        served = [a.served_name for a in self.adapters] + [self.base_served_name]
+        if len(set(names)) != len(names):
+            raise ValueError("adapter names must be unique")
+        if len(set(served)) != len(served):
+            raise ValueError("servedName values must be unique and differ from the base's")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("maxCpuLoras must be >= maxLoras")
+        return self
+
+
+class AdapterState(StrEnum):
+    """Where one adapter is in its life on one pod."""
+
+    DECLARED = "declared"
+    DOWNLOADING = "downloading"
+    CACHED = "cached"
+    LOADING = "loading"
+    LOADED = "loaded"
+    EVICTED = "evicted"
+    FAILED = "failed"
+
+
+class AdapterReport(_Wire):
+    """One adapter's state on one pod, as `GET /v1/adapters` returns it."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
+    )
+
+    name: str
+    served_name: str
+    state: AdapterState
+    pinned: bool = False
+    rank: int | None = None
+    target_modules: list[str] = Field(default_factory=list)
+    size_bytes: int | None = None
+    digest: str | None = None
+    last_used: datetime | None = None
+    load_seconds: float | None = None
+    attempts: int = 0
+    reason: str | None = Field(default=None, description="Machine reason when failed.")
+    message: str | None = Field(default=None, description="Human message when failed.")
+
+
+class AdaptersResponse(_Wire):
+    """The body of `GET /v1/adapters`: what one pod holds, and for which manifest."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
+    )
+
+    generation: int
+    base_served_name: str
+    vllm_healthy: bool
+    adapters: list[AdapterReport] = Field(default_factory=list)

@@ -1,0 +1,133 @@
+"""Prometheus metrics of the server, on a registry of its own.
+
+`METRIC_NAMES` is the one list of what is exported; the Grafana dashboard is checked against it,
+so add a name there whenever a metric is added here. Adapters are labelled by served name;
+requests for names that are not declared share the label "unknown" so clients cannot blow up
+the series count.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "loraplex_server_"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+# Names as Prometheus exposes them (counters gain `_total`, histograms `_bucket|_sum|_count`).
+METRIC_NAMES: tuple[str, ...] = (
+    "loraplex_server_requests_total",
+    "loraplex_server_request_errors_total",
+    "loraplex_server_request_ttfb_seconds",
+    "loraplex_server_request_duration_seconds",
+    "loraplex_server_prompt_tokens_total",
+    "loraplex_server_completion_tokens_total",
+    "loraplex_server_adapter_loads_total",
+    "loraplex_server_adapter_load_seconds",
+    "loraplex_server_adapter_evictions_total",
+    "loraplex_server_adapter_failures_total",
+    "loraplex_server_download_bytes_total",
+    "loraplex_server_cache_size_bytes",
+    "loraplex_server_adapters",
+    "loraplex_server_vllm_healthy",
+    "loraplex_server_manifest_generation",
+)
+
+
+class Metrics:
+    """All collectors, created once per app so tests can run several apps in one process."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            PREFIX + "requests",
+            "Proxied requests by adapter and HTTP status.",
+            ["adapter", "code"],
+            registry=r,
+        )
+        self.request_errors = Counter(
+            PREFIX + "request_errors",
+            "Proxied requests that ended in an error (>=400 or broken).",
+            ["adapter"],
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            PREFIX + "request_ttfb_seconds",
+            "Time to the first response byte from vLLM.",
+            ["adapter"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            PREFIX + "request_duration_seconds",
+            "Whole request time, including adapter loads.",
+            ["adapter"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens",
+            "Prompt tokens vLLM reported in `usage`.",
+            ["adapter"],
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            PREFIX + "completion_tokens",
+            "Completion tokens vLLM reported in `usage`.",
+            ["adapter"],
+            registry=r,
+        )
+        self.loads = Counter(
+            PREFIX + "adapter_loads",
+            "Successful adapter loads into vLLM.",
+            ["adapter"],
+            registry=r,
+        )
+        self.load_seconds = Histogram(
+            PREFIX + "adapter_load_seconds",
+            "Seconds vLLM took to load an adapter.",
+            ["adapter"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.evictions = Counter(
+            PREFIX + "adapter_evictions",
+            "Adapters unloaded to free a slot.",
+            ["adapter"],
+            registry=r,
+        )
+        self.failures = Counter(
+            PREFIX + "adapter_failures",
+            "Adapter failures by machine reason.",
+            ["adapter", "reason"],
+            registry=r,
+        )
+        self.download_bytes = Counter(
+            PREFIX + "download_bytes",
+            "Bytes downloaded for adapters.",
+            ["adapter"],
+            registry=r,
+        )
+        self.cache_size = Gauge(
+            PREFIX + "cache_size_bytes",
+            "Bytes of adapters installed in the cache directory.",
+            registry=r,
+        )
+        self.adapters = Gauge(
+            PREFIX + "adapters",
+            "Declared adapters by state.",
+            ["state"],
+            registry=r,
+        )
+        self.vllm_healthy = Gauge(
+            PREFIX + "vllm_healthy",
+            "1 when vLLM's /health answered OK.",
+            registry=r,
+        )
+        self.generation = Gauge(
+            PREFIX + "manifest_generation",
+            "Generation of the manifest being served.",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,378 @@
+"""Per-adapter lifecycle on one pod: the state machine, LRU slots, pinning, single-flight loads.
+
+All state lives on the event loop (no threads touch it), so plain attributes are enough; the
+one asyncio.Condition guards the slot count and wakes loads waiting for a slot to go idle.
+An adapter with requests in flight is never evicted: vLLM's unload only drops the name, but
+a request that has not reached vLLM yet would then get vLLM's 404.
+
+    declared -> downloading -> cached -> loading -> loaded -> evicted (-> loading ...)
+                     \\-> failed (reason, message, attempts)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from loraplex_server import errors
+from loraplex_server.fetch import Fetcher
+from loraplex_server.manifest import (
+    AdapterManifest,
+    AdapterReport,
+    AdaptersResponse,
+    AdapterState,
+    ManifestAdapter,
+)
+from loraplex_server.metrics import Metrics
+from loraplex_server.verify import AdapterInfo
+from loraplex_server.vllm_client import VLLMClient
+
+log = logging.getLogger(__name__)
+S = AdapterState
+_SLOT_STATES = (S.LOADING, S.LOADED)
+_LOADABLE = (S.CACHED, S.EVICTED)
+
+
+@dataclass(eq=False)
+class Entry:
+    """One declared adapter and everything this pod knows about it."""
+
+    spec: ManifestAdapter
+    state: AdapterState = S.DECLARED
+    path: Path | None = None
+    info: AdapterInfo | None = None
+    last_used: datetime | None = None
+    last_used_mono: float = 0.0
+    load_seconds: float | None = None
+    attempts: int = 0
+    reason: str | None = None
+    message: str | None = None
+    inflight: int = 0
+    reload_wanted: bool = False
+    removed: bool = False
+    fetch_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    load_task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def touch(self) -> None:
+        self.last_used = datetime.now(UTC)
+        self.last_used_mono = time.monotonic()
+
+    def report(self) -> AdapterReport:
+        info = self.info
+        return AdapterReport(
+            name=self.spec.name,
+            served_name=self.spec.served_name,
+            state=self.state,
+            pinned=self.spec.pinned,
+            rank=info.rank if info else self.spec.rank,
+            target_modules=info.target_modules if info else [],
+            size_bytes=info.size_bytes if info else None,
+            digest=info.digest if info else None,
+            last_used=self.last_used,
+            load_seconds=self.load_seconds,
+            attempts=self.attempts,
+            reason=self.reason,
+            message=self.message,
+        )
+
+
+def _same_content(a: ManifestAdapter, b: ManifestAdapter) -> bool:
+    """Whether an update can keep the installed files and the vLLM name."""
+    keep = {"pinned", "uid"}
+    return a.model_dump(exclude=keep) == b.model_dump(exclude=keep)
+
+
+class Registry:
+    """What the pod serves, and the only code that changes adapter states."""
+
+    def __init__(
+        self, manifest: AdapterManifest, metrics: Metrics, fetcher: Fetcher, vllm: VLLMClient
+    ) -> None:
+        self.manifest = manifest
+        self.metrics = metrics
+        self.fetcher = fetcher
+        self.vllm = vllm
+        self.vllm_healthy = False
+        self.entries: dict[str, Entry] = {}
+        self._cond = asyncio.Condition()
+        self._apply_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        metrics.generation.set(manifest.generation)
+
+    # -- lookups and reports ---------------------------------------------------------------
+
+    def by_served_name(self, served: str) -> Entry | None:
+        for e in self.entries.values():
+            if e.spec.served_name == served:
+                return e
+        return None
+
+    def served_names(self) -> list[str]:
+        return [
+            self.manifest.base_served_name,
+            *sorted(e.spec.served_name for e in self.entries.values()),
+        ]
+
+    def report(self) -> AdaptersResponse:
+        return AdaptersResponse(
+            generation=self.manifest.generation,
+            base_served_name=self.manifest.base_served_name,
+            vllm_healthy=self.vllm_healthy,
+            adapters=[e.report() for e in sorted(self.entries.values(), key=lambda e: e.spec.name)],
+        )
+
+    def ready(self) -> bool:
+        """vLLM is up and every pinned adapter that can be loaded is loaded.
+
+        A pinned adapter that failed for good (say, rank too large) does not hold the pod
+        unready: it is reported as failed, and the other adapters keep being served.
+        """
+        if not self.vllm_healthy:
+            return False
+        return all(e.state in (S.LOADED, S.FAILED) for e in self.entries.values() if e.spec.pinned)
+
+    # -- manifest --------------------------------------------------------------------------
+
+    async def apply(self, manifest: AdapterManifest, *, initial: bool = False) -> bool:
+        """Serve `manifest` if it is newer than the one held; return whether it was applied."""
+        async with self._apply_lock:
+            if not initial and manifest.generation <= self.manifest.generation:
+                return False
+            self.manifest = manifest
+            self.metrics.generation.set(manifest.generation)
+            wanted = {a.name: a for a in manifest.adapters}
+            for name, e in list(self.entries.items()):
+                spec = wanted.get(name)
+                if spec is None or not _same_content(e.spec, spec):
+                    await self._remove(e)
+            for name, spec in wanted.items():
+                old = self.entries.get(name)
+                if old is None:
+                    e = self.entries[name] = Entry(spec=spec)
+                    e.fetch_task = self._spawn(self._fetch(e))
+                else:
+                    e = old
+                    e.spec = spec
+                    if spec.pinned and e.state in _LOADABLE and self.vllm_healthy:
+                        self._spawn(self.ensure_loaded(e, None))
+            async with self._cond:
+                self._cond.notify_all()
+            self._update_gauges()
+            return True
+
+    async def _remove(self, e: Entry) -> None:
+        e.removed = True
+        self.entries.pop(e.spec.name, None)
+        if e.fetch_task is not None and not e.fetch_task.done():
+            e.fetch_task.cancel()
+        if e.load_task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(e.load_task)
+        async with self._cond:
+            if e.state in _SLOT_STATES:
+                with contextlib.suppress(errors.VLLMUnavailable):
+                    await self.vllm.unload(e.spec.served_name)
+            e.state = S.EVICTED
+            self._cond.notify_all()
+        if not e.spec.source.startswith("pvc://"):
+            await self.fetcher.remove(e.spec.name)
+        self.metrics.cache_size.set(self.fetcher.cache_size())
+        log.info("adapter %s removed", e.spec.name)
+
+    # -- fetching --------------------------------------------------------------------------
+
+    async def _fetch(self, e: Entry) -> None:
+        self._set(e, S.DOWNLOADING)
+
+        def attempt(n: int) -> None:
+            e.attempts = n
+
+        try:
+            e.path, e.info = await self.fetcher.fetch(e.spec, self.manifest, attempt)
+        except errors.AdapterError as exc:
+            self._fail(e, exc)
+            return
+        except Exception as exc:  # a bug or an odd source must fail one adapter, not the pod
+            log.exception("adapter %s: unexpected fetch error", e.spec.name)
+            self._fail(e, errors.AdapterError(errors.DOWNLOAD_FAILED, f"{type(exc).__name__}"))
+            return
+        if e.removed:
+            return
+        self._set(e, S.CACHED)
+        self.metrics.cache_size.set(self.fetcher.cache_size())
+        log.info("adapter %s cached at %s (%s)", e.spec.name, e.path, e.info.digest)
+        if e.spec.pinned and self.vllm_healthy:
+            self._spawn(self.ensure_loaded(e, None))
+
+    async def refetch(self, e: Entry) -> None:
+        """Give a failed adapter another go (admin load); requests alone never retry a failure."""
+        if e.state != S.FAILED or (e.fetch_task is not None and not e.fetch_task.done()):
+            return
+        retry_load = e.reason == errors.LOAD_FAILED and e.path is not None
+        e.reason = e.message = None
+        if retry_load:
+            self._set(e, S.CACHED)
+        else:
+            e.attempts = 0
+            e.fetch_task = self._spawn(self._fetch(e))
+
+    # -- loading ---------------------------------------------------------------------------
+
+    async def ensure_loaded(self, e: Entry, wait: float | None) -> None:
+        """Load `e` into vLLM, sharing one load among all callers.
+
+        Raises AdapterError (failed for good), VLLMUnavailable, or TimeoutError after
+        `wait` seconds; the load itself carries on after a timeout.
+        """
+        if e.state == S.LOADED:
+            return
+        if e.state == S.FAILED:
+            raise errors.AdapterError(e.reason or errors.DOWNLOAD_FAILED, e.message or "failed")
+        if e.load_task is None or e.load_task.done():
+            e.load_task = self._spawn(self._bring_up(e), quiet=True)
+        await asyncio.wait_for(asyncio.shield(e.load_task), wait)
+
+    async def _bring_up(self, e: Entry) -> None:
+        if e.fetch_task is not None:
+            await asyncio.shield(e.fetch_task)
+        if e.state == S.FAILED:
+            raise errors.AdapterError(e.reason or errors.DOWNLOAD_FAILED, e.message or "failed")
+        if e.removed:
+            raise errors.AdapterError(errors.INVALID_SOURCE, "adapter was removed")
+        assert e.path is not None
+        async with self._cond:
+            await self._claim_slot(e)
+            self._set(e, S.LOADING)
+        t0 = time.monotonic()
+        try:
+            await self.vllm.load(e.spec.served_name, e.path)
+        except errors.AdapterError as exc:
+            self._fail(e, exc)
+            raise
+        except BaseException:
+            self._set(e, S.CACHED)
+            raise
+        finally:
+            async with self._cond:
+                self._cond.notify_all()
+        e.load_seconds = time.monotonic() - t0
+        e.reload_wanted = False
+        e.reason = e.message = None
+        e.touch()
+        self._set(e, S.LOADED)
+        self.metrics.loads.labels(e.spec.served_name).inc()
+        self.metrics.load_seconds.labels(e.spec.served_name).observe(e.load_seconds)
+        log.info("adapter %s loaded in %.3fs", e.spec.name, e.load_seconds)
+
+    async def _claim_slot(self, e: Entry) -> None:
+        """Wait (holding the condition) until `e` fits in maxLoras, evicting idle LRU ones."""
+        while True:
+            busy = [x for x in self.entries.values() if x.state in _SLOT_STATES and x is not e]
+            if len(busy) < self.manifest.max_loras:
+                return
+            idle = [
+                x for x in busy if x.state == S.LOADED and not x.spec.pinned and x.inflight == 0
+            ]
+            if idle:
+                victim = min(idle, key=lambda x: x.last_used_mono)
+                await self._unload_locked(victim)
+                self.metrics.evictions.labels(victim.spec.served_name).inc()
+                log.info("adapter %s evicted for %s", victim.spec.name, e.spec.name)
+                continue
+            await self._cond.wait()
+
+    async def _unload_locked(self, e: Entry) -> None:
+        try:
+            await self.vllm.unload(e.spec.served_name)
+        except errors.VLLMUnavailable:
+            log.warning("adapter %s: vLLM did not answer the unload", e.spec.name)
+        self._set(e, S.EVICTED)
+
+    async def unload(self, e: Entry) -> None:
+        """Unload on request (admin); waits for in-flight requests of the adapter to finish."""
+        async with self._cond:
+            while e.inflight > 0:
+                await self._cond.wait()
+            if e.state == S.LOADED:
+                await self._unload_locked(e)
+            self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def use(self, e: Entry) -> AsyncIterator[None]:
+        """Mark a request in flight so its adapter is not evicted under it."""
+        e.inflight += 1
+        e.touch()
+        try:
+            yield
+        finally:
+            e.inflight -= 1
+            e.touch()
+            async with self._cond:
+                self._cond.notify_all()
+
+    # -- vLLM health -----------------------------------------------------------------------
+
+    async def vllm_down(self) -> None:
+        """vLLM lost every adapter: remember which to load again when it is back."""
+        self.vllm_healthy = False
+        self.metrics.vllm_healthy.set(0)
+        for e in self.entries.values():
+            if e.state in _SLOT_STATES:
+                e.reload_wanted = True
+                if e.state == S.LOADED:
+                    self._set(e, S.CACHED)
+        async with self._cond:
+            self._cond.notify_all()
+
+    async def vllm_up(self) -> None:
+        self.vllm_healthy = True
+        self.metrics.vllm_healthy.set(1)
+        for e in self.entries.values():
+            if (e.reload_wanted or e.spec.pinned) and e.state in _LOADABLE:
+                self._spawn(self.ensure_loaded(e, None))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _set(self, e: Entry, state: AdapterState) -> None:
+        if not e.removed:
+            e.state = state
+        self._update_gauges()
+
+    def _fail(self, e: Entry, exc: errors.AdapterError) -> None:
+        e.reason, e.message = exc.reason, exc.message
+        self._set(e, S.FAILED)
+        self.metrics.failures.labels(e.spec.served_name, exc.reason).inc()
+        log.error("adapter %s failed: %s: %s", e.spec.name, exc.reason, exc.message)
+
+    def _update_gauges(self) -> None:
+        for s in S:
+            self.metrics.adapters.labels(s.value).set(
+                sum(1 for e in self.entries.values() if e.state == s)
+            )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], quiet: bool = False) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if t.cancelled():
+                return
+            exc = t.exception()  # retrieved here so asyncio never warns about it
+            if exc is not None and not quiet:
+                log.warning("background adapter task failed: %s: %s", type(exc).__name__, exc)
+
+        task.add_done_callback(done)
+        return task
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

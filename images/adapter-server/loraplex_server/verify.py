@@ -1,0 +1,144 @@
+"""Checks an adapter directory before it may be installed or loaded.
+
+vLLM would reject most of these adapters too, but only at load time and with a 500; checking
+here gives the operator a precise reason (`RankExceedsMax`, `UnsupportedAdapter`, ...) and keeps
+bad files out of the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraplex_server import errors
+from loraplex_server.manifest import AdapterManifest, ManifestAdapter
+from loraplex_server.source_uri import parse_source_uri
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+MARKER_FILE = ".loraplex-source.json"  # our own record in the cache; not part of the digest
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the server learned from an adapter's files."""
+
+    rank: int
+    target_modules: list[str] = field(default_factory=list)
+    base_model: str = ""
+    size_bytes: int = 0
+    digest: str = ""
+
+
+def _files(root: Path) -> list[Path]:
+    out = []
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            p = Path(dirpath) / n
+            if p.name != MARKER_FILE and p.is_file():
+                out.append(p)
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def digest_dir(root: Path) -> tuple[str, int]:
+    """sha256 over relative paths and contents, so equal adapters get equal digests anywhere."""
+    h = hashlib.sha256()
+    size = 0
+    for p in _files(root):
+        rel = p.relative_to(root).as_posix().encode()
+        h.update(len(rel).to_bytes(4, "big") + rel)
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                size += len(chunk)
+    return "sha256:" + h.hexdigest(), size
+
+
+def read_config(root: Path) -> dict[str, Any]:
+    cfg_path = root / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise errors.AdapterError(
+            errors.UNSUPPORTED_ADAPTER, f"{CONFIG_FILE} is missing: not a PEFT LoRA adapter"
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise errors.AdapterError(
+            errors.UNSUPPORTED_ADAPTER, f"{CONFIG_FILE} is not valid JSON: {exc}"
+        ) from exc
+    if not isinstance(cfg, dict):
+        raise errors.AdapterError(errors.UNSUPPORTED_ADAPTER, f"{CONFIG_FILE} is not an object")
+    return cfg
+
+
+def _repo_id(value: str) -> str | None:
+    """`org/name` when the value names a Hub repo, else None (local paths cannot be compared)."""
+    if value.startswith("hf://"):
+        try:
+            return parse_source_uri(value).authority.lower()
+        except ValueError:
+            return None
+    if value.startswith(("/", ".", "~")) or value.count("/") != 1:
+        return None
+    return value.lower()
+
+
+def check_config(
+    cfg: dict[str, Any], spec: ManifestAdapter, manifest: AdapterManifest
+) -> AdapterInfo:
+    """Apply the manifest's limits to a parsed adapter_config.json."""
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise errors.AdapterError(
+            errors.UNSUPPORTED_ADAPTER, f"peft_type {peft_type} is not supported; only LORA is"
+        )
+    rank = cfg.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise errors.AdapterError(
+            errors.UNSUPPORTED_ADAPTER, f"adapter_config.json has no positive integer r: {rank!r}"
+        )
+    if rank > manifest.max_lora_rank:
+        raise errors.AdapterError(
+            errors.RANK_EXCEEDS_MAX,
+            f"adapter rank {rank} exceeds the base model's maxLoraRank {manifest.max_lora_rank}",
+        )
+    if spec.rank is not None and spec.rank != rank:
+        raise errors.AdapterError(
+            errors.RANK_MISMATCH, f"spec.rank is {spec.rank} but adapter_config.json says r={rank}"
+        )
+    if cfg.get("use_dora"):
+        raise errors.AdapterError(errors.UNSUPPORTED_ADAPTER, "DoRA adapters are not supported")
+    bias = cfg.get("bias", "none")
+    if bias not in (None, "none"):
+        raise errors.AdapterError(
+            errors.UNSUPPORTED_ADAPTER, f"bias={bias!r} is not supported; vLLM needs bias='none'"
+        )
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise errors.AdapterError(errors.UNSUPPORTED_ADAPTER, "target_modules is malformed")
+    base = str(cfg.get("base_model_name_or_path") or "")
+    want, have = _repo_id(manifest.base_model), _repo_id(base)
+    if want and have and want != have:
+        raise errors.AdapterError(
+            errors.INCOMPATIBLE_BASE_MODEL,
+            f"adapter was trained on {base!r} but this base model is {manifest.base_model!r}",
+        )
+    return AdapterInfo(rank=rank, target_modules=sorted(targets), base_model=base)
+
+
+def verify_dir(root: Path, spec: ManifestAdapter, manifest: AdapterManifest) -> AdapterInfo:
+    """Full check of an adapter directory; returns what the report shows about it."""
+    info = check_config(read_config(root), spec, manifest)
+    if not any((root / w).is_file() for w in WEIGHT_FILES):
+        raise errors.AdapterError(
+            errors.UNSUPPORTED_ADAPTER,
+            f"no weights file: expected one of {', '.join(WEIGHT_FILES)}",
+        )
+    digest, size = digest_dir(root)
+    return AdapterInfo(info.rank, info.target_modules, info.base_model, size, digest)

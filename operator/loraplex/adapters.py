@@ -1,0 +1,164 @@
+"""Which of a BaseModel's adapters are accepted, and the manifest that carries them to pods.
+
+Pure functions: the handlers gather the objects, these decide. Every refusal has a machine
+reason (the `Accepted` condition's reason) and a message that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from loraplex.api.basemodel import BaseModelSpec
+from loraplex.api.loraadapter import LoRAAdapterSpec
+from loraplex.errors import InvalidSpec
+from loraplex.validation import parse_spec
+from loraplex_server.manifest import AdapterManifest, ManifestAdapter
+from loraplex_server.source_uri import parse_source_uri
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether an adapter is accepted onto its base, and if not, why."""
+
+    accepted: bool
+    reason: str
+    message: str
+
+
+ACCEPTED = Verdict(True, "Accepted", "The adapter is valid and is in its BaseModel's manifest.")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A LoRAAdapter object reduced to what the decisions need."""
+
+    name: str
+    uid: str
+    created: str
+    spec: LoRAAdapterSpec | None
+    error: Verdict | None
+
+    @property
+    def served_name(self) -> str:
+        assert self.spec is not None
+        return self.spec.served_name or self.name
+
+
+def read_candidate(obj: Mapping[str, Any]) -> Candidate:
+    """Parse one LoRAAdapter; a spec that does not parse becomes a refusal, not an exception."""
+    meta = obj.get("metadata", {})
+    name = str(meta.get("name", ""))
+    base = Candidate(name, str(meta.get("uid", "")), str(meta.get("creationTimestamp", "")), None, None)
+    try:
+        spec = parse_spec(LoRAAdapterSpec, obj.get("spec"))
+    except InvalidSpec as exc:
+        reason = "InvalidSource" if exc.field == "spec.source" else "InvalidSpec"
+        return Candidate(base.name, base.uid, base.created, None, Verdict(False, reason, str(exc)))
+    try:
+        ManifestAdapter(name=name, served_name=spec.served_name or name, source=spec.source)
+    except ValueError as exc:
+        msg = str(exc).split("\n")[-1].strip() if "\n" in str(exc) else str(exc)
+        return Candidate(
+            name, base.uid, base.created, None,
+            Verdict(False, "InvalidSpec", f"metadata.name/spec.servedName: {msg}"),
+        )
+    return Candidate(name, base.uid, base.created, spec, None)
+
+
+def judge(base_name: str, base: BaseModelSpec, candidates: Sequence[Candidate]) -> dict[str, Verdict]:
+    """Decide acceptance for every adapter of one base (before the memory plan).
+
+    servedName conflicts go to the oldest adapter (then by name), so adding a clashing adapter
+    never takes a name away from one that is already serving.
+    """
+    verdicts: dict[str, Verdict] = {}
+    claims = {v.claim_name for v in base.adapter_volumes}
+    base_served = base.model.served_name or base_name
+    owners: dict[str, str] = {}
+    for cand in sorted(candidates, key=lambda c: (c.created, c.name)):
+        if cand.error is not None or cand.spec is None:
+            verdicts[cand.name] = cand.error or Verdict(False, "InvalidSpec", "spec is missing")
+            continue
+        src = parse_source_uri(cand.spec.source)
+        if src.scheme == "pvc" and src.authority not in claims:
+            verdicts[cand.name] = Verdict(
+                False,
+                "InvalidSource",
+                f"spec.source: claim {src.authority!r} is not in BaseModel {base_name!r} "
+                f"spec.adapterVolumes ({', '.join(sorted(claims)) or 'none'}); add "
+                f"`- claimName: {src.authority}` there",
+            )
+            continue
+        served = cand.served_name
+        if served == base_served:
+            verdicts[cand.name] = Verdict(
+                False, "NameConflict",
+                f"spec.servedName: {served!r} is the base model's served name; choose another",
+            )
+            continue
+        if served in owners:
+            verdicts[cand.name] = Verdict(
+                False, "NameConflict",
+                f"spec.servedName: {served!r} is already served by LoRAAdapter "
+                f"{owners[served]!r} on this base; choose a unique servedName",
+            )
+            continue
+        owners[served] = cand.name
+        verdicts[cand.name] = ACCEPTED
+    return verdicts
+
+
+def rank_verdict(name: str, rank: int | None, max_rank: int) -> Verdict:
+    return Verdict(
+        False,
+        "RankExceedsMax",
+        f"spec.rank: {rank} is above the BaseModel's maxLoraRank {max_rank}; raise "
+        "spec.lora.maxLoraRank on the BaseModel (or set it to auto), or use a lower-rank adapter",
+    )
+
+
+def build_manifest(
+    *,
+    generation: int,
+    base_served_name: str,
+    base_model: str,
+    max_loras: int,
+    max_lora_rank: int,
+    max_cpu_loras: int,
+    accepted: Iterable[Candidate],
+) -> AdapterManifest:
+    """The manifest for the accepted adapters, sorted by name so equal inputs give equal JSON."""
+    adapters = []
+    for cand in sorted(accepted, key=lambda c: c.name):
+        assert cand.spec is not None
+        s = cand.spec
+        adapters.append(
+            ManifestAdapter(
+                name=cand.name,
+                served_name=cand.served_name,
+                source=s.source,
+                revision=s.revision,
+                sha256=s.sha256,
+                pinned=s.pinned,
+                uid=cand.uid,
+                rank=s.rank,
+            )
+        )
+    return AdapterManifest(
+        generation=generation,
+        base_served_name=base_served_name,
+        base_model=base_model,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
+        max_cpu_loras=max_cpu_loras,
+        adapters=adapters,
+    )
+
+
+def same_content(a: AdapterManifest, b: AdapterManifest | None) -> bool:
+    """Whether two manifests differ in anything but their generation."""
+    if b is None:
+        return False
+    return a.model_copy(update={"generation": 0}) == b.model_copy(update={"generation": 0})

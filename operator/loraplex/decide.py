@@ -1,0 +1,99 @@
+"""The pure core of a reconcile: from a BaseModel and its adapters to the objects to apply.
+
+Both the operator (`loraplex.reconcile`) and `loraplex render` call `decide`, so what GitOps
+users diff offline is exactly what the operator applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraplex.adapters import (
+    Candidate,
+    Verdict,
+    build_manifest,
+    judge,
+    rank_verdict,
+    read_candidate,
+    same_content,
+)
+from loraplex.api.basemodel import BaseModelSpec
+from loraplex.errors import InvalidSpec
+from loraplex.planner import AdapterDemand, Plan, plan_base_model
+from loraplex.render import Images, Owner, render_all
+from loraplex.validation import parse_spec
+from loraplex_server.manifest import AdapterManifest
+
+
+@dataclass
+class Decision:
+    """What should exist for one BaseModel; `objects` is empty when nothing may be applied."""
+
+    invalid: InvalidSpec | None = None
+    spec: BaseModelSpec | None = None
+    plan: Plan | None = None
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    manifest: AdapterManifest | None = None
+    objects: list[dict[str, Any]] = field(default_factory=list)
+
+
+def decide(
+    owner: Owner,
+    raw_spec: Mapping[str, Any] | None,
+    adapters: Sequence[Mapping[str, Any]],
+    *,
+    token: str,
+    previous: AdapterManifest | None,
+    previous_generation: int = 0,
+    images: Images = Images(),
+    config_json: Mapping[str, Any] | None = None,
+) -> Decision:
+    """Validate, plan, build the manifest (bumping its generation only on change), render."""
+    try:
+        spec = parse_spec(BaseModelSpec, raw_spec)
+    except InvalidSpec as exc:
+        return Decision(invalid=exc)
+    cands = [read_candidate(a) for a in adapters]
+    verdicts = judge(owner.name, spec, cands)
+    accepted = [c for c in cands if verdicts[c.name].accepted]
+    plan = plan_base_model(
+        spec,
+        [AdapterDemand(c.name, c.spec.rank, c.spec.pinned) for c in accepted if c.spec],
+        config_json=config_json,
+    )
+    ranks = {c.name: c.spec.rank if c.spec else None for c in accepted}
+    for n in plan.rank_exceeded:
+        verdicts[n] = rank_verdict(n, ranks.get(n), plan.max_lora_rank)
+    accepted = [c for c in accepted if verdicts[c.name].accepted]
+    decision = Decision(spec=spec, plan=plan, verdicts=verdicts)
+    if not plan.feasible:
+        return decision
+    decision.manifest = next_manifest(owner.name, spec, plan, accepted, previous, previous_generation)
+    decision.objects = render_all(owner, spec, plan, decision.manifest, token, images)
+    return decision
+
+
+def next_manifest(
+    name: str,
+    spec: BaseModelSpec,
+    plan: Plan,
+    accepted: Sequence[Candidate],
+    previous: AdapterManifest | None,
+    previous_generation: int,
+) -> AdapterManifest:
+    """The manifest to publish; its generation moves only when its content changes."""
+    prev = max(previous.generation if previous else 0, previous_generation)
+    manifest = build_manifest(
+        generation=prev,
+        base_served_name=spec.model.served_name or name,
+        base_model=spec.model.source,
+        max_loras=plan.max_loras,
+        max_lora_rank=plan.max_lora_rank,
+        max_cpu_loras=plan.max_cpu_loras,
+        accepted=accepted,
+    )
+    if previous is None or not same_content(manifest, previous) or previous.generation < prev:
+        manifest = manifest.model_copy(update={"generation": prev + 1})
+    return manifest

@@ -1,0 +1,1 @@
+"""Helpers for tests, the demo and benchmarks; never imported by the operator at run time."""

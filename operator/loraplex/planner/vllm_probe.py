@@ -1,0 +1,79 @@
+"""Measure what a running vLLM really allocated, to check the planner against it.
+
+These functions run inside a vLLM worker process (sent with `LLM.collective_rpc`), so they
+take the worker and return plain data. They live in the package, not in a test module,
+because the worker unpickles them by reference and must be able to import them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _tensors(value: Any) -> list[Any]:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def measure_worker(worker: Any) -> dict[str, Any]:
+    """Bytes of LoRA slot buffers and of model weights held by one worker.
+
+    LoRA buffers are plain tensor attributes (not parameters) of the LoRA-wrapped layers, named
+    `lora_*`; views of the same storage (e.g. `lora_a_stacked_2d`) are counted once, because
+    they cost no memory of their own.
+    """
+    model = worker.model_runner.model
+    seen: set[int] = set()
+    lora_bytes = 0
+    lora_tensors: list[dict[str, Any]] = []
+    for mod_name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if not attr.startswith("lora_") and "lora" not in attr:
+                continue
+            for tensor in _tensors(value):
+                key = tensor.untyped_storage().data_ptr()
+                if key in seen:
+                    continue
+                seen.add(key)
+                size = tensor.untyped_storage().nbytes()
+                lora_bytes += size
+                lora_tensors.append(
+                    {
+                        "module": mod_name,
+                        "attr": attr,
+                        "shape": list(tensor.shape),
+                        "dtype": str(tensor.dtype),
+                        "bytes": size,
+                    }
+                )
+    weight_bytes = 0
+    weight_seen: set[int] = set()
+    repacked = 0
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.numel() == 0 and hasattr(module, "cpu_linear"):
+                # vLLM's CPU backend moves linear weights into opaque oneDNN handles and
+                # empties the Parameter; count what create_weights allocated instead.
+                size = module.output_size_per_partition * module.input_size_per_partition
+                weight_bytes += size * module.params_dtype.itemsize
+                repacked += 1
+                continue
+            key = param.untyped_storage().data_ptr()
+            if key in weight_seen or param.numel() == 0:
+                continue
+            weight_seen.add(key)
+            weight_bytes += param.untyped_storage().nbytes()
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    return {
+        "lora_bytes": lora_bytes,
+        "lora_tensor_count": len(lora_tensors),
+        "lora_tensors": lora_tensors,
+        "weight_bytes": weight_bytes,
+        "repacked_linear_weights": repacked,
+        "buffer_bytes": buffer_bytes,
+    }

@@ -1,0 +1,132 @@
+"""The operator's side of the adapter-server contract: push manifests, poll adapter state.
+
+`PodSync` is the seam the reconciler calls. It reaches each ready pod on its admin port (for
+`PUT /admin/manifest`) and public port (for `GET /v1/adapters`), by pod IP. Failures are
+expected (a pod restarting, a network blip) and never fail a reconcile: the next poll
+retries, and a pod always also reads the mounted ConfigMap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from loraplex import naming
+from loraplex_server.manifest import AdapterManifest, AdaptersResponse
+
+log = logging.getLogger("loraplex.podsync")
+
+
+def admin_token(key: bytes, namespace: str, name: str, uid: str) -> str:
+    """The BaseModel's admin token, derived so the operator never has to read it back.
+
+    Deriving it from the operator's key and the object's identity lets the operator push to
+    pods while holding only create/patch rights on Secrets (no cluster-wide Secret reads).
+    """
+    msg = f"{namespace}/{name}/{uid}".encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class PodTarget:
+    """A ready pod of a BaseModel and where its server listens."""
+
+    name: str
+    ip: str
+    public_port: int
+    admin_port: int
+
+
+def _port(pod: Mapping[str, Any], port_name: str, default: int) -> int:
+    for c in pod.get("spec", {}).get("containers", []):
+        for p in c.get("ports", []) or []:
+            if p.get("name") == port_name:
+                return int(p.get("containerPort", default))
+    return default
+
+
+def ready_pods(pods: Sequence[Mapping[str, Any]]) -> list[PodTarget]:
+    """Pods that are Running, Ready, have an IP, and are not terminating."""
+    out = []
+    for pod in pods:
+        meta, status = pod.get("metadata", {}), pod.get("status", {}) or {}
+        if meta.get("deletionTimestamp") or not status.get("podIP"):
+            continue
+        conds = {c.get("type"): c.get("status") for c in status.get("conditions", []) or []}
+        if conds.get("Ready") != "True":
+            continue
+        out.append(PodTarget(
+            name=meta.get("name", ""),
+            ip=status["podIP"],
+            public_port=_port(pod, "http", naming.PUBLIC_PORT),
+            admin_port=_port(pod, "admin", naming.ADMIN_PORT),
+        ))
+    return sorted(out, key=lambda p: p.name)
+
+
+class PodSync:
+    """Talks to adapter-servers; one aiohttp session shared by all pods."""
+
+    def __init__(self, *, timeout: float = 5.0) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def push(self, pod: PodTarget, manifest: AdapterManifest, token: str) -> bool:
+        """PUT the manifest; True when the pod holds this generation (409 = already newer)."""
+        url = f"http://{pod.ip}:{pod.admin_port}/admin/manifest"
+        body = manifest.model_dump(by_alias=True, mode="json")
+        try:
+            sess = await self._sess()
+            async with sess.put(
+                url, json=body, headers={"Authorization": f"Bearer {token}"}
+            ) as resp:
+                if resp.status in (200, 202, 204, 409):
+                    return True
+                log.warning("push to pod %s failed: HTTP %s", pod.name, resp.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("push to pod %s failed: %s", pod.name, type(exc).__name__)
+        return False
+
+    async def poll(self, pod: PodTarget) -> AdaptersResponse | None:
+        """GET /v1/adapters from one pod; None when it cannot be read."""
+        url = f"http://{pod.ip}:{pod.public_port}/v1/adapters"
+        try:
+            sess = await self._sess()
+            async with sess.get(url) as resp:
+                if resp.status != 200:
+                    return None
+                return AdaptersResponse.model_validate(await resp.json())
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.info("poll of pod %s failed: %s", pod.name, type(exc).__name__)
+            return None
+
+    async def sync(
+        self, pods: Sequence[PodTarget], manifest: AdapterManifest, token: str
+    ) -> dict[str, AdaptersResponse | None]:
+        """Poll every pod; push the manifest to those behind it, then poll them again."""
+
+        async def one(pod: PodTarget) -> AdaptersResponse | None:
+            report = await self.poll(pod)
+            if report is None or report.generation < manifest.generation:
+                if await self.push(pod, manifest, token):
+                    report = await self.poll(pod)
+            return report
+
+        results = await asyncio.gather(*(one(p) for p in pods))
+        return {p.name: r for p, r in zip(pods, results, strict=True)}

@@ -1,0 +1,304 @@
+"""Pure rendering of everything a BaseModel owns: Deployment, Service, ConfigMap, Secret.
+
+Bulky static YAML lives in jinja2 templates (StrictUndefined, every value through `tojson`);
+this module decides the values. Equal inputs give byte-equal output: args and env are in a
+fixed order, and the pod template carries a hash of itself so that only real changes roll
+pods. Adapters live only in the ConfigMap, so adding one never changes the pod template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import jinja2
+import yaml
+
+from loraplex import API_GROUP, API_VERSION, naming
+from loraplex.api.basemodel import BaseModelSpec
+from loraplex.planner import Plan, vllm_flags
+from loraplex_server.manifest import AdapterManifest
+from loraplex_server.source_uri import parse_source_uri
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("loraplex", "templates"),
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,
+    keep_trailing_newline=True,
+)
+
+DEFAULT_ENGINE_IMAGE = "vllm/vllm-openai:v0.11.0"
+DEFAULT_SERVER_IMAGE = "ghcr.io/loraplex/adapter-server:0.1.0"
+VLLM_COMMAND = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The BaseModel object the rendered objects belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def refs(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                "kind": "BaseModel",
+                "name": self.name,
+                "uid": self.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+
+
+@dataclass(frozen=True)
+class Images:
+    """Default images for BaseModels that do not name their own (set by the operator/chart)."""
+
+    engine: str = DEFAULT_ENGINE_IMAGE
+    server: str = DEFAULT_SERVER_IMAGE
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """How vLLM finds the base weights: the --model value plus any volume it needs."""
+
+    model_arg: str
+    revision: str | None
+    volumes: tuple[dict[str, Any], ...] = ()
+    mounts: tuple[dict[str, Any], ...] = ()
+    extra_args: tuple[str, ...] = ()
+
+
+def model_location(spec: BaseModelSpec) -> ModelLocation:
+    """Map spec.model.source to what vLLM is started with."""
+    source = spec.model.source
+    if source.startswith("/"):
+        return ModelLocation(source, None)
+    uri = parse_source_uri(source)
+    if uri.scheme == "hf":
+        repo = uri.authority if not uri.path else f"{uri.authority}/{uri.path}"
+        return ModelLocation(repo, spec.model.revision)
+    if uri.scheme == "pvc":
+        mount = f"{naming.MODEL_ROOT}/{uri.authority}"
+        return ModelLocation(
+            str(PurePosixPath(mount) / uri.path) if uri.path else mount,
+            None,
+            volumes=({"name": "model", "persistentVolumeClaim": {
+                "claimName": uri.authority, "readOnly": True}},),
+            mounts=({"name": "model", "mountPath": mount, "readOnly": True},),
+        )
+    # s3:// and https:// base weights are streamed by vLLM's Run:ai model streamer.
+    return ModelLocation(source, None, extra_args=("--load-format", "runai_streamer"))
+
+
+def served_name(name: str, spec: BaseModelSpec) -> str:
+    return spec.model.served_name or name
+
+
+def vllm_args(name: str, spec: BaseModelSpec, plan: Plan) -> list[str]:
+    """vLLM's arguments: fixed wiring, then the planner's flags, then the user's extras."""
+    loc = model_location(spec)
+    args = [
+        "--model", loc.model_arg,
+        "--served-model-name", served_name(name, spec),
+        "--host", "127.0.0.1",
+        "--port", str(naming.VLLM_PORT),
+        "--enable-lora",
+        "--disable-log-requests",
+    ]
+    if loc.revision:
+        args += ["--revision", loc.revision]
+    args += list(loc.extra_args)
+    args += vllm_flags(plan)
+    args += list(spec.engine.extra_args)
+    return args
+
+
+def server_args() -> list[str]:
+    """The adapter-server's flags, exactly as DESIGN.md's Commands section gives them."""
+    return [
+        "--vllm-url", f"http://127.0.0.1:{naming.VLLM_PORT}",
+        "--manifest", f"{naming.MANIFEST_DIR}/{naming.MANIFEST_KEY}",
+        "--cache-dir", naming.CACHE_DIR,
+        "--port", str(naming.PUBLIC_PORT),
+        "--admin-port", str(naming.ADMIN_PORT),
+        "--admin-token-file", f"{naming.ADMIN_DIR}/{naming.TOKEN_KEY}",
+        "--pvc-root", naming.PVC_ROOT,
+    ]
+
+
+def _vllm_env(spec: BaseModelSpec) -> list[dict[str, Any]]:
+    fixed = {
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "HOME": "/tmp",
+        "HF_HOME": f"{naming.CACHE_DIR}/.hf",
+        "VLLM_NO_USAGE_STATS": "1",
+    }
+    user = [e.dump() for e in spec.engine.env]
+    user_names = {e["name"] for e in user}
+    env = [{"name": k, "value": v} for k, v in sorted(fixed.items()) if k not in user_names]
+    return env + sorted(user, key=lambda e: e["name"])
+
+
+def _gpu_resources(spec: BaseModelSpec) -> dict[str, Any]:
+    res: dict[str, Any] = json.loads(json.dumps(spec.engine.resources or {}))
+    limits = res.setdefault("limits", {})
+    limits[spec.gpu.resource_name] = spec.gpu.count
+    requests = res.setdefault("requests", {})
+    requests[spec.gpu.resource_name] = spec.gpu.count
+    return res
+
+
+def _volumes(spec: BaseModelSpec, name: str, loc: ModelLocation) -> list[dict[str, Any]]:
+    cache: dict[str, Any]
+    if spec.adapter_cache.claim_name:
+        cache = {"name": "adapter-cache",
+                 "persistentVolumeClaim": {"claimName": spec.adapter_cache.claim_name}}
+    else:
+        cache = {"name": "adapter-cache", "emptyDir": {"sizeLimit": spec.adapter_cache.size_limit}}
+    vols = [
+        cache,
+        {"name": "manifest", "configMap": {"name": naming.configmap_name(name)}},
+        {"name": "admin-token", "secret": {"secretName": naming.secret_name(name),
+                                           "defaultMode": 0o440}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    for vol in spec.adapter_volumes:
+        vols.append({"name": f"pvc-{vol.claim_name}"[:63].rstrip("-."),
+                     "persistentVolumeClaim": {"claimName": vol.claim_name, "readOnly": True}})
+    return vols + list(loc.volumes)
+
+
+def _adapter_mounts(spec: BaseModelSpec) -> list[dict[str, Any]]:
+    """Adapter PVCs, read-only, at the same path in both containers (vLLM reads in place)."""
+    return [
+        {"name": f"pvc-{v.claim_name}"[:63].rstrip("-."),
+         "mountPath": f"{naming.PVC_ROOT}/{v.claim_name}", "readOnly": True}
+        for v in spec.adapter_volumes
+    ]
+
+
+def spec_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _render(template: str, **values: Any) -> dict[str, Any]:
+    out: dict[str, Any] = yaml.safe_load(_ENV.get_template(template).render(**values))
+    return out
+
+
+def build_deployment(
+    owner: Owner, spec: BaseModelSpec, plan: Plan, images: Images
+) -> dict[str, Any]:
+    """The Deployment: vLLM on localhost plus the adapter-server in front of it."""
+    loc = model_location(spec)
+    cache_mount = {"name": "adapter-cache", "mountPath": naming.CACHE_DIR}
+    deployment = _render(
+        "deployment.yaml.j2",
+        name=naming.deployment_name(owner.name),
+        namespace=owner.namespace,
+        labels=naming.labels(owner.name),
+        selector=naming.selector_labels(owner.name),
+        owner_refs=owner.refs(),
+        replicas=spec.replicas,
+        pod_annotations={},
+        node_selector=dict(sorted(spec.node_selector.items())),
+        tolerations=spec.tolerations,
+        affinity=spec.affinity,
+        engine_image=spec.engine.image or images.engine,
+        vllm_command=VLLM_COMMAND,
+        vllm_args=vllm_args(owner.name, spec, plan),
+        vllm_env=_vllm_env(spec),
+        vllm_resources=_gpu_resources(spec),
+        vllm_mounts=[
+            {**cache_mount, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            *_adapter_mounts(spec),
+            *loc.mounts,
+        ],
+        server_image=spec.server.image or images.server,
+        server_args=server_args(),
+        credentials_secret=(
+            spec.credentials.secret_ref.name if spec.credentials.secret_ref else None
+        ),
+        cache_dir=naming.CACHE_DIR,
+        public_port=naming.PUBLIC_PORT,
+        admin_port=naming.ADMIN_PORT,
+        server_resources=spec.server.resources
+        or {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        server_mounts=[
+            cache_mount,
+            {"name": "manifest", "mountPath": naming.MANIFEST_DIR, "readOnly": True},
+            {"name": "admin-token", "mountPath": naming.ADMIN_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            *_adapter_mounts(spec),
+        ],
+        volumes=_volumes(spec, owner.name, loc),
+    )
+    template = deployment["spec"]["template"]
+    template["metadata"]["annotations"][naming.SPEC_HASH] = spec_hash(template["spec"])
+    return deployment
+
+
+def build_service(owner: Owner) -> dict[str, Any]:
+    return _render(
+        "service.yaml.j2",
+        name=naming.service_name(owner.name),
+        namespace=owner.namespace,
+        labels=naming.labels(owner.name),
+        selector=naming.selector_labels(owner.name),
+        owner_refs=owner.refs(),
+        public_port=naming.PUBLIC_PORT,
+    )
+
+
+def manifest_json(manifest: AdapterManifest) -> str:
+    return json.dumps(manifest.model_dump(by_alias=True, mode="json"), indent=2, sort_keys=True)
+
+
+def build_configmap(owner: Owner, manifest: AdapterManifest) -> dict[str, Any]:
+    return _render(
+        "configmap.yaml.j2",
+        name=naming.configmap_name(owner.name),
+        namespace=owner.namespace,
+        labels=naming.labels(owner.name),
+        annotations={f"{API_GROUP}/manifest-generation": str(manifest.generation)},
+        owner_refs=owner.refs(),
+        data={naming.MANIFEST_KEY: manifest_json(manifest)},
+    )
+
+
+def build_secret(owner: Owner, token: str) -> dict[str, Any]:
+    return _render(
+        "secret.yaml.j2",
+        name=naming.secret_name(owner.name),
+        namespace=owner.namespace,
+        labels=naming.labels(owner.name),
+        owner_refs=owner.refs(),
+        string_data={naming.TOKEN_KEY: token},
+    )
+
+
+def render_all(
+    owner: Owner,
+    spec: BaseModelSpec,
+    plan: Plan,
+    manifest: AdapterManifest,
+    token: str,
+    images: Images = Images(),
+) -> list[dict[str, Any]]:
+    """Every object the operator applies for one BaseModel, in apply order."""
+    return [
+        build_secret(owner, token),
+        build_configmap(owner, manifest),
+        build_deployment(owner, spec, plan, images),
+        build_service(owner),
+    ]

@@ -1,0 +1,190 @@
+"""Pure status computation for both kinds, from what the reconciler observed.
+
+Phases and conditions follow kstatus: `Ready` is the summary, `observedGeneration` says which
+spec it describes, and a failing object names the field and the fix in its message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from loraplex.adapters import Verdict
+from loraplex.api.basemodel import AdapterCounts, BaseModelStatus
+from loraplex.api.common import Condition
+from loraplex.api.loraadapter import LoRAAdapterStatus, PodAdapterState, ReplicaCounts
+from loraplex.conditions import set_condition
+from loraplex.errors import InvalidSpec
+from loraplex.planner import Plan
+from loraplex_server.manifest import AdapterReport, AdapterState
+
+# Server-side failure reasons that map straight onto LoRAAdapter condition reasons.
+_FAILURE_REASONS = {
+    "DownloadFailed", "ChecksumMismatch", "RankExceedsMax", "UnsupportedAdapter",
+    "IncompatibleBaseModel", "LoadFailed", "InvalidSource",
+}
+
+
+def _conds(
+    conds: list[Condition], generation: int | None, *items: tuple[str, bool, str, str]
+) -> list[Condition]:
+    for type_, ok, reason, message in items:
+        conds = set_condition(
+            conds, type_, "True" if ok else "False", reason, message, generation=generation
+        )
+    return conds
+
+
+def base_status(
+    old: BaseModelStatus,
+    generation: int | None,
+    *,
+    invalid: InvalidSpec | None = None,
+    plan: Plan | None = None,
+    deployment: Mapping[str, Any] | None = None,
+    replicas: int = 0,
+    adapters: AdapterCounts | None = None,
+    endpoint: str | None = None,
+    manifest_generation: int | None = None,
+) -> BaseModelStatus:
+    """The BaseModel's status after one reconcile."""
+    st = old.model_copy(deep=True)
+    st.observed_generation = generation
+    if adapters is not None:
+        st.adapters = adapters
+        st.adapters_ready = f"{adapters.ready}/{adapters.declared}"
+    if manifest_generation is not None:
+        st.manifest_generation = manifest_generation
+    if invalid is not None:
+        st.phase = "Failed"
+        st.conditions = _conds(
+            st.conditions, generation,
+            ("Ready", False, "InvalidSpec", str(invalid)),
+            ("Planned", False, "InvalidSpec", str(invalid)),
+        )
+        return st
+    assert plan is not None
+    st.plan = plan.to_status()
+    if not plan.feasible:
+        st.phase = "Failed"
+        st.conditions = _conds(
+            st.conditions, generation,
+            ("Planned", False, "InsufficientGPUMemory", plan.message),
+            ("Ready", False, "InsufficientGPUMemory", plan.message),
+        )
+        return st
+    plan_reason = "Planned" if plan.architecture_known else "ArchitectureUnknown"
+    dstatus = (deployment or {}).get("status") or {}
+    ready = int(dstatus.get("readyReplicas") or 0)
+    st.replicas = replicas
+    st.ready_replicas = ready
+    st.ready = f"{ready}/{replicas}"
+    st.endpoint = endpoint
+    if replicas == 0:
+        phase, ok, reason, msg = "Ready", True, "ScaledToZero", "spec.replicas is 0"
+    elif ready >= replicas:
+        phase, ok, reason, msg = "Ready", True, "Ready", f"{ready}/{replicas} replicas ready"
+    elif ready > 0:
+        phase, ok, reason = "Degraded", False, "DeploymentUnavailable"
+        msg = f"{ready}/{replicas} replicas ready; see `kubectl describe deployment`"
+    else:
+        phase, ok, reason = "Deploying", False, "DeploymentProgressing"
+        msg = f"0/{replicas} replicas ready: vLLM is starting (loading weights takes minutes)"
+    st.phase = phase  # type: ignore[assignment]
+    st.conditions = _conds(
+        st.conditions, generation,
+        ("Planned", True, plan_reason, plan.message),
+        ("Progressing", not ok and phase == "Deploying", reason if not ok else "Ready", msg),
+        ("Degraded", phase == "Degraded", reason if phase == "Degraded" else "AsExpected", msg),
+        ("Ready", ok, reason, msg),
+    )
+    return st
+
+
+@dataclass(frozen=True)
+class PodView:
+    """One ready pod's report for one adapter (None: the pod does not list it yet)."""
+
+    pod: str
+    report: AdapterReport | None
+    generation_current: bool
+
+
+def adapter_status(
+    old: LoRAAdapterStatus,
+    generation: int | None,
+    verdict: Verdict,
+    *,
+    served_name: str | None,
+    pods: list[PodView],
+) -> LoRAAdapterStatus:
+    """A LoRAAdapter's status: Accepted from the operator's checks, Ready from the pods."""
+    st = old.model_copy(deep=True)
+    st.observed_generation = generation
+    st.served_name = served_name
+    if not verdict.accepted:
+        st.phase = "Failed"
+        st.replicas = ReplicaCounts(ready=0, total=len(pods))
+        st.ready = f"0/{len(pods)}"
+        st.pods = []
+        st.conditions = _conds(
+            st.conditions, generation,
+            ("Accepted", False, verdict.reason, verdict.message),
+            ("Ready", False, verdict.reason, verdict.message),
+        )
+        return st
+    ready_states = {AdapterState.LOADED, AdapterState.CACHED, AdapterState.EVICTED}
+    views = []
+    ready = 0
+    failed: AdapterReport | None = None
+    loading = downloading = False
+    for pv in pods:
+        r = pv.report
+        if r is None:
+            views.append(PodAdapterState(pod=pv.pod, state="declared"))
+            continue
+        views.append(PodAdapterState(
+            pod=pv.pod, state=r.state.value, reason=r.reason, message=r.message,
+            load_seconds=r.load_seconds, last_used=r.last_used,
+        ))
+        st.rank = r.rank or st.rank
+        st.target_modules = list(r.target_modules) or st.target_modules
+        st.size_bytes = r.size_bytes or st.size_bytes
+        st.digest = r.digest or st.digest
+        if r.state in ready_states and pv.generation_current:
+            ready += 1
+        elif r.state == AdapterState.FAILED:
+            failed = r
+        elif r.state == AdapterState.LOADING:
+            loading = True
+        elif r.state in (AdapterState.DOWNLOADING, AdapterState.DECLARED):
+            downloading = True
+    total = len(pods)
+    st.pods = views
+    st.replicas = ReplicaCounts(ready=ready, total=total)
+    st.ready = f"{ready}/{total}"
+    accepted = ("Accepted", True, verdict.reason, verdict.message)
+    if failed is not None:
+        reason = failed.reason if failed.reason in _FAILURE_REASONS else "LoadFailed"
+        msg = f"{failed.message or reason} (on {ready}/{total} pods ready)"
+        st.phase = "Failed"
+        st.conditions = _conds(st.conditions, generation, accepted, ("Ready", False, reason, msg))
+    elif total > 0 and ready == total:
+        st.phase = "Ready"
+        st.conditions = _conds(
+            st.conditions, generation, accepted,
+            ("Ready", True, "Ready", f"servable as {served_name!r} on {ready}/{total} pods"),
+        )
+    else:
+        if total == 0:
+            phase, reason, msg = "Pending", "NoReadyReplicas", "waiting for a ready BaseModel pod"
+        elif loading:
+            phase, reason, msg = "Loading", "Loading", f"loading into vLLM ({ready}/{total} ready)"
+        elif downloading:
+            phase, reason, msg = "Downloading", "Downloading", f"downloading ({ready}/{total})"
+        else:
+            phase, reason, msg = "Pending", "ManifestPending", f"pushing to pods ({ready}/{total})"
+        st.phase = phase  # type: ignore[assignment]
+        st.conditions = _conds(st.conditions, generation, accepted, ("Ready", False, reason, msg))
+    return st

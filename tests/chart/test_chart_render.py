@@ -1,0 +1,304 @@
+"""The chart lints, renders valid Kubernetes objects, and refuses bad values.
+
+Matrix:
+- lint: `helm lint` and `helm lint --strict`, no warnings or errors.
+- value sets (default, watchNamespaces, serviceMonitor on, replicaCount 2, custom images and
+  resources and placement, everything at once) x Kubernetes versions (1.30, the newest
+  kubernetes-validate ships): every object, CRDs included, passes strict schema validation;
+  kinds it has no schema for are checked against their own CRD (kopf peering) or structurally
+  (ServiceMonitor).
+- what each value set must change: operator flags, peering objects, security, probes, Secret.
+- bad values (negative replicas, unknown log level, numeric tag, bad namespace, low port,
+  unknown key, missing service account name) fail `helm template` naming the value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from .conftest import CHART, RELEASE_NAMESPACE, Helm, Render
+
+pytestmark = pytest.mark.chart
+
+FULLNAME = "lp-loraplex"
+K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "watch-namespaces": {"watchNamespaces": ["team-a", "team-b"]},
+    "service-monitor": {
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}
+    },
+    "two-replicas": {"replicaCount": 2},
+    "custom": {
+        "image": {"repository": "registry.example/ops/loraplex", "tag": "1.2.3"},
+        "engineImage": {"repository": "registry.example/vllm", "tag": "v0.32.0-cu128"},
+        "serverImage": {"repository": "registry.example/adapter-server", "tag": "1.2.3"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["x"]}]}
+                    ]
+                }
+            }
+        },
+        "logLevel": "debug",
+        "podAnnotations": {"example.com/a": "b"},
+        "extraArgs": ["--some-flag"],
+        "priorityClassName": "system-cluster-critical",
+    },
+    "everything": {
+        "replicaCount": 2,
+        "watchNamespaces": ["ml"],
+        "metrics": {"serviceMonitor": {"enabled": True}, "port": 9090},
+        "tokenKey": {"existingSecret": "my-key", "secretKey": "k"},
+        "peering": {"name": "shared"},
+        "serviceAccount": {"create": True, "name": "ops"},
+    },
+}
+
+
+def kinds(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def one(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = kinds(objs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def container(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    containers = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    result: dict[str, Any] = containers[0]
+    return result
+
+
+def peering_schema() -> dict[str, dict[str, Any]]:
+    """kind -> openAPIV3Schema of kopf's peering CRDs, as shipped in the subchart."""
+    path = CHART / "charts" / "kopf-peering" / "crds" / "kopf-peering.yaml"
+    return {
+        crd["spec"]["names"]["kind"]: crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        for crd in yaml.safe_load_all(path.read_text())
+    }
+
+
+def check_service_monitor(sm: dict[str, Any], objs: list[dict[str, Any]]) -> None:
+    """ServiceMonitor has no schema in kubernetes-validate: check what Prometheus uses."""
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(sm) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(sm["spec"]) <= {"endpoints", "selector", "namespaceSelector", "jobLabel"}
+    service = one(objs, "Service")
+    labels = service["metadata"]["labels"]
+    for key, value in sm["spec"]["selector"]["matchLabels"].items():
+        assert labels.get(key) == value, f"ServiceMonitor selector {key} misses the Service"
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [service["metadata"]["namespace"]]}
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    for endpoint in sm["spec"]["endpoints"]:
+        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
+        assert endpoint["port"] in port_names
+        assert endpoint["path"] == "/metrics"
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["lint", "lint-strict"])
+def test_helm_lint_is_clean(helm: Helm, strict: bool) -> None:
+    result = helm.run("lint", str(CHART), *(["--strict"] if strict else []))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[ERROR]" not in result.stdout and "[WARNING]" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_rendered_objects_are_valid(render: Render, values: dict[str, Any], version: str) -> None:
+    objs = render(values, "--include-crds")
+    peering = peering_schema()
+    seen = set()
+    for obj in objs:
+        kind = obj["kind"]
+        seen.add(kind)
+        if kind in peering:
+            assert obj["apiVersion"] == "kopf.dev/v1"
+            jsonschema.validate(obj, peering[kind])
+        elif kind == "ServiceMonitor":
+            check_service_monitor(obj, objs)
+        else:
+            kubernetes_validate.validate(obj, version, strict=True)
+    assert {"Deployment", "ServiceAccount", "Service", "CustomResourceDefinition"} <= seen
+
+
+def test_crds_are_included(render: Render) -> None:
+    names = {o["metadata"]["name"] for o in kinds(render({}, "--include-crds"), "CustomResourceDefinition")}
+    assert names == {
+        "basemodels.loraplex.io",
+        "loraadapters.loraplex.io",
+        "kopfpeerings.kopf.dev",
+        "clusterkopfpeerings.kopf.dev",
+    }
+
+
+def test_default_operator_command(render: Render) -> None:
+    c = container(render())
+    assert c["command"] == ["loraplex"]
+    assert c["args"] == [
+        "operator",
+        f"--peering={FULLNAME}",
+        "--metrics-port=8080",
+        "--log-level=info",
+        "--engine-image=vllm/vllm-openai:v0.32.0",
+        "--server-image=ghcr.io/loraplex/adapter-server:0.1.0",
+    ]
+    assert c["image"] == "ghcr.io/loraplex/operator:0.1.0"
+
+
+def test_custom_values_reach_the_pod(render: Render) -> None:
+    objs = render(VALUE_SETS["custom"])
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    c = container(objs)
+    assert c["image"] == "registry.example/ops/loraplex:1.2.3"
+    assert "--engine-image=registry.example/vllm:v0.32.0-cu128" in c["args"]
+    assert "--server-image=registry.example/adapter-server:1.2.3" in c["args"]
+    assert "--log-level=debug" in c["args"]
+    assert c["args"][-1] == "--some-flag"
+    assert c["resources"] == VALUE_SETS["custom"]["resources"]
+    for key in ("nodeSelector", "tolerations", "affinity", "imagePullSecrets"):
+        assert pod[key] == VALUE_SETS["custom"][key]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+
+
+def test_all_namespaces_use_one_cluster_peering(render: Render) -> None:
+    objs = render({"replicaCount": 2})
+    assert one(objs, "Deployment")["spec"]["replicas"] == 2
+    c = container(objs)
+    assert not [a for a in c["args"] if a.startswith("--namespace")]
+    peering = one(objs, "ClusterKopfPeering")
+    assert f"--peering={peering['metadata']['name']}" in c["args"]
+    assert not kinds(objs, "KopfPeering")
+
+
+def test_watched_namespaces_each_get_flag_and_peering(render: Render) -> None:
+    objs = render({"watchNamespaces": ["team-a", "team-b"], "peering": {"name": "shared"}})
+    c = container(objs)
+    assert [a for a in c["args"] if a.startswith("--namespace")] == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+    ]
+    assert "--peering=shared" in c["args"]
+    peerings = kinds(objs, "KopfPeering")
+    assert {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings} == {
+        ("team-a", "shared"),
+        ("team-b", "shared"),
+    }
+    assert not kinds(objs, "ClusterKopfPeering")
+
+
+def test_pod_security(render: Render) -> None:
+    objs = render()
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container(objs)["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["runAsNonRoot"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod.get("hostNetwork") is not True
+
+
+def test_probes_and_metrics_service(render: Render) -> None:
+    objs = render({"metrics": {"port": 9090}})
+    c = container(objs)
+    assert "--metrics-port=9090" in c["args"]
+    port = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe in (c["livenessProbe"], c["readinessProbe"]):
+        assert probe["httpGet"]["path"] == "/healthz"
+        assert port[probe["httpGet"]["port"]] == 9090
+    service = one(objs, "Service")
+    assert service["spec"]["ports"][0]["port"] == 9090
+    pod_labels = one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert not kinds(objs, "ServiceMonitor")
+
+
+def test_token_key_comes_from_chart_secret(render: Render) -> None:
+    objs = render()
+    env = {e["name"]: e for e in container(objs)["env"]}
+    ref = env["LORAPLEX_TOKEN_KEY"]["valueFrom"]["secretKeyRef"]
+    secret = one(objs, "Secret")
+    assert secret["metadata"]["name"] == ref["name"]
+    assert secret["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert len(secret["data"][ref["key"]]) >= 64
+    # Kept on uninstall, so a reinstall does not invalidate the tokens pods hold.
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_existing_token_secret_is_used_not_created(render: Render) -> None:
+    objs = render({"tokenKey": {"existingSecret": "my-key", "secretKey": "k"}})
+    assert not kinds(objs, "Secret")
+    env = {e["name"]: e for e in container(objs)["env"]}
+    assert env["LORAPLEX_TOKEN_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "my-key", "key": "k"}
+
+
+BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
+    "negative-replicas": ({"replicaCount": -1}, "/replicaCount"),
+    "unknown-log-level": ({"logLevel": "loud"}, "/logLevel"),
+    "numeric-tag": ({"image": {"repository": "x", "tag": 5}}, "/image/tag"),
+    "bad-namespace": ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
+    "duplicate-namespace": ({"watchNamespaces": ["a", "a"]}, "/watchNamespaces"),
+    "privileged-port": ({"metrics": {"port": 80}}, "/metrics/port"),
+    "typo-key": ({"replicas": 2}, "replicas"),
+    "no-engine-tag": ({"engineImage": {"repository": "x", "tag": ""}}, "/engineImage/tag"),
+    "sa-without-name": (
+        {"serviceAccount": {"create": False, "name": ""}},
+        "serviceAccount.name is required",
+    ),
+}
+
+
+@pytest.mark.parametrize(("values", "message"), BAD_VALUES.values(), ids=BAD_VALUES.keys())
+def test_bad_values_fail_clearly(
+    template_error: Callable[[dict[str, Any]], str], values: dict[str, Any], message: str
+) -> None:
+    assert message in template_error(values)
+
+
+def test_values_schema_is_valid_json_schema() -> None:
+    schema = yaml.safe_load((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.validate(yaml.safe_load((CHART / "values.yaml").read_text()), schema)
+
+
+def test_readme_documents_every_value() -> None:
+    """Every leaf of values.yaml appears in the README's table."""
+    readme = (CHART / "README.md").read_text()
+
+    def leaves(node: Any, prefix: str = "") -> list[str]:
+        if isinstance(node, dict) and node:
+            return [leaf for k, v in node.items() for leaf in leaves(v, f"{prefix}{k}.")]
+        return [prefix.rstrip(".")]
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    # Objects passed to the pod whole are documented by one row.
+    pass_through = {"resources", "podSecurityContext"}
+    missing = [
+        leaf
+        for leaf in leaves(values)
+        if f"`{leaf}`" not in readme and leaf.split(".")[0] not in pass_through
+    ]
+    missing += [f"{key}" for key in pass_through if f"`{key}`" not in readme]
+    assert not missing, f"values missing from charts/loraplex/README.md: {missing}"
+
