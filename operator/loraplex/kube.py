@@ -55,6 +55,9 @@ KIND_OF: dict[str, ResourceKind] = {
     "Service": SERVICES,
     "ConfigMap": CONFIGMAPS,
     "Secret": SECRETS,
+    "Pod": PODS,
+    "BaseModel": BASEMODELS,
+    "LoRAAdapter": LORAADAPTERS,
 }
 
 
@@ -102,8 +105,11 @@ def matches_labels(obj: Mapping[str, Any], selector: Mapping[str, str]) -> bool:
 class KubeClient:
     """An async client for the handful of calls the operator makes (see loraplex.rbac)."""
 
-    def __init__(self, connection: Connection, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, connection: Connection, *, timeout: float = 30.0, user_agent: str = "loraplex-operator"
+    ) -> None:
         self._conn = connection
+        self._user_agent = user_agent
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -119,7 +125,7 @@ class KubeClient:
 
     async def _sess(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            headers = {"Accept": "application/json", "User-Agent": "loraplex-operator"}
+            headers = {"Accept": "application/json", "User-Agent": self._user_agent}
             if self._conn.token:
                 headers["Authorization"] = f"Bearer {self._conn.token}"
             self._session = aiohttp.ClientSession(

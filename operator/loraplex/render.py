@@ -44,6 +44,9 @@ class Owner:
     uid: str
 
     def refs(self) -> list[dict[str, Any]]:
+        """ownerReferences; none when rendering offline (no uid yet: the API would refuse it)."""
+        if not self.uid:
+            return []
         return [
             {
                 "apiVersion": f"{API_GROUP}/{API_VERSION}",

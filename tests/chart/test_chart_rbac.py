@@ -96,7 +96,9 @@ def test_watched_namespaces_roles_are_exact(render: Render) -> None:
     [sa] = by_kind(objs, "ServiceAccount")
     for role in roles:
         assert grants(role["rules"]) == expected(rbac.RULES, rbac.NAMESPACED_KOPF_RULES)
-        assert_bound_to_chart_sa(bindings[role["metadata"]["namespace"]], role, sa["metadata"]["name"])
+        assert_bound_to_chart_sa(
+            bindings[role["metadata"]["namespace"]], role, sa["metadata"]["name"]
+        )
     [cluster_role] = by_kind(objs, "ClusterRole")
     cluster_only = tuple(r for r in rbac.CLUSTER_RULES if r.api_group != "kopf.dev")
     assert grants(cluster_role["rules"]) == expected(cluster_only)

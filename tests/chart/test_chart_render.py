@@ -7,6 +7,8 @@ Matrix:
   kubernetes-validate ships): every object, CRDs included, passes strict schema validation;
   kinds it has no schema for are checked against their own CRD (kopf peering) or structurally
   (ServiceMonitor).
+- the rendered command parses with the real `loraplex` CLI parser, for every value set, and
+  the chart's defaults and choices are the CLI's;
 - what each value set must change: operator flags, peering objects, security, probes, Secret.
 - bad values (negative replicas, unknown log level, numeric tag, bad namespace, low port,
   unknown key, missing service account name) fail `helm template` naming the value.
@@ -14,14 +16,15 @@ Matrix:
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from loraplex.render import DEFAULT_ENGINE_IMAGE, DEFAULT_SERVER_IMAGE
 
 from .conftest import CHART, RELEASE_NAMESPACE, Helm, Render
 
@@ -33,8 +36,11 @@ K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
     "watch-namespaces": {"watchNamespaces": ["team-a", "team-b"]},
-    "service-monitor": {
-        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}
+    "monitors": {
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+            "podMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        }
     },
     "two-replicas": {"replicaCount": 2},
     "custom": {
@@ -56,13 +62,17 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
         "logLevel": "debug",
         "podAnnotations": {"example.com/a": "b"},
-        "extraArgs": ["--some-flag"],
+        "extraArgs": ["--token-key-file=/etc/loraplex/key"],
         "priorityClassName": "system-cluster-critical",
     },
     "everything": {
         "replicaCount": 2,
         "watchNamespaces": ["ml"],
-        "metrics": {"serviceMonitor": {"enabled": True}, "port": 9090},
+        "metrics": {
+            "serviceMonitor": {"enabled": True},
+            "podMonitor": {"enabled": True},
+            "port": 9090,
+        },
         "tokenKey": {"existingSecret": "my-key", "secretKey": "k"},
         "peering": {"name": "shared"},
         "serviceAccount": {"create": True, "name": "ops"},
@@ -113,6 +123,26 @@ def check_service_monitor(sm: dict[str, Any], objs: list[dict[str, Any]]) -> Non
         assert endpoint["path"] == "/metrics"
 
 
+def check_pod_monitor(pm: dict[str, Any], watched: list[str]) -> None:
+    """PodMonitor: selects the pods the operator renders, on the adapter-server's port."""
+    from loraplex import naming
+
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(pm) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(pm["spec"]) == {"namespaceSelector", "selector", "podMetricsEndpoints"}
+    pod_labels = naming.labels("some-base")
+    assert pm["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pm["spec"]["namespaceSelector"] == (
+        {"matchNames": watched} if watched else {"any": True}
+    )
+    [endpoint] = pm["spec"]["podMetricsEndpoints"]
+    assert set(endpoint) <= {"port", "path", "interval", "relabelings"}
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    # Prometheus' name for the pod label naming.BASE_LABEL.
+    source = "__meta_kubernetes_pod_label_" + naming.BASE_LABEL.replace(".", "_").replace("/", "_")
+    assert endpoint["relabelings"] == [{"sourceLabels": [source], "targetLabel": "basemodel"}]
+
+
 @pytest.mark.parametrize("strict", [False, True], ids=["lint", "lint-strict"])
 def test_helm_lint_is_clean(helm: Helm, strict: bool) -> None:
     result = helm.run("lint", str(CHART), *(["--strict"] if strict else []))
@@ -134,13 +164,18 @@ def test_rendered_objects_are_valid(render: Render, values: dict[str, Any], vers
             jsonschema.validate(obj, peering[kind])
         elif kind == "ServiceMonitor":
             check_service_monitor(obj, objs)
+        elif kind == "PodMonitor":
+            check_pod_monitor(obj, values.get("watchNamespaces", []))
         else:
             kubernetes_validate.validate(obj, version, strict=True)
     assert {"Deployment", "ServiceAccount", "Service", "CustomResourceDefinition"} <= seen
 
 
 def test_crds_are_included(render: Render) -> None:
-    names = {o["metadata"]["name"] for o in kinds(render({}, "--include-crds"), "CustomResourceDefinition")}
+    names = {
+        o["metadata"]["name"]
+        for o in kinds(render({}, "--include-crds"), "CustomResourceDefinition")
+    }
     assert names == {
         "basemodels.loraplex.io",
         "loraadapters.loraplex.io",
@@ -157,10 +192,36 @@ def test_default_operator_command(render: Render) -> None:
         f"--peering={FULLNAME}",
         "--metrics-port=8080",
         "--log-level=info",
-        "--engine-image=vllm/vllm-openai:v0.32.0",
-        "--server-image=ghcr.io/loraplex/adapter-server:0.1.0",
+        "--log-format=json",
+        f"--engine-image={DEFAULT_ENGINE_IMAGE}",
+        f"--server-image={DEFAULT_SERVER_IMAGE}",
     ]
     assert c["image"] == "ghcr.io/loraplex/operator:0.1.0"
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_command_parses_with_the_operator_cli(render: Render, values: dict[str, Any]) -> None:
+    from loraplex.cli import build_parser
+
+    c = container(render(values))
+    assert c["command"] == ["loraplex"]
+    args = build_parser().parse_args(c["args"])
+    assert args.command == "operator"
+    assert (args.namespace or []) == values.get("watchNamespaces", [])
+    assert args.metrics_port == values.get("metrics", {}).get("port", 8080)
+    assert args.peering
+
+
+def test_log_choices_match_the_cli() -> None:
+    from loraplex.cli import build_parser
+
+    schema = yaml.safe_load((CHART / "values.schema.json").read_text())["properties"]
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    operator = sub.choices["operator"]
+    choices = {a.dest: list(a.choices) for a in operator._actions if a.choices}
+    assert schema["logLevel"]["enum"] == choices["log_level"]
+    assert schema["logFormat"]["enum"] == choices["log_format"]
 
 
 def test_custom_values_reach_the_pod(render: Render) -> None:
@@ -171,7 +232,7 @@ def test_custom_values_reach_the_pod(render: Render) -> None:
     assert "--engine-image=registry.example/vllm:v0.32.0-cu128" in c["args"]
     assert "--server-image=registry.example/adapter-server:1.2.3" in c["args"]
     assert "--log-level=debug" in c["args"]
-    assert c["args"][-1] == "--some-flag"
+    assert c["args"][-1] == "--token-key-file=/etc/loraplex/key"
     assert c["resources"] == VALUE_SETS["custom"]["resources"]
     for key in ("nodeSelector", "tolerations", "affinity", "imagePullSecrets"):
         assert pod[key] == VALUE_SETS["custom"][key]
@@ -232,6 +293,7 @@ def test_probes_and_metrics_service(render: Render) -> None:
     pod_labels = one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert not kinds(objs, "ServiceMonitor")
+    assert not kinds(objs, "PodMonitor")
 
 
 def test_token_key_comes_from_chart_secret(render: Render) -> None:
@@ -301,4 +363,3 @@ def test_readme_documents_every_value() -> None:
     ]
     missing += [f"{key}" for key in pass_through if f"`{key}`" not in readme]
     assert not missing, f"values missing from charts/loraplex/README.md: {missing}"
-

@@ -265,7 +265,7 @@ class BaseModelStatus(Wire):
 
 
 class BaseModelResource(Wire):
-    """The whole object, for the CRD generator."""
+    """A base LLM served by vLLM on GPUs, onto which LoRAAdapters are loaded at run time."""
 
     model_config = Wire.model_config | {"extra": "ignore"}
 

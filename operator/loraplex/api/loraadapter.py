@@ -109,7 +109,7 @@ class LoRAAdapterStatus(Wire):
 
 
 class LoRAAdapterResource(Wire):
-    """The whole object, for the CRD generator."""
+    """A LoRA adapter served on every replica of its BaseModel, selected by OpenAI `model`."""
 
     model_config = Wire.model_config | {"extra": "ignore"}
 

@@ -37,7 +37,8 @@ def _tokenizer(path: Path) -> None:
     from tokenizers import decoders
 
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
+    fast_cls: Any = PreTrainedTokenizerFast  # transformers 5 leaves __init__ untyped
+    fast = fast_cls(
         tokenizer_object=tok,
         unk_token="<unk>",
         bos_token="<s>",
@@ -76,11 +77,9 @@ def make_model(path: Path, arch: Arch = "llama", *, seed: int = 0, tie: bool = F
         pad_token_id=3,
         torch_dtype="bfloat16",
     )
-    model: Any
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    model_cls: Any = LlamaForCausalLM if arch == "llama" else Qwen2ForCausalLM
+    config_cls: Any = LlamaConfig if arch == "llama" else Qwen2Config
+    model: Any = model_cls(config_cls(**common))
     model = model.to(torch.bfloat16)
     model.save_pretrained(str(path), safe_serialization=True)
     return path
@@ -103,7 +102,7 @@ def make_adapter(
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
     config = LoraConfig(
         r=rank,
         lora_alpha=rank * 2,
@@ -126,27 +125,57 @@ def make_adapter(
     return path
 
 
+def _reference_model(base: Path, adapter: Path | None) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok: Any = AutoTokenizer.from_pretrained(str(base))
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return tok, model.eval()
+
+
 def reference_greedy(
     base: Path, prompt: str, max_tokens: int, adapter: Path | None = None
 ) -> list[int]:
     """Greedy token ids from transformers (+peft): the independent reference for vLLM."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(base))
-    model: Any = AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
+    tok, model = _reference_model(base, adapter)
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
+        out = model.generate(
+            ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
     return [int(t) for t in out[0, ids.shape[1] :]]
 
 
+def greedy_gaps(
+    base: Path, prompt: str, tokens: list[int], adapter: Path | None = None
+) -> list[float]:
+    """For tokens another engine chose greedily, how far each fell below the reference's best.
+
+    Teacher-forced on `tokens`, so one near-tie does not derail the rest: each entry is
+    `max(logits) - logits[token]` at that step (0.0 where the engines agree). vLLM computes in
+    bfloat16 and this reference in float32, so on a random tiny model exact sequences can part
+    at a near-tie; a small gap is rounding, a large one is a different model or adapter.
+    """
+    import torch
+
+    tok, model = _reference_model(base, adapter)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    full = torch.cat([ids, torch.tensor([tokens], dtype=ids.dtype)], dim=1)
+    with torch.no_grad():
+        logits = model(full).logits[0].float()
+    start = ids.shape[1] - 1
+    return [float(logits[start + i].max() - logits[start + i][t]) for i, t in enumerate(tokens)]
+
+
 def main() -> None:
-    """`python -m loraplex.devtools.tinymodel DIR`: build a model and two adapters for manual runs."""
+    """`python -m loraplex.devtools.tinymodel DIR`: a model and two adapters for manual runs."""
     import sys
 
     root = Path(sys.argv[1] if len(sys.argv) > 1 else ".demo/models")

@@ -77,3 +77,46 @@ def measure_worker(worker: Any) -> dict[str, Any]:
         "repacked_linear_weights": repacked,
         "buffer_bytes": buffer_bytes,
     }
+
+
+def run_probe(
+    model: str, max_loras: int, max_lora_rank: int, max_model_len: int = 256
+) -> dict[str, Any]:
+    """Start a CPU vLLM with LoRA enabled and measure its worker (about 30 s on 2 cores).
+
+    Call it in a fresh process (see `main`): vLLM's engine processes and its global state are
+    torn down most reliably by process exit.
+    """
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vllm import LLM
+
+    llm = LLM(
+        model=model,
+        enable_lora=True,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
+        dtype="bfloat16",
+        max_model_len=max_model_len,
+        enforce_eager=True,
+    )
+    result: dict[str, Any] = llm.collective_rpc(measure_worker)[0]
+    return result
+
+
+def main() -> None:
+    """`python -m loraplex.planner.vllm_probe MODEL MAX_LORAS MAX_LORA_RANK` -> JSON on the
+    last stdout line."""
+    import json
+    import sys
+
+    model, loras, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    result = run_probe(model, loras, rank)
+    print("\nPROBE " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""An in-process Kubernetes API for tests, the demo and benchmarks (kmock's emulator).
+
+kmock's `KubernetesEmulator` keeps objects in memory and serves list/watch/get/create/
+merge-patch/delete over real HTTP. As its docs invite, we extend it with the metadata a real
+API server assigns (uid, creationTimestamp, resourceVersion, and a generation that moves only
+when the spec does), because the operator's `observedGeneration` logic reads them. It still
+does not do label selectors, garbage collection or schema validation: the operator filters
+labels itself, and tests check ownerReferences and schemas separately.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp.web
+import kmock
+from kmock._internal import enums
+
+RESOURCES: dict[str, dict[str, Any]] = {
+    "loraplex.io/v1alpha1/basemodels": {
+        "kind": "BaseModel", "shortnames": {"bm"}, "categories": {"loraplex"},
+        "subresources": {"status"},
+    },
+    "loraplex.io/v1alpha1/loraadapters": {
+        "kind": "LoRAAdapter", "shortnames": {"lora"}, "categories": {"loraplex"},
+        "subresources": {"status"},
+    },
+    "apps/v1/deployments": {"kind": "Deployment", "subresources": {"status"}},
+    "v1/services": {"kind": "Service"},
+    "v1/configmaps": {"kind": "ConfigMap"},
+    "v1/secrets": {"kind": "Secret"},
+    "v1/pods": {"kind": "Pod", "subresources": {"status"}},
+    "v1/events": {"kind": "Event"},
+    "events.k8s.io/v1/events": {"kind": "Event"},
+}
+# Cluster-scoped kinds kopf looks for at start (CRD discovery, namespaces, peering).
+CLUSTER_RESOURCES: dict[str, dict[str, Any]] = {
+    "apiextensions.k8s.io/v1/customresourcedefinitions": {"kind": "CustomResourceDefinition"},
+    "v1/namespaces": {"kind": "Namespace"},
+    "kopf.dev/v1/clusterkopfpeerings": {"kind": "ClusterKopfPeering"},
+}
+VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+
+
+class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
+    """kmock's emulator plus the metadata the API server stamps on objects."""
+
+    _rv = itertools.count(1)
+
+    async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        data = request.data
+        if request.resource is not None and isinstance(data, dict):
+            meta = data.setdefault("metadata", {}) if request.action in (
+                enums.action.CREATE, enums.action.UPDATE) else None
+            if meta is not None:
+                meta["resourceVersion"] = str(next(self._rv))
+            if request.action == enums.action.CREATE and meta is not None:
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime(
+                    "%Y-%m-%dT%H:%M:%SZ")
+                meta["generation"] = 1
+                meta.pop("deletionTimestamp", None)
+            elif (request.action == enums.action.UPDATE and meta is not None
+                  and not request.subresource and "spec" in data):
+                current = self._current(request)
+                if current is not None and current.get("spec") != _merged(current.get("spec"), data["spec"]):
+                    meta["generation"] = int(current.get("metadata", {}).get("generation", 1)) + 1
+            if request.subresource == "status" and request.action == enums.action.UPDATE:
+                # The status subresource ignores everything but status, as the API server does.
+                for key in list(data):
+                    if key not in ("status", "metadata"):
+                        data.pop(key)
+                data["metadata"] = {"resourceVersion": data["metadata"]["resourceVersion"]}
+        return await super()._handle(request)
+
+    def _current(self, request: Any) -> dict[str, Any] | None:
+        key = (request.resource, request.namespace, request.name)
+        if key in self._objects and not self._objects[key].deleted:
+            raw: dict[str, Any] = self._objects[key].raw
+            return raw
+        return None
+
+    def objects_of(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Live objects of one resource (e.g. 'apps/v1/deployments'), for assertions."""
+        res = kmock.resource(resource)
+        out = []
+        for (r, ns, _), obj in list(self._objects.items()):
+            if r == res and not obj.deleted and (namespace is None or ns == namespace):
+                out.append(json.loads(json.dumps(obj.raw)))
+        return out
+
+
+def _merged(base: Any, patch: Any) -> Any:
+    """RFC 7386 merge, to tell whether a patch really changes the spec."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(base) if isinstance(base, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merged(out.get(k), v)
+    return out
+
+
+@dataclass
+class RunningEmulator:
+    """A started emulator with its URL, and a kubeconfig pointing at it."""
+
+    emulator: Emulator
+    url: str
+    kubeconfig: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def requests(self) -> list[tuple[str, str, str, str | None]]:
+        """(method, group, plural, subresource) of every API request received so far."""
+        out = []
+        for req in list(self.emulator._requests):
+            res = req.resource
+            if res is None:
+                continue
+            out.append((str(req.method.value if hasattr(req.method, "value") else req.method).upper(),
+                        str(res.group or ""), str(res.plural or ""), req.subresource))
+        return out
+
+
+def write_kubeconfig(path: Path, url: str) -> Path:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "emulator", "cluster": {"server": url}}],
+        "users": [{"name": "emulator", "user": {"token": "emulator-token"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator",
+                                                       "namespace": "default"}}],
+        "current-context": "emulator",
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+@asynccontextmanager
+async def running_emulator(workdir: Path, port: int | None = None) -> AsyncIterator[RunningEmulator]:
+    """Start the emulator on 127.0.0.1 with loraplex's and the built-in resources declared."""
+    async with Emulator() as emu, kmock.Server(emu, port=port) as server:
+        for key, info in RESOURCES.items():
+            emu.resources[key] = kmock.ResourceInfo(namespaced=True, verbs=VERBS, **info)
+        for key, info in CLUSTER_RESOURCES.items():
+            emu.resources[key] = kmock.ResourceInfo(namespaced=False, verbs=VERBS, **info)
+        url = str(server.url).rstrip("/")
+        yield RunningEmulator(emu, url, write_kubeconfig(workdir / "kubeconfig", url))

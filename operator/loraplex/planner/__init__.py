@@ -1,0 +1,35 @@
+"""The GPU memory planner: vLLM's LoRA and memory flags, computed from the model and GPU.
+
+Pure functions only; the operator and `loraplex plan` call `plan_base_model` with the same
+inputs and get the same `Plan`. See plan.py for the rules and lora_memory.py for how the LoRA
+slot buffers follow vLLM's allocation.
+"""
+
+from loraplex.planner.architecture import ModelShape, shape_from_config, weight_bytes
+from loraplex.planner.catalog import GPUS, MODELS, find_gpu, find_model
+from loraplex.planner.lora_memory import lora_slot_bytes
+from loraplex.planner.plan import (
+    AdapterDemand,
+    Breakdown,
+    Plan,
+    allowed_rank_at_least,
+    plan_base_model,
+    vllm_flags,
+)
+
+__all__ = [
+    "GPUS",
+    "MODELS",
+    "AdapterDemand",
+    "Breakdown",
+    "ModelShape",
+    "Plan",
+    "allowed_rank_at_least",
+    "find_gpu",
+    "find_model",
+    "lora_slot_bytes",
+    "plan_base_model",
+    "shape_from_config",
+    "vllm_flags",
+    "weight_bytes",
+]

@@ -1,0 +1,83 @@
+"""adapter_config.json checks and the cache digest.
+
+Matrix: rank within/above maxLoraRank, declared rank mismatch, DoRA, bias, non-LoRA peft
+types, base model match/mismatch/uncheckable, missing config or weights; digest equal for equal
+files wherever they live, different when one byte changes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loraplex_server import errors
+from loraplex_server.manifest import AdapterManifest, ManifestAdapter
+from loraplex_server.verify import check_config, digest_dir, verify_dir
+
+SPEC = ManifestAdapter(name="a", served_name="a", source="pvc://c/a")
+
+
+def manifest(base_model: str = "") -> AdapterManifest:
+    return AdapterManifest(
+        generation=1, base_served_name="b", base_model=base_model, max_loras=1,
+        max_lora_rank=8, max_cpu_loras=1,
+    )
+
+
+CASES: list[tuple[str, dict[str, Any], str, ManifestAdapter, str | None]] = [
+    ("ok", {"r": 8, "target_modules": ["q_proj"]}, "", SPEC, None),
+    ("rank-too-big", {"r": 16}, "", SPEC, errors.RANK_EXCEEDS_MAX),
+    ("rank-declared-differs", {"r": 4}, "", SPEC.model_copy(update={"rank": 8}),
+     errors.RANK_MISMATCH),
+    ("dora", {"r": 8, "use_dora": True}, "", SPEC, errors.UNSUPPORTED_ADAPTER),
+    ("bias", {"r": 8, "bias": "all"}, "", SPEC, errors.UNSUPPORTED_ADAPTER),
+    ("not-lora", {"r": 8, "peft_type": "IA3"}, "", SPEC, errors.UNSUPPORTED_ADAPTER),
+    ("no-rank", {"target_modules": ["q_proj"]}, "", SPEC, errors.UNSUPPORTED_ADAPTER),
+    ("base-matches", {"r": 8, "base_model_name_or_path": "Org/Model"}, "hf://org/model", SPEC,
+     None),
+    ("base-differs", {"r": 8, "base_model_name_or_path": "org/other"}, "hf://org/model", SPEC,
+     errors.INCOMPATIBLE_BASE_MODEL),
+    ("base-local-path-uncheckable", {"r": 8, "base_model_name_or_path": "/models/x"},
+     "hf://org/model", SPEC, None),
+]
+
+
+@pytest.mark.parametrize(("cfg", "base", "spec", "reason"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_check_config(cfg: dict[str, Any], base: str, spec: ManifestAdapter,
+                      reason: str | None) -> None:
+    if reason is None:
+        info = check_config(cfg, spec, manifest(base))
+        assert info.rank == cfg["r"]
+    else:
+        with pytest.raises(errors.AdapterError) as exc:
+            check_config(cfg, spec, manifest(base))
+        assert exc.value.reason == reason
+
+
+def test_missing_files_are_unsupported(tmp_path: Path) -> None:
+    with pytest.raises(errors.AdapterError, match="adapter_config.json is missing"):
+        verify_dir(tmp_path, SPEC, manifest())
+    (tmp_path / "adapter_config.json").write_text('{"r": 8}')
+    with pytest.raises(errors.AdapterError, match="no weights file"):
+        verify_dir(tmp_path, SPEC, manifest())
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(errors.AdapterError, match="not valid JSON"):
+        verify_dir(tmp_path, SPEC, manifest())
+
+
+def test_digest_is_stable_and_content_sensitive(
+    tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    src = tiny_adapters["ad0"]
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    d1, size = digest_dir(src)
+    assert digest_dir(copy) == (d1, size)
+    assert size == sum(p.stat().st_size for p in src.iterdir())
+    assert digest_dir(tiny_adapters["ad1"])[0] != d1
+    (copy / "README.md").write_text("x")
+    assert digest_dir(copy)[0] != d1

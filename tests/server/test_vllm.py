@@ -1,0 +1,189 @@
+"""The server in front of a real CPU vLLM, as in a pod (one shared pair, see conftest).
+
+Matrix: greedy tokens through the server == vLLM direct == transformers+peft, for the base and
+adapters; `lora_name`; streaming with the openai client; more adapters than maxLoras rotating
+(sequential and concurrent) all correct, pinned never evicted; hot add by manifest push (pvc
+and https tar) servable without restart, then removal -> 404; vLLM SIGKILLed during traffic ->
+/readyz false within 2 s, in-flight requests end with an error, and after vLLM restarts every
+adapter that was loaded is loaded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from .conftest import INITIAL, MAX_TOKENS, PROMPT, Stack, wait_until
+from .helpers import pvc_adapter, tar_bytes
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(base: str, model: str, **extra: Any) -> list[int]:
+    r = client(base).completions.create(
+        model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"return_token_ids": True, **extra},
+    )
+    ids: list[int] = r.choices[0].to_dict()["token_ids"]
+    return ids
+
+
+def status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return -1
+
+
+def test_greedy_tokens_match_vllm_direct_and_reference(
+    stack: Stack, reference: dict[str, list[int]]
+) -> None:
+    assert len({tuple(v) for v in reference.values()}) == len(reference)  # all distinguishable
+    for model in ["tiny", "ad0", "ad1", "ad2", "ad3"]:
+        via_server = greedy(stack.url, model)
+        direct = greedy(stack.vllm.url, model)  # loaded just now under its servedName
+        assert via_server == direct == reference[model], model
+    assert greedy(stack.url, "tiny", lora_name="ad2") == reference["ad2"]
+
+
+def test_streaming_with_openai_client(stack: Stack, reference: dict[str, list[int]]) -> None:
+    c = client(stack.url)
+    full = c.completions.create(model="ad1", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    stream = c.completions.create(
+        model="ad1", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert len(chunks) > 2
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == full.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == MAX_TOKENS
+    chat = c.chat.completions.create(
+        model="ad1", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+    )
+    assert chat.model == "ad1" and chat.usage is not None
+
+
+def test_rotation_beyond_max_loras_stays_correct(
+    stack: Stack, reference: dict[str, list[int]]
+) -> None:
+    names = ["ad1", "ad2", "ad3", "ad4", "ad5", "tiny", "ad0"]
+    for name in names * 2:
+        assert greedy(stack.url, name) == reference[name], name
+    with ThreadPoolExecutor(6) as pool:
+        jobs = [(n, pool.submit(greedy, stack.url, n)) for n in names * 3]
+        for name, job in jobs:
+            assert job.result() == reference[name], name
+    rep = stack.report()
+    assert sum(a["state"] in ("loaded", "loading") for a in rep.values()) <= 2
+    assert rep["ad0"]["state"] == "loaded"  # pinned: never evicted
+    with urllib.request.urlopen(f"{stack.url}/metrics") as resp:
+        metrics = resp.read().decode()
+    assert 'loraplex_server_adapter_evictions_total{adapter="ad0"}' not in metrics
+    assert 'loraplex_server_adapter_evictions_total{adapter="ad1"}' in metrics
+
+
+@pytest.fixture
+def file_server(tmp_path: Path) -> Iterator[str]:
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_hot_add_and_remove_without_restart(
+    stack: Stack, reference: dict[str, list[int]], tiny_adapters: dict[str, Path],
+    tmp_path: Path, file_server: str,
+) -> None:
+    pids = (stack.server.pid, stack.vllm.pid)
+    blob = tar_bytes(tiny_adapters["ad7"])
+    (tmp_path / "ad7.tar.gz").write_bytes(blob)
+    added = [
+        pvc_adapter("ad6"),
+        {"name": "ad7", "servedName": "web-ad7", "source": f"{file_server}/ad7.tar.gz",
+         "sha256": hashlib.sha256(blob).hexdigest()},
+    ]
+    t0 = time.monotonic()
+    stack.push(INITIAL + added)
+    assert greedy(stack.url, "ad6") == reference["ad6"]
+    first_ok = time.monotonic() - t0
+    assert greedy(stack.url, "web-ad7") == reference["ad7"]
+    assert first_ok < 10, first_ok
+    models = [m.id for m in client(stack.url).models.list().data]
+    assert {"tiny", "ad6", "web-ad7"} <= set(models)
+    stack.push(INITIAL)
+    for gone in ("ad6", "web-ad7"):
+        with pytest.raises(openai.NotFoundError) as exc:
+            greedy(stack.url, gone)
+        assert "ad1" in str(exc.value)  # lists what exists
+    assert (stack.server.pid, stack.vllm.pid) == pids
+    assert stack.server.alive() and stack.vllm.alive()
+    assert not (stack.root / "cache" / "ad7").exists()
+
+
+def test_vllm_sigkill_then_restart_reloads_adapters(stack: Stack) -> None:
+    """Runs on the shared pair but leaves it healthy: vLLM is restarted on the same port."""
+    greedy(stack.url, "ad3")  # ad0 (pinned) and ad3 loaded
+    before = {n for n, a in stack.report().items() if a["state"] == "loaded"}
+    assert before == {"ad0", "ad3"}
+    c = client(stack.url)
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    def long_stream() -> None:
+        try:
+            stream = c.completions.create(
+                model="ad3", prompt=PROMPT, max_tokens=240, temperature=0, stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            for _ in stream:
+                started.set()
+            errors.append(AssertionError("stream ended normally although vLLM was killed"))
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            started.set()
+
+    workers = [threading.Thread(target=long_stream) for _ in range(2)]
+    for w in workers:
+        w.start()
+    assert started.wait(30)
+    stack.vllm.kill()  # SIGKILL to the group: API server and engine core
+    killed_at = time.monotonic()
+    wait_until(lambda: status(f"{stack.url}/readyz") == 503, timeout=5)
+    assert time.monotonic() - killed_at < 2.0
+    for w in workers:
+        w.join(20)
+        assert not w.is_alive(), "in-flight request hung after vLLM died"
+    assert len(errors) == 2
+    assert all(not isinstance(e, AssertionError) for e in errors), errors
+    with pytest.raises(openai.APIStatusError) as exc:
+        greedy(stack.url, "ad1")
+    assert exc.value.status_code in (502, 503)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stack.restart_vllm()
+    stack.wait_ready()
+    wait_until(lambda: {n for n, a in stack.report().items() if a["state"] == "loaded"} >= before)
+    with urllib.request.urlopen(f"{stack.vllm.url}/v1/models") as resp:
+        direct = resp.read().decode()
+    assert '"ad3"' in direct and '"ad0"' in direct  # really back in the new vLLM

@@ -1,0 +1,378 @@
+"""The planner's choices (`plan_base_model`).
+
+| rule                      | cases                                                              |
+|---------------------------|--------------------------------------------------------------------|
+| maxLoraRank               | none/unknown/known ranks, rounding up, > 512, user-fixed + exceeded |
+| maxLoras                  | adapter count, pinned + working set, KV floor bound, user-fixed    |
+| maxCpuLoras               | all adapters, host budget bound, >= maxLoras, user-fixed           |
+| gpuMemoryUtilization      | seed 14B on 48 GB (~0.75), 24 GB infeasible -> TP 2, cap, fixed     |
+| maxModelLen               | default min(context, 4096), user value, beyond context             |
+| infeasible fixes          | each suggested fix, applied, makes the plan feasible               |
+| architecture resolution   | spec.architecture > config.json > catalog > unknown (usable plan)  |
+| output                    | vllm_flags, to_status                                              |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from loraplex.api.basemodel import BaseModelSpec
+from loraplex.api.plan import PlanStatus
+from loraplex.planner import AdapterDemand, Plan, lora_slot_bytes, plan_base_model, vllm_flags
+from loraplex.planner.catalog import find_model
+from loraplex.planner.plan import HOST_LORA_BUDGET_GIB
+
+QWEN14 = "hf://Qwen/Qwen2.5-14B-Instruct"
+LLAMA8 = "hf://meta-llama/Llama-3.1-8B-Instruct"
+
+
+def spec(source: str = QWEN14, **extra: Any) -> BaseModelSpec:
+    raw: dict[str, Any] = {"model": {"source": source}, "gpu": {"memoryGiB": 47.54}}
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return BaseModelSpec.model_validate(raw)
+
+
+def adapters(*ranks: int | None, pinned: int = 0) -> list[AdapterDemand]:
+    return [AdapterDemand(f"a{i}", r, pinned=i < pinned) for i, r in enumerate(ranks)]
+
+
+def plan(s: BaseModelSpec, ads: list[AdapterDemand], **kw: Any) -> Plan:
+    return plan_base_model(s, ads, **kw)
+
+
+# --- maxLoraRank ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ranks", "fixed", "expected", "exceeded"),
+    [
+        pytest.param((), "auto", 16, (), id="no-adapters-vllm-default"),
+        pytest.param((None,), "auto", 16, (), id="unknown-rank-16"),
+        pytest.param((8,), "auto", 8, (), id="known-8"),
+        pytest.param((4,), "auto", 8, (), id="round-up-4-to-8"),
+        pytest.param((1,), "auto", 1, (), id="rank-1"),
+        pytest.param((8, None), "auto", 16, (), id="unknown-counts-as-16"),
+        pytest.param((64, None), "auto", 64, (), id="known-above-unknown"),
+        pytest.param((17, 8), "auto", 32, (), id="round-up-17-to-32"),
+        pytest.param((300,), "auto", 320, (), id="320-is-allowed"),
+        pytest.param((321,), "auto", 512, (), id="321-to-512"),
+        pytest.param((600, 8), "auto", 512, ("a0",), id="above-512-exceeded"),
+        pytest.param((8, 32, None), 16, 16, ("a1",), id="user-fixed-keeps-and-reports"),
+        pytest.param((8,), 64, 64, (), id="user-fixed-larger-kept"),
+    ],
+)
+def test_max_lora_rank(
+    ranks: tuple[int | None, ...], fixed: int | str, expected: int, exceeded: tuple[str, ...]
+) -> None:
+    p = plan(spec(lora={"maxLoraRank": fixed}), adapters(*ranks))
+    assert (p.max_lora_rank, p.rank_exceeded) == (expected, exceeded)
+
+
+# --- maxLoras -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("count", "pinned", "expected"),
+    [
+        pytest.param(0, 0, 1, id="no-adapters-min-1"),
+        pytest.param(1, 0, 1, id="one"),
+        pytest.param(2, 0, 2, id="two"),
+        pytest.param(10, 0, 4, id="working-set-4"),
+        pytest.param(10, 3, 7, id="pinned-plus-working-set"),
+        pytest.param(5, 5, 5, id="all-pinned"),
+    ],
+)
+def test_max_loras_auto(count: int, pinned: int, expected: int) -> None:
+    p = plan(
+        spec(source=LLAMA8, gpu={"product": "H100-80GB"}), adapters(*[16] * count, pinned=pinned)
+    )
+    assert p.feasible
+    assert p.max_loras == expected
+
+
+def test_max_loras_reduced_to_keep_kv_floor() -> None:
+    """Rank-512 slots of a 14B model cost 4.1 GiB each: only 3 leave room for 4 sequences."""
+    s = spec(lora={"maxLoraRank": 512})
+    p = plan(s, adapters(*[16] * 10))
+    assert p.feasible
+    assert p.max_loras == 3
+    assert p.kv_cache_sequences >= s.memory.min_kv_sequences
+    # One more slot would have pushed the KV cache below the floor at the same utilization cap.
+    more = plan(spec(lora={"maxLoraRank": 512, "maxLoras": 4}), adapters(*[16] * 10))
+    assert not more.feasible
+    assert any("reduced from 4" in r for r in p.reasons)
+
+
+def test_max_loras_user_fixed_kept() -> None:
+    p = plan(spec(lora={"maxLoras": 6}), adapters(16, 16))
+    assert p.max_loras == 6
+
+
+# --- maxCpuLoras ----------------------------------------------------------------------------
+
+
+def test_max_cpu_loras_holds_every_adapter() -> None:
+    p = plan(spec(), adapters(*[16] * 40))
+    assert p.max_cpu_loras == 40 >= p.max_loras
+
+
+def test_max_cpu_loras_bounded_by_host_budget() -> None:
+    shape = find_model(LLAMA8)
+    assert shape is not None
+    per_adapter = lora_slot_bytes(shape, 1, 512, 2, 1)
+    budget = int(HOST_LORA_BUDGET_GIB * 1024**3 // per_adapter)
+    p = plan(spec(source=LLAMA8, gpu={"product": "H100-80GB"}), adapters(*[512] * 500))
+    assert p.max_cpu_loras == max(budget, p.max_loras)
+    assert p.max_cpu_loras < 500
+
+
+def test_max_cpu_loras_never_below_max_loras() -> None:
+    p = plan(spec(lora={"maxLoras": 8}), adapters(16))
+    assert p.max_cpu_loras >= 8
+    q = plan(spec(lora={"maxLoras": 2, "maxCpuLoras": 3}), adapters(16))
+    assert q.max_cpu_loras == 3
+
+
+# --- gpuMemoryUtilization and feasibility ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "gpu",
+    [
+        pytest.param({"memoryGiB": 47.54}, id="47.54GiB"),
+        pytest.param({"product": "A6000"}, id="A6000"),
+        pytest.param({"product": "L40S"}, id="L40S"),
+    ],
+)
+def test_seed_qwen14b_on_48gb(gpu: dict[str, Any]) -> None:
+    """Users of a 48 GB card found 0.75 by hand for this model with two rank-16 adapters."""
+    p = plan(spec(gpu=gpu), adapters(16, 16))
+    assert p.feasible, p.message
+    assert 0.65 <= p.gpu_memory_utilization <= 0.85
+    assert (p.max_loras, p.max_lora_rank, p.dtype) == (2, 16, "bfloat16")
+    assert p.kv_cache_sequences >= 4
+    assert p.breakdown is not None
+    assert p.breakdown.weights == pytest.approx(27.5, abs=0.1)
+
+
+@pytest.mark.parametrize("gpu", [{"memoryGiB": 24}, {"product": "RTX-4090"}, {"product": "L4"}])
+def test_seed_qwen14b_on_24gb_needs_two_gpus(gpu: dict[str, Any]) -> None:
+    p = plan(spec(gpu=gpu), adapters(16, 16))
+    assert not p.feasible
+    assert p.fix is not None and "spec.gpu.count to 2" in p.fix and "tensor parallel 2" in p.fix
+    assert "27.5" in p.message and "cheapest fix" in p.message
+    fixed = plan(spec(gpu={**gpu, "count": 2}), adapters(16, 16))
+    assert fixed.feasible, fixed.message
+    assert fixed.tensor_parallel_size == 2
+
+
+def test_utilization_capped_to_leave_headroom() -> None:
+    """A large floor on a tight GPU: utilization stops where headroomGiB stays free."""
+    s = spec(memory={"headroomGiB": 2.0, "minKvSequences": 16})
+    p = plan(s, adapters(16))
+    assert p.feasible
+    assert p.gpu_memory_utilization * 47.54 <= 47.54 - 2.0 + 1e-6
+    assert p.kv_cache_sequences >= 16
+
+
+def test_utilization_covers_the_breakdown() -> None:
+    p = plan(spec(), adapters(16, 16))
+    b = p.breakdown
+    assert b is not None
+    used = b.weights + b.lora_slots + b.activations + b.other + b.kv_cache
+    assert used == pytest.approx(p.gpu_memory_utilization * b.total, abs=0.01)
+    assert p.kv_cache_tokens == pytest.approx(b.kv_cache * 1024**3 / (2 * 48 * 8 * 128 * 2), abs=1)
+
+
+def test_fixed_utilization_sets_kv() -> None:
+    low, high = (plan(spec(memory={"gpuMemoryUtilization": u}), adapters(16)) for u in (0.8, 0.9))
+    assert low.feasible and high.feasible
+    assert (low.gpu_memory_utilization, high.gpu_memory_utilization) == (0.8, 0.9)
+    assert low.breakdown is not None and high.breakdown is not None
+    assert high.breakdown.kv_cache - low.breakdown.kv_cache == pytest.approx(0.1 * 47.54, abs=1e-3)
+
+
+def test_fixed_utilization_too_small_is_infeasible() -> None:
+    p = plan(spec(memory={"gpuMemoryUtilization": 0.5}), adapters(16))
+    assert not p.feasible
+    assert p.fix is not None
+
+
+def test_fixed_utilization_eating_headroom_is_reported() -> None:
+    p = plan(spec(memory={"gpuMemoryUtilization": 0.99}), adapters(16))
+    assert p.feasible
+    assert any("less than headroomGiB" in r for r in p.reasons)
+
+
+def test_tensor_parallel_must_divide_heads() -> None:
+    p = plan(spec(source="hf://Qwen/Qwen2.5-7B-Instruct", gpu={"count": 8}), adapters(16))
+    assert not p.feasible
+    assert "28 attention heads" in p.message
+
+
+# --- infeasible: the fix, applied, fits ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "fix_says", "apply"),
+    [
+        pytest.param(
+            {"lora": {"maxLoras": 16, "maxLoraRank": 256}},
+            "maxLoras",
+            lambda r, fix: {**r, "lora": {**r["lora"], "maxLoras": int(fix.split()[-1])}},
+            id="fewer-slots",
+        ),
+        pytest.param(
+            {"source": LLAMA8, "gpu": {"product": "L4"}, "maxModelLen": 32768},
+            "maxModelLen",
+            lambda r, fix: {**r, "maxModelLen": int(fix.split()[-1])},
+            id="shorter-context",
+        ),
+        pytest.param(
+            {"source": LLAMA8, "gpu": {"product": "L4"}, "dtype": "float32"},
+            "bfloat16",
+            lambda r, fix: {**r, "dtype": "bfloat16"},
+            id="smaller-dtype",
+        ),
+        pytest.param(
+            {"source": "hf://Qwen/Qwen2.5-72B-Instruct", "gpu": {"product": "H100-80GB"}},
+            "spec.gpu.count to 2",
+            lambda r, fix: {**r, "gpu": {"product": "H100-80GB", "count": 2}},
+            id="more-gpus",
+        ),
+    ],
+)
+def test_cheapest_fix_makes_it_fit(raw: dict[str, Any], fix_says: str, apply: Any) -> None:
+    def build(r: dict[str, Any]) -> BaseModelSpec:
+        model = {"source": r.get("source", QWEN14), "dtype": r.get("dtype", "auto")}
+        body = {k: v for k, v in r.items() if k not in ("source", "dtype")}
+        return spec(model=model, **body)
+
+    p = plan(build(raw), adapters(16, 16))
+    assert not p.feasible
+    assert p.fix is not None and fix_says in p.fix, p.fix
+    fixed = plan(build(apply(raw, p.fix)), adapters(16, 16))
+    assert fixed.feasible, fixed.message
+
+
+# --- maxModelLen ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "user", "expected"),
+    [
+        pytest.param(LLAMA8, None, 4096, id="long-context-capped"),
+        pytest.param("hf://microsoft/Phi-3-mini-4k-instruct", None, 4096, id="phi3-4k"),
+        pytest.param("hf://google/gemma-2-9b-it", None, 4096, id="gemma2-8k"),
+        pytest.param(LLAMA8, 16384, 16384, id="user-value"),
+    ],
+)
+def test_max_model_len(source: str, user: int | None, expected: int) -> None:
+    extra = {} if user is None else {"maxModelLen": user}
+    p = plan(spec(source=source, gpu={"product": "H100-80GB"}, **extra), adapters(16))
+    assert p.max_model_len == expected
+
+
+def test_max_model_len_from_short_config() -> None:
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "vocab_size": 512,
+        "max_position_embeddings": 1024,
+    }
+    p = plan(spec(source="/models/tiny"), adapters(8), config_json=cfg)
+    assert p.max_model_len == 1024
+    too_long = plan(spec(source="/models/tiny", maxModelLen=2048), adapters(8), config_json=cfg)
+    assert not too_long.feasible
+    assert "1024" in too_long.message
+
+
+# --- architecture resolution ----------------------------------------------------------------
+
+
+def test_unknown_architecture_gives_usable_unchecked_plan() -> None:
+    p = plan(spec(source="hf://someone/mystery-13b"), adapters(8, 32, None, 16, 16, 16))
+    assert p.feasible and not p.architecture_known
+    assert (p.gpu_memory_utilization, p.max_lora_rank, p.max_loras) == (0.9, 32, 4)
+    assert p.max_cpu_loras == 6
+    assert "not checked" in p.message and "spec.model.architecture" in p.message
+    assert p.breakdown is None
+    vllm_flags(p)  # still renders
+
+
+def test_unknown_gpu_gives_unchecked_plan() -> None:
+    s = BaseModelSpec.model_validate({"model": {"source": QWEN14}, "gpu": {"product": "TPU-v9"}})
+    p = plan(s, adapters(16))
+    assert p.feasible and p.architecture_known
+    assert "spec.gpu.memoryGiB" in p.message
+
+
+def test_spec_architecture_overrides_catalog_and_config() -> None:
+    arch = {
+        "hiddenSize": 128,
+        "intermediateSize": 256,
+        "numHiddenLayers": 2,
+        "numAttentionHeads": 2,
+        "vocabSize": 512,
+    }
+    p = plan(spec(model={"source": QWEN14, "architecture": arch}), adapters(8))
+    assert p.breakdown is not None and p.breakdown.weights < 0.01
+    assert "spec.model.architecture" in p.reasons[0]
+
+
+def test_config_json_beats_catalog() -> None:
+    cfg = {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+    p = plan(spec(), adapters(8), config_json=cfg)
+    assert p.breakdown is not None and p.breakdown.weights < 1.0
+    assert p.dtype == "bfloat16"  # vLLM downcasts float32 checkpoints
+
+
+def test_broken_config_json_falls_back_to_unchecked() -> None:
+    p = plan(spec(source="/models/x"), adapters(8), config_json={"model_type": "llama"})
+    assert p.feasible and not p.architecture_known
+    assert "config.json" in p.message
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def test_vllm_flags() -> None:
+    p = plan(spec(), adapters(16, 16))
+    flags = vllm_flags(p)
+    pairs = dict(zip(flags[::2], flags[1::2], strict=True))
+    assert pairs == {
+        "--max-loras": "2",
+        "--max-lora-rank": "16",
+        "--max-cpu-loras": "2",
+        "--gpu-memory-utilization": f"{p.gpu_memory_utilization:.4f}",
+        "--tensor-parallel-size": "1",
+        "--max-model-len": "4096",
+        "--dtype": "bfloat16",
+    }
+
+
+def test_to_status_round_trips_through_the_api_model() -> None:
+    p = plan(spec(), adapters(16, 16))
+    dumped = p.to_status().dump()
+    again = PlanStatus.model_validate(dumped)
+    assert again.feasible and again.max_loras == 2
+    assert dumped["breakdownGiB"]["weights"] == pytest.approx(27.511, abs=1e-3)
+    assert dumped["reasons"][0] == p.message
