@@ -23,6 +23,8 @@ def field_path(prefix: str, loc: tuple[int | str, ...]) -> str:
 
 def parse_spec(model: type[M], raw: Mapping[str, Any] | None, prefix: str = "spec") -> M:
     """Validate `raw` into `model`, or raise InvalidSpec for the first bad field."""
+    if raw is not None and not isinstance(raw, Mapping):
+        raise InvalidSpec(prefix, f"must be an object, not {type(raw).__name__}")
     try:
         return model.model_validate(dict(raw or {}))
     except ValidationError as exc:

@@ -153,7 +153,7 @@ def test_helm_lint_is_clean(helm: Helm, strict: bool) -> None:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
 def test_rendered_objects_are_valid(render: Render, values: dict[str, Any], version: str) -> None:
-    objs = render(values, "--include-crds")
+    objs = render(values, "--include-crds", "--kube-version", version)
     peering = peering_schema()
     seen = set()
     for obj in objs:

@@ -46,8 +46,10 @@ def run_check(kind: str, obj: dict[str, Any]) -> dict[str, str]:
 
 def status_schema(kind: str) -> dict[str, Any]:
     crd = yaml.safe_load((CRDS / f"loraplex.io_{kind.lower()}s.yaml").read_text())
-    schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    return schema["properties"]["status"]
+    status: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"][
+        "status"
+    ]
+    return status
 
 
 def cond(ctype: str, status: str, reason: str, message: str = "") -> dict[str, Any]:

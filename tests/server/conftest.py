@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from loraplex.devtools.processes import Managed, start_server, start_vllm, wait_http
 
 from .helpers import TOKEN, manifest_doc, pvc_adapter
@@ -47,7 +46,9 @@ class Stack:
         self.adapters = adapters
         body = json.dumps(manifest_doc(adapters, self.generation)).encode()
         req = urllib.request.Request(
-            f"{self.admin}/admin/manifest", data=body, method="PUT",
+            f"{self.admin}/admin/manifest",
+            data=body,
+            method="PUT",
             headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
@@ -85,10 +86,22 @@ def stack(
     (root / "token").write_text(TOKEN)
     try:
         server, admin = start_server(
-            vllm_url=vllm.url, manifest=root / "manifest.json", cache_dir=root / "cache",
-            pvc_root=pvc_root, admin_token_file=root / "token", log_path=root / "server.log",
-            extra_args=["--load-timeout", "30", "--download-attempts", "2",
-                        "--download-backoff", "0.2", "--download-read-timeout", "2"],
+            vllm_url=vllm.url,
+            manifest=root / "manifest.json",
+            cache_dir=root / "cache",
+            pvc_root=pvc_root,
+            admin_token_file=root / "token",
+            log_path=root / "server.log",
+            extra_args=[
+                "--load-timeout",
+                "30",
+                "--download-attempts",
+                "2",
+                "--download-backoff",
+                "0.2",
+                "--download-read-timeout",
+                "2",
+            ],
         )
     except BaseException:
         vllm.stop()
@@ -103,13 +116,27 @@ def stack(
 
 
 @pytest.fixture(scope="session")
-def reference(tiny_model: Path, tiny_adapters: dict[str, Path]) -> dict[str, list[int]]:
-    """transformers(+peft) greedy tokens for the base ("tiny") and every adapter."""
-    from loraplex.devtools.tinymodel import reference_greedy
+def expected(stack: Stack, tiny_adapters: dict[str, Path]) -> dict[str, list[int]]:
+    """Greedy tokens through the server for the base ("tiny") and every adapter.
 
-    out = {"tiny": reference_greedy(tiny_model, PROMPT, MAX_TOKENS)}
-    for name, path in tiny_adapters.items():
-        out[name] = reference_greedy(tiny_model, PROMPT, MAX_TOKENS, adapter=path)
+    test_greedy_tokens_match_vllm_direct_and_reference checks these against vLLM direct and
+    transformers+peft; the other tests check that rotation and concurrency do not change them.
+    """
+    import openai
+
+    c = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    out: dict[str, list[int]] = {}
+    for name in ["tiny", *tiny_adapters]:
+        if name not in {a["servedName"] for a in stack.adapters} | {"tiny"}:
+            continue
+        r = c.completions.create(
+            model=name,
+            prompt=PROMPT,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            extra_body={"return_token_ids": True},
+        )
+        out[name] = r.choices[0].to_dict()["token_ids"]
     return out
 
 

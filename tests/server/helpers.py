@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-
 from loraplex_server.app import create_app
 from loraplex_server.server import Server
 from loraplex_server.settings import Settings
@@ -183,8 +182,8 @@ async def run_server(settings: Settings) -> AsyncIterator[Running]:
         yield Running(url, admin, apps.server)
 
 
-async def wait_for(predicate: Any, timeout: float = 10.0, step: float = 0.05) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_for(predicate: Any, within: float = 10.0, step: float = 0.05) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
@@ -237,9 +236,13 @@ class FileServer:
             if mode == "500":
                 writer.write(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             elif data is None or mode == "404":
-                writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
             else:
-                head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+                head = (
+                    f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+                )
                 writer.write(head.encode())
                 if mode == "hang":
                     writer.write(data[:10])
@@ -256,8 +259,12 @@ class FileServer:
             writer.close()
 
 
-def tar_bytes(src: Path, arcname: str = "adapter", extra: dict[str, bytes] | None = None,
-              symlink: str | None = None) -> bytes:
+def tar_bytes(
+    src: Path,
+    arcname: str = "adapter",
+    extra: dict[str, bytes] | None = None,
+    symlink: str | None = None,
+) -> bytes:
     """A tar.gz of an adapter folder, optionally with hostile extra members."""
     import io
     import tarfile

@@ -17,7 +17,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-
 from loraplex_server.manifest import AdaptersResponse
 from loraplex_server.metrics import METRIC_NAMES
 
@@ -109,14 +108,16 @@ async def test_streaming_is_relayed_and_usage_counted(tmp_path: Path, pvc_root: 
     async with serve_app(fake.app()) as vurl:
         s = make_settings(tmp_path, vurl, manifest_doc([pvc_adapter("ad0")]), pvc_root)
         async with run_server(s) as srv, aiohttp.ClientSession() as c:
-            async with c.post(f"{srv.url}/v1/completions",
-                              json=completion("ad0", stream=True)) as r:
+            async with c.post(
+                f"{srv.url}/v1/completions", json=completion("ad0", stream=True)
+            ) as r:
                 assert r.headers["Content-Type"].startswith("text/event-stream")
                 raw = await r.read()
             events = [ln for ln in raw.decode().split("\n\n") if ln]
             assert events[-1] == "data: [DONE]"
             assert [json.loads(e[6:])["choices"][:1] for e in events[:2]] == [
-                [{"text": "a"}], [{"text": "b"}]
+                [{"text": "a"}],
+                [{"text": "b"}],
             ]
             metrics = (await get(f"{srv.url}/metrics"))[1]
             assert 'loraplex_server_completion_tokens_total{adapter="ad0"} 2.0' in metrics
@@ -160,8 +161,12 @@ async def test_lru_eviction_and_pinned(tmp_path: Path, pvc_root: Path) -> None:
 async def test_adapter_in_flight_is_not_evicted(tmp_path: Path, pvc_root: Path) -> None:
     fake = FakeVLLM(chunk_delay=0.4)
     async with serve_app(fake.app()) as vurl:
-        s = make_settings(tmp_path, vurl, manifest_doc(
-            [pvc_adapter("ad1"), pvc_adapter("ad2")], max_loras=1), pvc_root)
+        s = make_settings(
+            tmp_path,
+            vurl,
+            manifest_doc([pvc_adapter("ad1"), pvc_adapter("ad2")], max_loras=1),
+            pvc_root,
+        )
         async with run_server(s) as srv:
             slow = asyncio.create_task(post(f"{srv.url}/v1/completions", completion("ad1")))
             await wait_for(lambda: "ad1" in fake.loaded)
@@ -174,19 +179,23 @@ async def test_adapter_in_flight_is_not_evicted(tmp_path: Path, pvc_root: Path) 
 async def test_load_timeout_gives_503_with_retry_after(tmp_path: Path, pvc_root: Path) -> None:
     fake = FakeVLLM(load_delay=1.5)
     async with serve_app(fake.app()) as vurl:
-        s = make_settings(tmp_path, vurl, manifest_doc([pvc_adapter("ad1")]), pvc_root,
-                          load_timeout=0.3)
+        s = make_settings(
+            tmp_path, vurl, manifest_doc([pvc_adapter("ad1")]), pvc_root, load_timeout=0.3
+        )
         async with run_server(s) as srv:
             st, body, headers = await post(f"{srv.url}/v1/completions", completion("ad1"))
-            assert st == 503 and headers["Retry-After"] and body["error"]["code"] == "adapter_loading"
+            assert (
+                st == 503 and headers["Retry-After"] and body["error"]["code"] == "adapter_loading"
+            )
             await wait_for(lambda: "ad1" in fake.loaded)
             st, _, _ = await post(f"{srv.url}/v1/completions", completion("ad1"))
             assert st == 200
             assert fake.load_calls == ["ad1"]
 
 
-async def test_failed_adapters_report_reasons(tmp_path: Path, pvc_root: Path,
-                                              tiny_model: Path) -> None:
+async def test_failed_adapters_report_reasons(
+    tmp_path: Path, pvc_root: Path, tiny_model: Path
+) -> None:
     from loraplex.devtools.tinymodel import make_adapter
 
     make_adapter(tiny_model, pvc_root / "adapters" / "big", rank=16, seed=5)
@@ -203,8 +212,11 @@ async def test_failed_adapters_report_reasons(tmp_path: Path, pvc_root: Path,
                 assert (rep["state"], rep["reason"]) == ("failed", reason)
             assert "big" not in fake.load_calls  # never sent to vLLM
             fake.refuse.clear()  # the admin API retries a failed load on request
-            st, body, _ = await post(f"{srv.admin}/admin/adapters/ad2/load", {},
-                                     headers={"Authorization": f"Bearer {TOKEN}"})
+            st, body, _ = await post(
+                f"{srv.admin}/admin/adapters/ad2/load",
+                {},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
             assert (st, body["state"]) == (200, "loaded")
 
 
@@ -219,7 +231,9 @@ async def test_vllm_death_and_return(tmp_path: Path, pvc_root: Path) -> None:
             fake.healthy = False
             fake.loaded.clear()  # a restarted vLLM has forgotten every adapter
             t0 = asyncio.get_running_loop().time()
-            while (await get(f"{srv.url}/readyz"))[0] == 200:
+            for _ in range(100):  # polls /readyz like a kubelet, every 50 ms
+                if (await get(f"{srv.url}/readyz"))[0] != 200:
+                    break
                 await asyncio.sleep(0.05)
             assert asyncio.get_running_loop().time() - t0 < 2.0
             fake.healthy = True
@@ -264,18 +278,40 @@ async def test_manifest_file_watch_and_admin_push(
 
 BAD_ADMIN: list[tuple[str, str, str, Any, dict[str, str] | None, int]] = [
     ("no-token", "PUT", "/admin/manifest", manifest_doc([], 5), {}, 401),
-    ("wrong-token", "PUT", "/admin/manifest", manifest_doc([], 5),
-     {"Authorization": "Bearer nope"}, 401),
-    ("basic-auth", "PUT", "/admin/manifest", manifest_doc([], 5),
-     {"Authorization": f"Basic {TOKEN}"}, 401),
+    (
+        "wrong-token",
+        "PUT",
+        "/admin/manifest",
+        manifest_doc([], 5),
+        {"Authorization": "Bearer nope"},
+        401,
+    ),
+    (
+        "basic-auth",
+        "PUT",
+        "/admin/manifest",
+        manifest_doc([], 5),
+        {"Authorization": f"Basic {TOKEN}"},
+        401,
+    ),
     ("malformed-json", "PUT", "/admin/manifest", "{not json", None, 400),
     ("unknown-field", "PUT", "/admin/manifest", manifest_doc([], 5, surprise=1), None, 422),
-    ("traversal-name-in-manifest", "PUT", "/admin/manifest",
-     manifest_doc([{"name": "../x", "servedName": "x", "source": "pvc://adapters/ad0"}], 5),
-     None, 422),
-    ("traversal-source", "PUT", "/admin/manifest",
-     manifest_doc([{"name": "x", "servedName": "x", "source": "pvc://adapters/%2e%2e/x"}], 5),
-     None, 422),
+    (
+        "traversal-name-in-manifest",
+        "PUT",
+        "/admin/manifest",
+        manifest_doc([{"name": "../x", "servedName": "x", "source": "pvc://adapters/ad0"}], 5),
+        None,
+        422,
+    ),
+    (
+        "traversal-source",
+        "PUT",
+        "/admin/manifest",
+        manifest_doc([{"name": "x", "servedName": "x", "source": "pvc://adapters/%2e%2e/x"}], 5),
+        None,
+        422,
+    ),
     ("older-generation", "PUT", "/admin/manifest", manifest_doc([], 0), None, 409),
     ("oversized", "PUT", "/admin/manifest", "x" * (70 * 1024), None, 413),
     ("dotdot-load", "POST", "/admin/adapters/%2e%2e/load", {}, None, 404),  # normalised away
@@ -286,23 +322,35 @@ BAD_ADMIN: list[tuple[str, str, str, Any, dict[str, str] | None, int]] = [
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "body", "headers", "status"),
-                         [c[1:] for c in BAD_ADMIN], ids=[c[0] for c in BAD_ADMIN])
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status"),
+    [c[1:] for c in BAD_ADMIN],
+    ids=[c[0] for c in BAD_ADMIN],
+)
 async def test_bad_admin_input(
-    tmp_path: Path, pvc_root: Path, method: str, path: str, body: Any,
-    headers: dict[str, str] | None, status: int, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    pvc_root: Path,
+    method: str,
+    path: str,
+    body: Any,
+    headers: dict[str, str] | None,
+    status: int,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     fake = FakeVLLM()
     before = sorted(p.name for p in tmp_path.parent.iterdir())
     async with serve_app(fake.app()) as vurl:
-        s = make_settings(tmp_path, vurl, manifest_doc([pvc_adapter("ad0", pinned=True)]),
-                          pvc_root)
+        s = make_settings(tmp_path, vurl, manifest_doc([pvc_adapter("ad0", pinned=True)]), pvc_root)
         async with run_server(s) as srv, aiohttp.ClientSession() as c:
             data = body if isinstance(body, str) else json.dumps(body)
             hdrs = {"Authorization": f"Bearer {TOKEN}"} if headers is None else headers
-            async with c.request(method, srv.admin + path, data=data,
-                                 headers={"Content-Type": "application/json", **hdrs}) as r:
+            async with c.request(
+                method,
+                srv.admin + path,
+                data=data,
+                headers={"Content-Type": "application/json", **hdrs},
+            ) as r:
                 assert r.status == status, await r.text()
                 err = await r.json()
                 assert err["error"]["message"]
@@ -321,8 +369,9 @@ BAD_PUBLIC: list[tuple[str, Any, int, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("body", "status", "code"), [c[1:] for c in BAD_PUBLIC],
-                         ids=[c[0] for c in BAD_PUBLIC])
+@pytest.mark.parametrize(
+    ("body", "status", "code"), [c[1:] for c in BAD_PUBLIC], ids=[c[0] for c in BAD_PUBLIC]
+)
 async def test_bad_public_input(
     tmp_path: Path, pvc_root: Path, body: Any, status: int, code: str
 ) -> None:

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from loraplex_server import errors
 from loraplex_server.fetch import TMP_PREFIX, Fetcher, cache_path, resolve_pvc
 from loraplex_server.manifest import AdapterManifest, ManifestAdapter
@@ -22,7 +21,7 @@ from loraplex_server.metrics import Metrics
 from loraplex_server.source_uri import parse_source_uri
 from loraplex_server.verify import digest_dir
 
-from .helpers import FileServer, make_settings, tar_bytes
+from .helpers import FileServer, make_settings, tar_bytes, wait_for
 
 MANIFEST = AdapterManifest(
     generation=1, base_served_name="tiny", max_loras=2, max_lora_rank=8, max_cpu_loras=4
@@ -125,8 +124,11 @@ async def test_folder_url_fetches_config_and_weights(
     ids=["dotdot", "absolute", "symlink"],
 )
 async def test_hostile_archive_is_refused(
-    tmp_path: Path, pvc_root: Path, tiny_adapters: dict[str, Path],
-    extra: dict[str, bytes], symlink: str | None,
+    tmp_path: Path,
+    pvc_root: Path,
+    tiny_adapters: dict[str, Path],
+    extra: dict[str, bytes],
+    symlink: str | None,
 ) -> None:
     f = fetcher(tmp_path, pvc_root)
     blob = tar_bytes(tiny_adapters["ad1"], extra=extra, symlink=symlink)
@@ -140,17 +142,27 @@ async def test_hostile_archive_is_refused(
 
 @pytest.mark.parametrize(
     ("mode", "hits", "ok"),
-    [("404", 1, False), ("500", 3, False), ("hang", 3, False), ("truncate", 3, False),
-     ("flaky", 2, True)],
+    [
+        ("404", 1, False),
+        ("500", 3, False),
+        ("hang", 3, False),
+        ("truncate", 3, False),
+        ("flaky", 2, True),
+    ],
 )
 async def test_source_faults(
-    tmp_path: Path, pvc_root: Path, tiny_adapters: dict[str, Path], mode: str, hits: int,
+    tmp_path: Path,
+    pvc_root: Path,
+    tiny_adapters: dict[str, Path],
+    mode: str,
+    hits: int,
     ok: bool,
 ) -> None:
     f = fetcher(tmp_path, pvc_root)
     attempts: list[int] = []
-    async with FileServer(files={"/f.tar.gz": tar_bytes(tiny_adapters["ad1"])},
-                          modes={"/f.tar.gz": mode}) as srv:
+    async with FileServer(
+        files={"/f.tar.gz": tar_bytes(tiny_adapters["ad1"])}, modes={"/f.tar.gz": mode}
+    ) as srv:
         job = f.fetch(spec(f"{srv.url}/f.tar.gz"), MANIFEST, attempts.append)
         if ok:
             await job
@@ -168,11 +180,11 @@ async def test_cancel_mid_download_leaves_nothing(
     tmp_path: Path, pvc_root: Path, tiny_adapters: dict[str, Path]
 ) -> None:
     f = fetcher(tmp_path, pvc_root)
-    async with FileServer(files={"/c.tar.gz": tar_bytes(tiny_adapters["ad1"])},
-                          modes={"/c.tar.gz": "hang"}) as srv:
+    async with FileServer(
+        files={"/c.tar.gz": tar_bytes(tiny_adapters["ad1"])}, modes={"/c.tar.gz": "hang"}
+    ) as srv:
         task = asyncio.create_task(f.fetch(spec(f"{srv.url}/c.tar.gz"), MANIFEST))
-        while not srv.hits:
-            await asyncio.sleep(0.02)
+        await wait_for(lambda: bool(srv.hits))
         await asyncio.sleep(0.1)
         assert any(p.name.startswith(TMP_PREFIX) for p in f.cache_dir.iterdir())
         task.cancel()
@@ -210,8 +222,12 @@ def moto_s3() -> object:
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield env
@@ -234,7 +250,7 @@ async def test_s3_prefix(
     for p in src.iterdir():
         s3.put_object(Bucket="adapters", Key=f"team/ad3/{p.name}", Body=p.read_bytes())
     f = fetcher(tmp_path, pvc_root)
-    path, info = await f.fetch(spec("s3://adapters/team/ad3"), MANIFEST)
+    _, info = await f.fetch(spec("s3://adapters/team/ad3"), MANIFEST)
     assert info.digest == digest_dir(src)[0]
     with pytest.raises(errors.AdapterError) as exc:
         await f.fetch(spec("s3://adapters/team/missing", name="y"), MANIFEST)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from loraplex_server import errors
 from loraplex_server.manifest import AdapterManifest, ManifestAdapter
 from loraplex_server.verify import check_config, digest_dir, verify_dir
@@ -22,33 +21,59 @@ SPEC = ManifestAdapter(name="a", served_name="a", source="pvc://c/a")
 
 def manifest(base_model: str = "") -> AdapterManifest:
     return AdapterManifest(
-        generation=1, base_served_name="b", base_model=base_model, max_loras=1,
-        max_lora_rank=8, max_cpu_loras=1,
+        generation=1,
+        base_served_name="b",
+        base_model=base_model,
+        max_loras=1,
+        max_lora_rank=8,
+        max_cpu_loras=1,
     )
 
 
 CASES: list[tuple[str, dict[str, Any], str, ManifestAdapter, str | None]] = [
     ("ok", {"r": 8, "target_modules": ["q_proj"]}, "", SPEC, None),
     ("rank-too-big", {"r": 16}, "", SPEC, errors.RANK_EXCEEDS_MAX),
-    ("rank-declared-differs", {"r": 4}, "", SPEC.model_copy(update={"rank": 8}),
-     errors.RANK_MISMATCH),
+    (
+        "rank-declared-differs",
+        {"r": 4},
+        "",
+        SPEC.model_copy(update={"rank": 8}),
+        errors.RANK_MISMATCH,
+    ),
     ("dora", {"r": 8, "use_dora": True}, "", SPEC, errors.UNSUPPORTED_ADAPTER),
     ("bias", {"r": 8, "bias": "all"}, "", SPEC, errors.UNSUPPORTED_ADAPTER),
     ("not-lora", {"r": 8, "peft_type": "IA3"}, "", SPEC, errors.UNSUPPORTED_ADAPTER),
     ("no-rank", {"target_modules": ["q_proj"]}, "", SPEC, errors.UNSUPPORTED_ADAPTER),
-    ("base-matches", {"r": 8, "base_model_name_or_path": "Org/Model"}, "hf://org/model", SPEC,
-     None),
-    ("base-differs", {"r": 8, "base_model_name_or_path": "org/other"}, "hf://org/model", SPEC,
-     errors.INCOMPATIBLE_BASE_MODEL),
-    ("base-local-path-uncheckable", {"r": 8, "base_model_name_or_path": "/models/x"},
-     "hf://org/model", SPEC, None),
+    (
+        "base-matches",
+        {"r": 8, "base_model_name_or_path": "Org/Model"},
+        "hf://org/model",
+        SPEC,
+        None,
+    ),
+    (
+        "base-differs",
+        {"r": 8, "base_model_name_or_path": "org/other"},
+        "hf://org/model",
+        SPEC,
+        errors.INCOMPATIBLE_BASE_MODEL,
+    ),
+    (
+        "base-local-path-uncheckable",
+        {"r": 8, "base_model_name_or_path": "/models/x"},
+        "hf://org/model",
+        SPEC,
+        None,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("cfg", "base", "spec", "reason"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
-def test_check_config(cfg: dict[str, Any], base: str, spec: ManifestAdapter,
-                      reason: str | None) -> None:
+@pytest.mark.parametrize(
+    ("cfg", "base", "spec", "reason"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_check_config(
+    cfg: dict[str, Any], base: str, spec: ManifestAdapter, reason: str | None
+) -> None:
     if reason is None:
         info = check_config(cfg, spec, manifest(base))
         assert info.rank == cfg["r"]
@@ -59,7 +84,7 @@ def test_check_config(cfg: dict[str, Any], base: str, spec: ManifestAdapter,
 
 
 def test_missing_files_are_unsupported(tmp_path: Path) -> None:
-    with pytest.raises(errors.AdapterError, match="adapter_config.json is missing"):
+    with pytest.raises(errors.AdapterError, match=r"adapter_config\.json is missing"):
         verify_dir(tmp_path, SPEC, manifest())
     (tmp_path / "adapter_config.json").write_text('{"r": 8}')
     with pytest.raises(errors.AdapterError, match="no weights file"):

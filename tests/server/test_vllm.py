@@ -37,7 +37,10 @@ def client(base: str) -> openai.OpenAI:
 
 def greedy(base: str, model: str, **extra: Any) -> list[int]:
     r = client(base).completions.create(
-        model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+        model=model,
+        prompt=PROMPT,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
         extra_body={"return_token_ids": True, **extra},
     )
     ids: list[int] = r.choices[0].to_dict()["token_ids"]
@@ -54,22 +57,49 @@ def status(url: str) -> int:
         return -1
 
 
+def agrees(gaps: list[float]) -> bool:
+    """Whether transformers+peft would have picked (nearly) the same greedy tokens.
+
+    `gaps` come from greedy_gaps (teacher-forced). vLLM runs in bfloat16 and the reference in
+    float32, so a near-tie may flip a late token by a logit or two tenths; measured on this
+    model, the right adapter agrees exactly on 6-8 of 8 steps with every gap under 0.25, while
+    the base or a different adapter agrees on 0 steps with gaps of 0.3-1.2.
+    """
+    exact = sum(g == 0.0 for g in gaps)
+    return exact >= len(gaps) - 2 and max(gaps) <= 0.3
+
+
 def test_greedy_tokens_match_vllm_direct_and_reference(
-    stack: Stack, reference: dict[str, list[int]]
+    stack: Stack,
+    expected: dict[str, list[int]],
+    tiny_model: Path,
+    tiny_adapters: dict[str, Path],
 ) -> None:
-    assert len({tuple(v) for v in reference.values()}) == len(reference)  # all distinguishable
+    from loraplex.devtools.tinymodel import greedy_gaps
+
+    assert len({tuple(v) for v in expected.values()}) == len(expected)  # all distinguishable
     for model in ["tiny", "ad0", "ad1", "ad2", "ad3"]:
         via_server = greedy(stack.url, model)
         direct = greedy(stack.vllm.url, model)  # loaded just now under its servedName
-        assert via_server == direct == reference[model], model
-    assert greedy(stack.url, "tiny", lora_name="ad2") == reference["ad2"]
+        assert via_server == direct == expected[model], model
+        adapter = tiny_adapters.get(model)
+        assert agrees(greedy_gaps(tiny_model, PROMPT, via_server, adapter)), model
+        if adapter is not None:  # neither the bare base nor another adapter explains them
+            assert not agrees(greedy_gaps(tiny_model, PROMPT, via_server)), model
+            other = tiny_adapters["ad7"]
+            assert not agrees(greedy_gaps(tiny_model, PROMPT, via_server, other)), model
+    assert greedy(stack.url, "tiny", lora_name="ad2") == expected["ad2"]
 
 
-def test_streaming_with_openai_client(stack: Stack, reference: dict[str, list[int]]) -> None:
+def test_streaming_with_openai_client(stack: Stack, expected: dict[str, list[int]]) -> None:
     c = client(stack.url)
     full = c.completions.create(model="ad1", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
     stream = c.completions.create(
-        model="ad1", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        model="ad1",
+        prompt=PROMPT,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -83,15 +113,15 @@ def test_streaming_with_openai_client(stack: Stack, reference: dict[str, list[in
 
 
 def test_rotation_beyond_max_loras_stays_correct(
-    stack: Stack, reference: dict[str, list[int]]
+    stack: Stack, expected: dict[str, list[int]]
 ) -> None:
     names = ["ad1", "ad2", "ad3", "ad4", "ad5", "tiny", "ad0"]
     for name in names * 2:
-        assert greedy(stack.url, name) == reference[name], name
+        assert greedy(stack.url, name) == expected[name], name
     with ThreadPoolExecutor(6) as pool:
         jobs = [(n, pool.submit(greedy, stack.url, n)) for n in names * 3]
         for name, job in jobs:
-            assert job.result() == reference[name], name
+            assert job.result() == expected[name], name
     rep = stack.report()
     assert sum(a["state"] in ("loaded", "loading") for a in rep.values()) <= 2
     assert rep["ad0"]["state"] == "loaded"  # pinned: never evicted
@@ -112,22 +142,29 @@ def file_server(tmp_path: Path) -> Iterator[str]:
 
 
 def test_hot_add_and_remove_without_restart(
-    stack: Stack, reference: dict[str, list[int]], tiny_adapters: dict[str, Path],
-    tmp_path: Path, file_server: str,
+    stack: Stack,
+    expected: dict[str, list[int]],
+    tiny_adapters: dict[str, Path],
+    tmp_path: Path,
+    file_server: str,
 ) -> None:
     pids = (stack.server.pid, stack.vllm.pid)
     blob = tar_bytes(tiny_adapters["ad7"])
     (tmp_path / "ad7.tar.gz").write_bytes(blob)
     added = [
         pvc_adapter("ad6"),
-        {"name": "ad7", "servedName": "web-ad7", "source": f"{file_server}/ad7.tar.gz",
-         "sha256": hashlib.sha256(blob).hexdigest()},
+        {
+            "name": "ad7",
+            "servedName": "web-ad7",
+            "source": f"{file_server}/ad7.tar.gz",
+            "sha256": hashlib.sha256(blob).hexdigest(),
+        },
     ]
     t0 = time.monotonic()
     stack.push(INITIAL + added)
-    assert greedy(stack.url, "ad6") == reference["ad6"]
+    assert greedy(stack.url, "ad6") == expected["ad6"]
     first_ok = time.monotonic() - t0
-    assert greedy(stack.url, "web-ad7") == reference["ad7"]
+    assert greedy(stack.url, "web-ad7") == expected["ad7"]
     assert first_ok < 10, first_ok
     models = [m.id for m in client(stack.url).models.list().data]
     assert {"tiny", "ad6", "web-ad7"} <= set(models)
@@ -153,7 +190,11 @@ def test_vllm_sigkill_then_restart_reloads_adapters(stack: Stack) -> None:
     def long_stream() -> None:
         try:
             stream = c.completions.create(
-                model="ad3", prompt=PROMPT, max_tokens=240, temperature=0, stream=True,
+                model="ad3",
+                prompt=PROMPT,
+                max_tokens=240,
+                temperature=0,
+                stream=True,
                 extra_body={"ignore_eos": True},
             )
             for _ in stream:

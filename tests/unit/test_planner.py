@@ -30,7 +30,7 @@ LLAMA8 = "hf://meta-llama/Llama-3.1-8B-Instruct"
 def spec(source: str = QWEN14, **extra: Any) -> BaseModelSpec:
     raw: dict[str, Any] = {"model": {"source": source}, "gpu": {"memoryGiB": 47.54}}
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+        if isinstance(value, dict) and key != "gpu" and isinstance(raw.get(key), dict):
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
@@ -200,7 +200,21 @@ def test_fixed_utilization_sets_kv() -> None:
 def test_fixed_utilization_too_small_is_infeasible() -> None:
     p = plan(spec(memory={"gpuMemoryUtilization": 0.5}), adapters(16))
     assert not p.feasible
-    assert p.fix is not None
+    assert p.fix is not None and "gpuMemoryUtilization" in p.fix
+    assert plan(spec(), adapters(16)).feasible  # auto, as the fix says
+
+
+def test_lower_rank_fix_when_pinned_slots_cannot_shrink() -> None:
+    """Four pinned adapters need four slots; rank 512 is the setting to give up, as little
+    as possible (the largest allowed rank that fits)."""
+    four = adapters(16, 16, 16, 16, pinned=4)
+    p = plan(spec(lora={"maxLoras": 4, "maxLoraRank": 512}), four)
+    assert not p.feasible
+    assert p.fix is not None and p.fix.startswith("lower rank: set spec.lora.maxLoraRank to ")
+    suggested = int(p.fix.split()[-1])
+    assert suggested == 320
+    fixed = plan(spec(lora={"maxLoras": 4, "maxLoraRank": suggested}), four)
+    assert fixed.feasible, fixed.message
 
 
 def test_fixed_utilization_eating_headroom_is_reported() -> None:
@@ -210,9 +224,10 @@ def test_fixed_utilization_eating_headroom_is_reported() -> None:
 
 
 def test_tensor_parallel_must_divide_heads() -> None:
-    p = plan(spec(source="hf://Qwen/Qwen2.5-7B-Instruct", gpu={"count": 8}), adapters(16))
-    assert not p.feasible
-    assert "28 attention heads" in p.message
+    for gpu in ({"count": 8, "memoryGiB": 80}, {"count": 8}):
+        p = plan(spec(source="hf://Qwen/Qwen2.5-7B-Instruct", gpu=gpu), adapters(16))
+        assert not p.feasible
+        assert "28 attention heads" in p.message
 
 
 # --- infeasible: the fix, applied, fits ----------------------------------------------------

@@ -120,7 +120,7 @@ def _vllm_parser() -> Any:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    return make_arg_parser(FlexibleArgumentParser())
+    return make_arg_parser(FlexibleArgumentParser())  # type: ignore[no-untyped-call]
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -34,11 +34,22 @@ class SourceURI:
     raw: str
 
 
+def _shown(raw: str) -> str:
+    """The URI as it may appear in messages: credentials removed, length capped.
+
+    Messages end up in status conditions and logs, which must never carry secrets.
+    """
+    parts = urlsplit(raw)
+    if parts.username or parts.password:
+        raw = raw.replace(parts.netloc, "***@" + (parts.hostname or ""), 1)
+    return raw if len(raw) <= 200 else raw[:200] + "..."
+
+
 def _safe_relative(path: str, raw: str) -> str:
     decoded = unquote(path)
     parts = [p for p in decoded.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts) or "\\" in decoded or "\x00" in decoded:
-        raise SourceError(f"source {raw!r} must not contain '..', backslashes or NUL bytes")
+        raise SourceError(f"source {_shown(raw)!r} must not contain '..', backslashes or NUL bytes")
     return posixpath.join(*parts) if parts else ""
 
 
@@ -63,22 +74,22 @@ def parse_source_uri(raw: str) -> SourceURI:
         segments = repo.split("/")
         repo_id = "/".join(segments[:2])
         if not _HF_REPO_RE.fullmatch(repo_id) or ".." in repo_id:
-            raise SourceError(f"source {raw!r} must look like hf://org/repo[/subfolder]")
+            raise SourceError(f"source {_shown(raw)!r} must look like hf://org/repo[/subfolder]")
         sub = _safe_relative("/".join(segments[2:]), raw)
         return SourceURI("hf", repo_id, sub, raw)
     if scheme == "s3":
         if not _BUCKET_RE.fullmatch(parts.netloc):
-            raise SourceError(f"source {raw!r} must look like s3://bucket/prefix")
+            raise SourceError(f"source {_shown(raw)!r} must look like s3://bucket/prefix")
         return SourceURI("s3", parts.netloc, _safe_relative(parts.path, raw), raw)
     if scheme == "pvc":
         if not _CLAIM_RE.fullmatch(parts.netloc):
             raise SourceError(
-                f"source {raw!r} must look like pvc://claim/path with a valid claim name"
+                f"source {_shown(raw)!r} must look like pvc://claim/path with a valid claim name"
             )
         return SourceURI("pvc", parts.netloc, _safe_relative(parts.path, raw), raw)
     if not parts.netloc or parts.username or parts.password:
         raise SourceError(
-            f"source {raw!r} must look like https://host/path, without credentials in the URL "
+            f"source {_shown(raw)!r} must look like https://host/path, without credentials in the URL "
             "(put them in spec.credentials.secretRef)"
         )
     return SourceURI(

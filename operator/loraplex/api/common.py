@@ -29,7 +29,7 @@ class Wire(BaseModel):
 
 
 IntOrAuto = Annotated[
-    int | Literal["auto"],
+    Annotated[int, Field(ge=1)] | Literal["auto"],
     WithJsonSchema(
         {
             "x-kubernetes-int-or-string": True,

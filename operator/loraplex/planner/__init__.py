@@ -7,6 +7,7 @@ slot buffers follow vLLM's allocation.
 
 from loraplex.planner.architecture import ModelShape, shape_from_config, weight_bytes
 from loraplex.planner.catalog import GPUS, MODELS, find_gpu, find_model
+from loraplex.planner.cli import PlanInputs, add_plan_parser, plan_cli_inputs, run_plan
 from loraplex.planner.lora_memory import lora_slot_bytes
 from loraplex.planner.plan import (
     AdapterDemand,
@@ -24,11 +25,15 @@ __all__ = [
     "Breakdown",
     "ModelShape",
     "Plan",
+    "PlanInputs",
+    "add_plan_parser",
     "allowed_rank_at_least",
     "find_gpu",
     "find_model",
     "lora_slot_bytes",
     "plan_base_model",
+    "plan_cli_inputs",
+    "run_plan",
     "shape_from_config",
     "vllm_flags",
     "weight_bytes",

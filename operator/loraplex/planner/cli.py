@@ -74,8 +74,8 @@ def plan_cli_inputs(
     Raises ValueError with a user-facing message for input the spec would reject.
     """
     config_json: Mapping[str, Any] | None = None
-    local = Path(model)
-    if local.is_dir() or (local.is_absolute() and local.exists()):
+    local = Path(model).expanduser()
+    if local.is_dir() or model.startswith(("/", "./", "../", "~")):
         cfg = local / "config.json"
         try:
             config_json = json.loads(cfg.read_text())

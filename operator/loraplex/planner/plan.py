@@ -51,7 +51,12 @@ _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 @dataclass(frozen=True)
 class AdapterDemand:
-    """What the planner needs to know about one adapter of the base model."""
+    """What the planner needs to know about one adapter of the base model.
+
+    `target_modules` does not change the plan: vLLM preallocates slot buffers for every
+    LoRA-capable module whatever modules an adapter targets. It is carried so callers can pass
+    what they know without filtering it.
+    """
 
     name: str
     rank: int | None  # None = unknown yet
@@ -198,19 +203,21 @@ class _Rank:
     value: int
     exceeded: tuple[str, ...]
     reason: str
+    needed: int  # the smallest allowed rank that fits every adapter (capped at 512)
 
 
 def _choose_rank(spec: BaseModelSpec, adapters: Sequence[AdapterDemand]) -> _Rank:
     unknown = [a.name for a in adapters if a.rank is None]
     known = [a.rank for a in adapters if a.rank is not None]
     largest = max([*known, *([DEFAULT_RANK] if unknown or not adapters else [])])
+    needed = allowed_rank_at_least(largest) or MAX_RANK
     fixed = spec.lora.max_lora_rank
     if isinstance(fixed, int):
         exceeded = tuple(a.name for a in adapters if a.rank is not None and a.rank > fixed)
         why = f"maxLoraRank {fixed} set by the user"
         if exceeded:
             why += f"; adapters above it: {', '.join(exceeded)}"
-        return _Rank(fixed, exceeded, why)
+        return _Rank(fixed, exceeded, why, needed)
     chosen = allowed_rank_at_least(largest)
     if chosen is None:
         exceeded = tuple(a.name for a in adapters if a.rank is not None and a.rank > MAX_RANK)
@@ -218,11 +225,12 @@ def _choose_rank(spec: BaseModelSpec, adapters: Sequence[AdapterDemand]) -> _Ran
             MAX_RANK,
             exceeded,
             f"maxLoraRank {MAX_RANK}, vLLM's largest; adapters above it: {', '.join(exceeded)}",
+            MAX_RANK,
         )
     why = f"maxLoraRank {chosen}: smallest vLLM value >= the largest adapter rank {largest}"
     if unknown:
         why += f" (rank unknown for {len(unknown)} adapter(s), assumed {DEFAULT_RANK})"
-    return _Rank(chosen, (), why)
+    return _Rank(chosen, (), why, chosen)
 
 
 def _desired_loras(spec: BaseModelSpec, adapters: Sequence[AdapterDemand]) -> int:
@@ -324,13 +332,13 @@ def plan_base_model(
         return _unchecked(spec, adapters, shape, resolved, dtype, rank, max_model_len, reasons)
 
     reasons.insert(0, f"architecture from {resolved.origin}")
-    problems: list[str] = []
+    structural: list[str] = []  # problems no amount of memory fixes
     if shape.num_heads % tp:
-        problems.append(
+        structural.append(
             f"tensor parallel {tp} does not divide the model's {shape.num_heads} attention heads"
         )
     if max_pos is not None and max_model_len > max_pos:
-        problems.append(
+        structural.append(
             f"maxModelLen {max_model_len} exceeds the model's context of {max_pos} tokens"
         )
     total = int(total_gib * GIB)
@@ -340,8 +348,9 @@ def plan_base_model(
     usable = int(fixed_util * total) if fixed_util is not None else budget
     min_seqs = spec.memory.min_kv_sequences
 
-    def costs(m: int, r: int = rank.value, length: int = max_model_len, t: int = tp) -> _Costs:
-        db = dtype_bytes
+    def costs(
+        m: int, r: int = rank.value, length: int = max_model_len, t: int = tp, db: int = dtype_bytes
+    ) -> _Costs:
         return _costs(shape, db, t, m, r, length, large)
 
     pinned = sum(a.pinned for a in adapters)
@@ -375,8 +384,7 @@ def plan_base_model(
         need = c.fixed + KV_TARGET_FACTOR * floor_bytes
         cap = math.floor(budget / total * 10_000) / 10_000
         utilization = min(math.ceil(need / total * 10_000) / 10_000, cap)
-        if c.fixed + floor_bytes > budget:
-            problems.append("does not fit")
+        fits_memory = c.fixed + floor_bytes <= budget
         reasons.append(
             f"gpuMemoryUtilization {utilization:.4f}: weights + LoRA slots + activations + "
             f"other + KV for {KV_TARGET_FACTOR * min_seqs} sequences, capped to leave "
@@ -389,9 +397,9 @@ def plan_base_model(
                 f"gpuMemoryUtilization {fixed_util} leaves {_gib(total - usable):.2f} GiB free, "
                 f"less than headroomGiB {spec.memory.headroom_gi_b:g}"
             )
-        if c.fixed + c.sequence > usable:
-            problems.append("does not fit")
-        elif c.fixed + floor_bytes > usable:
+        # vLLM refuses to start below one full-length sequence; below the floor it only warns.
+        fits_memory = c.fixed + c.sequence <= usable
+        if fits_memory and c.fixed + floor_bytes > usable:
             reasons.append(
                 f"KV cache holds fewer than minKvSequences {min_seqs} full-length sequences"
             )
@@ -408,7 +416,7 @@ def plan_base_model(
     )
     max_cpu, cpu_reason = _cpu_loras(spec, adapters, max_loras, adapter_bytes)
     reasons.append(cpu_reason)
-    feasible = not problems
+    feasible = fits_memory and not structural
     fix = None
     if feasible:
         message = (
@@ -418,18 +426,24 @@ def plan_base_model(
             f"utilization {utilization:.4f} of {total_gib:g} GiB per GPU"
         )
     else:
-        fix = _cheapest_fix(spec, shape, costs, max_loras, rank.value, usable, min_seqs)
         fix_cost = _gib(c.fixed + floor_bytes)
-        structural = [p for p in problems if p != "does not fit"]
         if structural:
             message = "; ".join(structural)
-            fix = fix if "does not fit" in problems else None
-            fix = fix or (
+            fix = (
                 "set spec.gpu.count to a divisor of the attention heads"
                 if shape.num_heads % tp
                 else f"set spec.maxModelLen <= {max_pos}"
             )
         else:
+            fix = _cheapest_fix(
+                spec,
+                shape,
+                costs,
+                _Limits(max_loras, floor_loras, rank.value, rank.needed),
+                usable,
+                budget,
+                min_seqs,
+            )
             message = (
                 f"does not fit: needs {fix_cost:.1f} GiB per GPU (weights "
                 f"{breakdown.weights:.1f} + LoRA slots {breakdown.lora_slots:.2f} + activations "
@@ -458,41 +472,51 @@ def plan_base_model(
     )
 
 
+@dataclass(frozen=True)
+class _Limits:
+    max_loras: int
+    floor_loras: int  # pinned adapters need a slot each
+    rank: int
+    needed_rank: int  # what the adapters require
+
+
 def _cheapest_fix(
     spec: BaseModelSpec,
     shape: ModelShape,
     costs: Any,
-    max_loras: int,
-    rank: int,
+    limits: _Limits,
     usable: int,
+    budget: int,
     min_seqs: int,
 ) -> str:
-    """The first change, in order of what it costs the user, that makes the plan fit."""
+    """The first change, in order of what it costs the user, that makes the plan fit.
 
-    def fits(c: _Costs) -> bool:
-        return bool(c.fixed + min_seqs * c.sequence <= usable)
+    Settings come first (utilization, slots, rank, context, dtype), hardware last.
+    """
 
-    pinned_floor = 1
-    if max_loras > pinned_floor and fits(costs(pinned_floor)):
-        m = max(k for k in range(pinned_floor, max_loras) if fits(costs(k)))
-        return f"fewer LoRA slots: set spec.lora.maxLoras to {m}"
-    for r in reversed(ALLOWED_MAX_LORA_RANKS):
-        if r < rank and fits(costs(max_loras, r)):
-            return f"lower rank: set spec.lora.maxLoraRank to {r} (retrain larger adapters)"
-    length = costs(max_loras).max_model_len
+    def fits(c: _Costs, room: int = usable) -> bool:
+        return bool(c.fixed + min_seqs * c.sequence <= room)
+
+    m, rank = limits.max_loras, limits.rank
+    if usable < budget and fits(costs(m), budget):
+        return "raise spec.memory.gpuMemoryUtilization, or omit it for the planner to choose"
+    if m > limits.floor_loras and fits(costs(limits.floor_loras)):
+        best = max(k for k in range(limits.floor_loras, m) if fits(costs(k)))
+        return f"fewer LoRA slots: set spec.lora.maxLoras to {best}"
+    for r in reversed(ALLOWED_MAX_LORA_RANKS):  # the largest rank that fits
+        if limits.needed_rank <= r < rank and fits(costs(m, r)):
+            return f"lower rank: set spec.lora.maxLoraRank to {r}"
+    length = costs(m).max_model_len
     while length > 512:
         length //= 2
-        if fits(costs(max_loras, rank, length)):
+        if fits(costs(m, rank, length)):
             return f"shorter context: set spec.maxModelLen to {length}"
-    if spec.model.dtype == "float32":
+    if spec.model.dtype == "float32" and fits(costs(m, db=2)):
         return "smaller dtype: set spec.model.dtype to bfloat16"
     tp = spec.gpu.count
     for more in (2, 4, 8, 16):
-        if more > tp and shape.num_heads % more == 0 and fits(costs(max_loras, rank, t=more)):
-            return (
-                f"{more} GPUs per replica: set spec.gpu.count to {more} "
-                f"(tensor parallel {more})"
-            )
+        if more > tp and shape.num_heads % more == 0 and fits(costs(m, rank, t=more)):
+            return f"{more} GPUs per replica: set spec.gpu.count to {more} (tensor parallel {more})"
     return "a GPU with more memory, or a smaller model or quantized weights"
 
 
@@ -519,14 +543,20 @@ def _unchecked(
         what = "GPU memory unknown"
         how = "set spec.gpu.memoryGiB or a known spec.gpu.product (e.g. H100-80GB, L40S)"
     max_loras = _desired_loras(spec, adapters)
-    adapter_bytes = (
-        lora_slot_bytes(shape, 1, rank.value, _DTYPE_BYTES[dtype], 1) if shape else None
-    )
+    adapter_bytes = lora_slot_bytes(shape, 1, rank.value, _DTYPE_BYTES[dtype], 1) if shape else None
     max_cpu, cpu_reason = _cpu_loras(spec, adapters, max_loras, adapter_bytes)
     utilization = spec.memory.gpu_memory_utilization or UNKNOWN_UTILIZATION
     message = f"memory not checked ({what}); to check it, {how}"
+    feasible = True
+    if shape is not None and shape.num_heads % spec.gpu.count:
+        feasible = False
+        how = "set spec.gpu.count to a divisor of the attention heads"
+        message = (
+            f"tensor parallel {spec.gpu.count} does not divide the model's {shape.num_heads} "
+            f"attention heads; {message}"
+        )
     return Plan(
-        feasible=True,
+        feasible=feasible,
         max_loras=max_loras,
         max_lora_rank=rank.value,
         max_cpu_loras=max_cpu,
