@@ -50,7 +50,9 @@ def read_candidate(obj: Mapping[str, Any]) -> Candidate:
     """Parse one LoRAAdapter; a spec that does not parse becomes a refusal, not an exception."""
     meta = obj.get("metadata", {})
     name = str(meta.get("name", ""))
-    base = Candidate(name, str(meta.get("uid", "")), str(meta.get("creationTimestamp", "")), None, None)
+    base = Candidate(
+        name, str(meta.get("uid", "")), str(meta.get("creationTimestamp", "")), None, None
+    )
     try:
         spec = parse_spec(LoRAAdapterSpec, obj.get("spec"))
     except InvalidSpec as exc:
@@ -61,13 +63,18 @@ def read_candidate(obj: Mapping[str, Any]) -> Candidate:
     except ValueError as exc:
         msg = str(exc).split("\n")[-1].strip() if "\n" in str(exc) else str(exc)
         return Candidate(
-            name, base.uid, base.created, None,
+            name,
+            base.uid,
+            base.created,
+            None,
             Verdict(False, "InvalidSpec", f"metadata.name/spec.servedName: {msg}"),
         )
     return Candidate(name, base.uid, base.created, spec, None)
 
 
-def judge(base_name: str, base: BaseModelSpec, candidates: Sequence[Candidate]) -> dict[str, Verdict]:
+def judge(
+    base_name: str, base: BaseModelSpec, candidates: Sequence[Candidate]
+) -> dict[str, Verdict]:
     """Decide acceptance for every adapter of one base (before the memory plan).
 
     servedName conflicts go to the oldest adapter (then by name), so adding a clashing adapter
@@ -94,13 +101,15 @@ def judge(base_name: str, base: BaseModelSpec, candidates: Sequence[Candidate]) 
         served = cand.served_name
         if served == base_served:
             verdicts[cand.name] = Verdict(
-                False, "NameConflict",
+                False,
+                "NameConflict",
                 f"spec.servedName: {served!r} is the base model's served name; choose another",
             )
             continue
         if served in owners:
             verdicts[cand.name] = Verdict(
-                False, "NameConflict",
+                False,
+                "NameConflict",
                 f"spec.servedName: {served!r} is already served by LoRAAdapter "
                 f"{owners[served]!r} on this base; choose a unique servedName",
             )

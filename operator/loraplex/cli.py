@@ -57,28 +57,46 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     images = argparse.ArgumentParser(add_help=False)
-    images.add_argument("--engine-image", default=DEFAULT_ENGINE_IMAGE,
-                        help="vLLM image for BaseModels that do not set spec.engine.image")
-    images.add_argument("--server-image", default=DEFAULT_SERVER_IMAGE,
-                        help="adapter-server image for BaseModels without spec.server.image")
+    images.add_argument(
+        "--engine-image",
+        default=DEFAULT_ENGINE_IMAGE,
+        help="vLLM image for BaseModels that do not set spec.engine.image",
+    )
+    images.add_argument(
+        "--server-image",
+        default=DEFAULT_SERVER_IMAGE,
+        help="adapter-server image for BaseModels without spec.server.image",
+    )
 
     op = sub.add_parser(
-        "operator", parents=[images], help="run the operator against the current cluster",
+        "operator",
+        parents=[images],
+        help="run the operator against the current cluster",
         description="Run the operator. Finds the cluster like kubectl (in-cluster, KUBECONFIG "
         "or ~/.kube/config) and watches all namespaces unless --namespace is given.",
     )
-    op.add_argument("--namespace", "-n", action="append", help="watch only this namespace (repeatable)")
+    op.add_argument(
+        "--namespace", "-n", action="append", help="watch only this namespace (repeatable)"
+    )
     op.add_argument("--metrics-port", type=int, default=8080, help="port for /metrics and /healthz")
-    op.add_argument("--peering", default=None,
-                    help="kopf peering name, so several replicas elect one active (default: standalone)")
-    op.add_argument("--token-key-file", default=None,
-                    help="key that admin tokens are derived from (else $LORAPLEX_TOKEN_KEY)")
+    op.add_argument(
+        "--peering",
+        default=None,
+        help="kopf peering name, so several replicas elect one active (default: standalone)",
+    )
+    op.add_argument(
+        "--token-key-file",
+        default=None,
+        help="key that admin tokens are derived from (else $LORAPLEX_TOKEN_KEY)",
+    )
     op.add_argument("--log-format", choices=["json", "text"], default="json")
     op.add_argument("--log-level", choices=["debug", "info"], default="info")
     op.set_defaults(func=_operator)
 
     rd = sub.add_parser(
-        "render", parents=[images], help="print the objects the operator would apply",
+        "render",
+        parents=[images],
+        help="print the objects the operator would apply",
         description="Render, without a cluster, exactly what the operator applies for the "
         "BaseModels and LoRAAdapters in the given files or directories (for GitOps diffs).",
     )

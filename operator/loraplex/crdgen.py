@@ -64,7 +64,9 @@ def to_structural(schema: dict[str, Any], defs: dict[str, Any] | None = None) ->
             out["exclusiveMaximum"] = True
         else:
             out[key] = value
-    if schema.get("additionalProperties") is True or out.get("x-kubernetes-preserve-unknown-fields"):
+    if schema.get("additionalProperties") is True or out.get(
+        "x-kubernetes-preserve-unknown-fields"
+    ):
         out["x-kubernetes-preserve-unknown-fields"] = True
         out.setdefault("type", "object")
     if "default" in schema and schema["default"] not in (None, [], {}) and "description" in out:

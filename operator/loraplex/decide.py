@@ -22,7 +22,7 @@ from loraplex.adapters import (
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.errors import InvalidSpec
 from loraplex.planner import AdapterDemand, Plan, plan_base_model
-from loraplex.render import Images, Owner, render_all
+from loraplex.render import DEFAULT_IMAGES, Images, Owner, render_all
 from loraplex.validation import parse_spec
 from loraplex_server.manifest import AdapterManifest
 
@@ -47,7 +47,7 @@ def decide(
     token: str,
     previous: AdapterManifest | None,
     previous_generation: int = 0,
-    images: Images = Images(),
+    images: Images = DEFAULT_IMAGES,
     config_json: Mapping[str, Any] | None = None,
 ) -> Decision:
     """Validate, plan, build the manifest (bumping its generation only on change), render."""
@@ -70,7 +70,9 @@ def decide(
     decision = Decision(spec=spec, plan=plan, verdicts=verdicts)
     if not plan.feasible:
         return decision
-    decision.manifest = next_manifest(owner.name, spec, plan, accepted, previous, previous_generation)
+    decision.manifest = next_manifest(
+        owner.name, spec, plan, accepted, previous, previous_generation
+    )
     decision.objects = render_all(owner, spec, plan, decision.manifest, token, images)
     return decision
 

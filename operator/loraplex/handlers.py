@@ -37,7 +37,9 @@ def _r() -> Reconciler:
     return _state["r"]
 
 
-async def _reconcile(namespace: str, name: str) -> None:
+async def _reconcile(namespace: str | None, name: str) -> None:
+    if namespace is None:  # both kinds are namespaced; kopf's types allow None for cluster kinds
+        return
     try:
         await _r().reconcile_base(namespace, name)
     except KubeError as exc:
@@ -47,19 +49,19 @@ async def _reconcile(namespace: str, name: str) -> None:
 @kopf.on.resume(*BM, id="basemodel-resume")
 @kopf.on.create(*BM, id="basemodel-create")
 @kopf.on.update(*BM, id="basemodel-update")
-async def basemodel_changed(namespace: str, name: str, **_: Any) -> None:
+async def basemodel_changed(namespace: str | None, name: str, **_: Any) -> None:
     await _reconcile(namespace, name)
 
 
 @kopf.on.event(*BM, id="basemodel-deleted")
-async def basemodel_event(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
+async def basemodel_event(event: kopf.RawEvent, namespace: str | None, name: str, **_: Any) -> None:
     """A deleted BaseModel: its adapters learn `BaseModelNotFound` at once."""
     if event.get("type") == "DELETED":
         await _reconcile(namespace, name)
 
 
 @kopf.timer(*BM, id="basemodel-sync", interval=10.0, initial_delay=2.0, idle=0)
-async def basemodel_tick(namespace: str, name: str, **_: Any) -> None:
+async def basemodel_tick(namespace: str | None, name: str, **_: Any) -> None:
     """Level-based safety net: corrects drift of owned objects and syncs pods' adapter state."""
     await _reconcile(namespace, name)
 
@@ -67,9 +69,7 @@ async def basemodel_tick(namespace: str, name: str, **_: Any) -> None:
 @kopf.on.resume(*LORA, id="adapter-resume")
 @kopf.on.create(*LORA, id="adapter-create")
 @kopf.on.update(*LORA, id="adapter-update")
-async def adapter_changed(
-    body: kopf.Body, namespace: str, name: str, **_: Any
-) -> None:
+async def adapter_changed(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
     base = base_of(dict(body))
     if base is not None:
         await _reconcile(namespace, name=base)
@@ -84,24 +84,27 @@ async def adapter_changed(
         old, body.get("metadata", {}).get("generation"), verdict, served_name=None, pods=[]
     )
     try:
-        await _r().kube.patch(LORAADAPTERS, namespace, name, {"status": status.dump()}, sub="status")
+        if namespace is not None:
+            await _r().kube.patch(
+                LORAADAPTERS, namespace, name, {"status": status.dump()}, sub="status"
+            )
     except KubeError as exc:
         raise kopf.TemporaryError(str(exc), delay=5) from exc
 
 
 @kopf.on.delete(*LORA, id="adapter-delete")
-async def adapter_deleted(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
+async def adapter_deleted(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
     """Before the adapter goes, take it out of the manifest (and so off every pod)."""
     base = base_of(dict(body))
     if base is not None:
         await _reconcile(namespace, base)
-    _r().forget_adapter(namespace, name)
+    _r().forget_adapter(namespace or "", name)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED, id="owned-deployment")
 @kopf.on.event("", "v1", "services", labels=OWNED, id="owned-service")
 @kopf.on.event("", "v1", "configmaps", labels=OWNED, id="owned-configmap")
-async def owned_changed(body: kopf.Body, event: dict[str, Any], **_: Any) -> None:
+async def owned_changed(body: kopf.Body, **_: Any) -> None:
     """An owned object changed or vanished (by hand, or its pods' readiness): converge now."""
     labels = body.get("metadata", {}).get("labels", {}) or {}
     base = labels.get(naming.BASE_LABEL)

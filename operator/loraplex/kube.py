@@ -79,9 +79,9 @@ def discover_connection() -> Connection:
 
     cfg = client.Configuration()
     try:
-        config.load_incluster_config(client_configuration=cfg)
+        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
     except config.ConfigException:
-        config.load_kube_config(client_configuration=cfg)
+        config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
     token = None
     auth = cfg.api_key.get("authorization") or cfg.api_key.get("BearerToken")
     if auth:
@@ -106,7 +106,11 @@ class KubeClient:
     """An async client for the handful of calls the operator makes (see loraplex.rbac)."""
 
     def __init__(
-        self, connection: Connection, *, timeout: float = 30.0, user_agent: str = "loraplex-operator"
+        self,
+        connection: Connection,
+        *,
+        timeout: float = 30.0,
+        user_agent: str = "loraplex-operator",
     ) -> None:
         self._conn = connection
         self._user_agent = user_agent
@@ -175,12 +179,16 @@ class KubeClient:
     async def list(
         self, kind: ResourceKind, namespace: str, labels: Mapping[str, str] | None = None
     ) -> list[dict[str, Any]]:
-        params = {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
+        params = (
+            {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
+        )
         body = await self._call("GET", kind.path(namespace), params=params)
         items = (body or {}).get("items", [])
         return [i for i in items if not labels or matches_labels(i, labels)]
 
-    async def create(self, kind: ResourceKind, namespace: str, obj: Mapping[str, Any]) -> dict[str, Any]:
+    async def create(
+        self, kind: ResourceKind, namespace: str, obj: Mapping[str, Any]
+    ) -> dict[str, Any]:
         return await self._call("POST", kind.path(namespace), obj) or {}
 
     async def patch(

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-import sys
 
 import yaml
 
 from loraplex import API_GROUP
 from loraplex.decide import decide
 from loraplex.reconcile import base_of
-from loraplex.render import Images, Owner
+from loraplex.render import DEFAULT_IMAGES, Images, Owner
 
 # The real token is derived by the operator from its key; it is never printed.
 TOKEN_PLACEHOLDER = "derived-by-the-operator-at-run-time"
@@ -31,11 +30,15 @@ def load_documents(paths: Iterable[Path]) -> list[dict[str, Any]]:
     return docs
 
 
-def render_paths(paths: Iterable[Path], *, images: Images = Images()) -> list[dict[str, Any]]:
+def render_paths(paths: Iterable[Path], *, images: Images = DEFAULT_IMAGES) -> list[dict[str, Any]]:
     """The objects for every BaseModel in `paths`, with its adapters from the same files."""
     docs = load_documents(paths)
     group = f"{API_GROUP}/"
-    bases = [d for d in docs if d.get("kind") == "BaseModel" and str(d.get("apiVersion", "")).startswith(group)]
+    bases = [
+        d
+        for d in docs
+        if d.get("kind") == "BaseModel" and str(d.get("apiVersion", "")).startswith(group)
+    ]
     adapters = [d for d in docs if d.get("kind") == "LoRAAdapter"]
     out: list[dict[str, Any]] = []
     for bm in bases:
@@ -45,15 +48,15 @@ def render_paths(paths: Iterable[Path], *, images: Images = Images()) -> list[di
             a.setdefault("metadata", {}).setdefault("namespace", "default")
         mine = [a for a in adapters if base_of(a) == name and a["metadata"]["namespace"] == ns]
         owner = Owner(name, ns, meta.get("uid", ""))
-        decision = decide(owner, bm.get("spec"), mine, token=TOKEN_PLACEHOLDER, previous=None,
-                          images=images)
+        decision = decide(
+            owner, bm.get("spec"), mine, token=TOKEN_PLACEHOLDER, previous=None, images=images
+        )
         if decision.invalid is not None:
             raise ValueError(f"BaseModel {ns}/{name}: {decision.invalid}")
         if decision.plan is not None and not decision.plan.feasible:
             raise ValueError(f"BaseModel {ns}/{name}: {decision.plan.message}")
         refused = {n: v for n, v in decision.verdicts.items() if not v.accepted}
         for n, v in sorted(refused.items()):
-            print(f"# LoRAAdapter {ns}/{n} not accepted ({v.reason}): {v.message}",
-                  file=sys.stderr)
+            print(f"# LoRAAdapter {ns}/{n} not accepted ({v.reason}): {v.message}", file=sys.stderr)
         out.extend(decision.objects)
     return out

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from loraplex import naming
+from loraplex.metrics import MANIFEST_PUSHES
 from loraplex_server.manifest import AdapterManifest, AdaptersResponse
 
 log = logging.getLogger("loraplex.podsync")
@@ -62,12 +63,14 @@ def ready_pods(pods: Sequence[Mapping[str, Any]]) -> list[PodTarget]:
         conds = {c.get("type"): c.get("status") for c in status.get("conditions", []) or []}
         if conds.get("Ready") != "True":
             continue
-        out.append(PodTarget(
-            name=meta.get("name", ""),
-            ip=status["podIP"],
-            public_port=_port(pod, "http", naming.PUBLIC_PORT),
-            admin_port=_port(pod, "admin", naming.ADMIN_PORT),
-        ))
+        out.append(
+            PodTarget(
+                name=meta.get("name", ""),
+                ip=status["podIP"],
+                public_port=_port(pod, "http", naming.PUBLIC_PORT),
+                admin_port=_port(pod, "admin", naming.ADMIN_PORT),
+            )
+        )
     return sorted(out, key=lambda p: p.name)
 
 
@@ -97,10 +100,12 @@ class PodSync:
                 url, json=body, headers={"Authorization": f"Bearer {token}"}
             ) as resp:
                 if resp.status in (200, 202, 204, 409):
+                    MANIFEST_PUSHES.labels("ok").inc()
                     return True
                 log.warning("push to pod %s failed: HTTP %s", pod.name, resp.status)
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.info("push to pod %s failed: %s", pod.name, type(exc).__name__)
+        MANIFEST_PUSHES.labels("failed").inc()
         return False
 
     async def poll(self, pod: PodTarget) -> AdaptersResponse | None:
@@ -123,9 +128,9 @@ class PodSync:
 
         async def one(pod: PodTarget) -> AdaptersResponse | None:
             report = await self.poll(pod)
-            if report is None or report.generation < manifest.generation:
-                if await self.push(pod, manifest, token):
-                    report = await self.poll(pod)
+            behind = report is None or report.generation < manifest.generation
+            if behind and await self.push(pod, manifest, token):
+                report = await self.poll(pod)
             return report
 
         results = await asyncio.gather(*(one(p) for p in pods))

@@ -19,16 +19,25 @@ from typing import Any
 
 from loraplex import naming
 from loraplex.adapters import Verdict
-from loraplex.decide import decide
 from loraplex.api.basemodel import AdapterCounts, BaseModelSpec, BaseModelStatus
 from loraplex.api.loraadapter import LoRAAdapterStatus
+from loraplex.decide import decide
 from loraplex.diff import drifted
 from loraplex.errors import InvalidSpec
-from loraplex.kube import BASEMODELS, CONFIGMAPS, DEPLOYMENTS, KIND_OF, LORAADAPTERS, PODS, SECRETS, KubeClient
+from loraplex.kube import (
+    BASEMODELS,
+    CONFIGMAPS,
+    DEPLOYMENTS,
+    KIND_OF,
+    LORAADAPTERS,
+    PODS,
+    SECRETS,
+    KubeClient,
+)
 from loraplex.metrics import ADAPTERS, RECONCILE_SECONDS, RECONCILES
 from loraplex.planner import Plan
 from loraplex.podsync import PodSync, PodTarget, admin_token, ready_pods
-from loraplex.render import Images, Owner
+from loraplex.render import DEFAULT_IMAGES, Images, Owner
 from loraplex.status import PodView, adapter_status, base_status
 from loraplex.validation import parse_spec
 from loraplex_server.manifest import AdapterManifest, AdaptersResponse
@@ -90,7 +99,7 @@ class Reconciler:
         pods: PodSync,
         *,
         token_key: bytes,
-        images: Images = Images(),
+        images: Images = DEFAULT_IMAGES,
         sync_pods: bool = True,
     ) -> None:
         self.kube = kube
@@ -100,11 +109,19 @@ class Reconciler:
         self.sync_pods = sync_pods
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._phases: dict[tuple[str, str], str] = {}
+        self._queued: dict[tuple[str, str], bool] = {}
 
     async def reconcile_base(self, namespace: str, name: str) -> Outcome:
         """Converge one BaseModel and every LoRAAdapter that names it."""
+        key = (namespace, name)
+        if self._queued.get(key):
+            # A pass is already queued behind the running one and has not read anything yet:
+            # it will see whatever triggered us, so bursts of events cost one pass, not many.
+            return Outcome(result="coalesced")
         start = time.monotonic()
-        async with self._locks[(namespace, name)]:
+        self._queued[key] = True
+        async with self._locks[key]:
+            self._queued[key] = False
             try:
                 outcome = await self._reconcile(namespace, name)
             except Exception:
@@ -122,11 +139,14 @@ class Reconciler:
         live = [a for a in mine if not a.get("metadata", {}).get("deletionTimestamp")]
         if bm is None or bm.get("metadata", {}).get("deletionTimestamp"):
             missing = Verdict(
-                False, "BaseModelNotFound",
+                False,
+                "BaseModelNotFound",
                 f"spec.baseModel: BaseModel {name!r} does not exist in namespace {ns!r}; "
                 "create it or point spec.baseModel at an existing one",
             )
-            await self._write_adapters(ns, live, {a["metadata"]["name"]: missing for a in live}, {}, None)
+            await self._write_adapters(
+                ns, live, {a["metadata"]["name"]: missing for a in live}, {}, None
+            )
             return Outcome(result="missing")
         meta = bm.get("metadata", {})
         gen = meta.get("generation")
@@ -136,17 +156,27 @@ class Reconciler:
         except InvalidSpec as exc:
             log.warning("BaseModel %s/%s invalid: %s", ns, name, exc)
             await self._write_base(ns, name, bm, base_status(old, gen, invalid=exc))
-            bad = Verdict(False, "IncompatibleBaseModel",
-                          f"BaseModel {name!r} is invalid ({exc}); fix it first")
-            await self._write_adapters(ns, live, {a["metadata"]["name"]: bad for a in live}, {}, None)
+            bad = Verdict(
+                False,
+                "IncompatibleBaseModel",
+                f"BaseModel {name!r} is invalid ({exc}); fix it first",
+            )
+            await self._write_adapters(
+                ns, live, {a["metadata"]["name"]: bad for a in live}, {}, None
+            )
             return Outcome(result="invalid")
 
         owner = Owner(name, ns, str(meta.get("uid", "")))
         token = admin_token(self.token_key, ns, name, owner.uid)
         stored = stored_manifest(await self.kube.get(CONFIGMAPS, ns, naming.configmap_name(name)))
         decision = decide(
-            owner, bm.get("spec"), live, token=token, previous=stored,
-            previous_generation=old.manifest_generation, images=self.images,
+            owner,
+            bm.get("spec"),
+            live,
+            token=token,
+            previous=stored,
+            previous_generation=old.manifest_generation,
+            images=self.images,
             config_json=read_local_config(spec),
         )
         plan, verdicts, manifest = decision.plan, decision.verdicts, decision.manifest
@@ -171,8 +201,13 @@ class Reconciler:
             declared=len(live), ready=sum(1 for p in adapter_phases.values() if p == "Ready")
         )
         status = base_status(
-            old, gen, plan=plan, deployment=deployment, replicas=spec.replicas,
-            adapters=counts, endpoint=naming.endpoint(name, ns),
+            old,
+            gen,
+            plan=plan,
+            deployment=deployment,
+            replicas=spec.replicas,
+            adapters=counts,
+            endpoint=naming.endpoint(name, ns),
             manifest_generation=manifest.generation,
         )
         await self._write_base(ns, name, bm, status)
@@ -230,8 +265,11 @@ class Reconciler:
             spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
             served = spec.get("servedName") or aname if isinstance(spec, dict) else aname
             new = adapter_status(
-                old, meta.get("generation"), verdict,
-                served_name=served if isinstance(served, str) else aname, pods=views,
+                old,
+                meta.get("generation"),
+                verdict,
+                served_name=served if isinstance(served, str) else aname,
+                pods=views,
             )
             phases[aname] = new.phase
             self._phases[(ns, aname)] = new.phase

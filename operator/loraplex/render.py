@@ -67,6 +67,9 @@ class Images:
     server: str = DEFAULT_SERVER_IMAGE
 
 
+DEFAULT_IMAGES = Images()
+
+
 @dataclass(frozen=True)
 class ModelLocation:
     """How vLLM finds the base weights: the --model value plus any volume it needs."""
@@ -92,8 +95,12 @@ def model_location(spec: BaseModelSpec) -> ModelLocation:
         return ModelLocation(
             str(PurePosixPath(mount) / uri.path) if uri.path else mount,
             None,
-            volumes=({"name": "model", "persistentVolumeClaim": {
-                "claimName": uri.authority, "readOnly": True}},),
+            volumes=(
+                {
+                    "name": "model",
+                    "persistentVolumeClaim": {"claimName": uri.authority, "readOnly": True},
+                },
+            ),
             mounts=({"name": "model", "mountPath": mount, "readOnly": True},),
         )
     # s3:// and https:// base weights are streamed by vLLM's Run:ai model streamer.
@@ -108,10 +115,14 @@ def vllm_args(name: str, spec: BaseModelSpec, plan: Plan) -> list[str]:
     """vLLM's arguments: fixed wiring, then the planner's flags, then the user's extras."""
     loc = model_location(spec)
     args = [
-        "--model", loc.model_arg,
-        "--served-model-name", served_name(name, spec),
-        "--host", "127.0.0.1",
-        "--port", str(naming.VLLM_PORT),
+        "--model",
+        loc.model_arg,
+        "--served-model-name",
+        served_name(name, spec),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(naming.VLLM_PORT),
         "--enable-lora",
         "--disable-log-requests",
     ]
@@ -126,13 +137,20 @@ def vllm_args(name: str, spec: BaseModelSpec, plan: Plan) -> list[str]:
 def server_args() -> list[str]:
     """The adapter-server's flags, exactly as DESIGN.md's Commands section gives them."""
     return [
-        "--vllm-url", f"http://127.0.0.1:{naming.VLLM_PORT}",
-        "--manifest", f"{naming.MANIFEST_DIR}/{naming.MANIFEST_KEY}",
-        "--cache-dir", naming.CACHE_DIR,
-        "--port", str(naming.PUBLIC_PORT),
-        "--admin-port", str(naming.ADMIN_PORT),
-        "--admin-token-file", f"{naming.ADMIN_DIR}/{naming.TOKEN_KEY}",
-        "--pvc-root", naming.PVC_ROOT,
+        "--vllm-url",
+        f"http://127.0.0.1:{naming.VLLM_PORT}",
+        "--manifest",
+        f"{naming.MANIFEST_DIR}/{naming.MANIFEST_KEY}",
+        "--cache-dir",
+        naming.CACHE_DIR,
+        "--port",
+        str(naming.PUBLIC_PORT),
+        "--admin-port",
+        str(naming.ADMIN_PORT),
+        "--admin-token-file",
+        f"{naming.ADMIN_DIR}/{naming.TOKEN_KEY}",
+        "--pvc-root",
+        naming.PVC_ROOT,
     ]
 
 
@@ -161,29 +179,40 @@ def _gpu_resources(spec: BaseModelSpec) -> dict[str, Any]:
 def _volumes(spec: BaseModelSpec, name: str, loc: ModelLocation) -> list[dict[str, Any]]:
     cache: dict[str, Any]
     if spec.adapter_cache.claim_name:
-        cache = {"name": "adapter-cache",
-                 "persistentVolumeClaim": {"claimName": spec.adapter_cache.claim_name}}
+        cache = {
+            "name": "adapter-cache",
+            "persistentVolumeClaim": {"claimName": spec.adapter_cache.claim_name},
+        }
     else:
         cache = {"name": "adapter-cache", "emptyDir": {"sizeLimit": spec.adapter_cache.size_limit}}
     vols = [
         cache,
         {"name": "manifest", "configMap": {"name": naming.configmap_name(name)}},
-        {"name": "admin-token", "secret": {"secretName": naming.secret_name(name),
-                                           "defaultMode": 0o440}},
+        {
+            "name": "admin-token",
+            "secret": {"secretName": naming.secret_name(name), "defaultMode": 0o440},
+        },
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         {"name": "tmp", "emptyDir": {}},
     ]
     for vol in spec.adapter_volumes:
-        vols.append({"name": f"pvc-{vol.claim_name}"[:63].rstrip("-."),
-                     "persistentVolumeClaim": {"claimName": vol.claim_name, "readOnly": True}})
+        vols.append(
+            {
+                "name": f"pvc-{vol.claim_name}"[:63].rstrip("-."),
+                "persistentVolumeClaim": {"claimName": vol.claim_name, "readOnly": True},
+            }
+        )
     return vols + list(loc.volumes)
 
 
 def _adapter_mounts(spec: BaseModelSpec) -> list[dict[str, Any]]:
     """Adapter PVCs, read-only, at the same path in both containers (vLLM reads in place)."""
     return [
-        {"name": f"pvc-{v.claim_name}"[:63].rstrip("-."),
-         "mountPath": f"{naming.PVC_ROOT}/{v.claim_name}", "readOnly": True}
+        {
+            "name": f"pvc-{v.claim_name}"[:63].rstrip("-."),
+            "mountPath": f"{naming.PVC_ROOT}/{v.claim_name}",
+            "readOnly": True,
+        }
         for v in spec.adapter_volumes
     ]
 
@@ -296,7 +325,7 @@ def render_all(
     plan: Plan,
     manifest: AdapterManifest,
     token: str,
-    images: Images = Images(),
+    images: Images = DEFAULT_IMAGES,
 ) -> list[dict[str, Any]]:
     """Every object the operator applies for one BaseModel, in apply order."""
     return [

@@ -18,7 +18,7 @@ from loraplex.kube import KubeClient, discover_connection
 from loraplex.metrics import REGISTRY
 from loraplex.podsync import PodSync
 from loraplex.reconcile import Reconciler
-from loraplex.render import Images
+from loraplex.render import DEFAULT_IMAGES, Images
 
 log = logging.getLogger("loraplex.operator")
 
@@ -32,7 +32,7 @@ class OperatorOptions:
     metrics_host: str = "0.0.0.0"
     peering: str | None = None
     token_key: bytes = field(default=b"", repr=False)
-    images: Images = Images()
+    images: Images = DEFAULT_IMAGES
     log_json: bool = True
     verbose: bool = False
 
@@ -54,7 +54,9 @@ def load_token_key(path: str | None) -> bytes:
 
 async def _metrics_app(opts: OperatorOptions, stop: asyncio.Event) -> web.AppRunner:
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": not stop.is_set()}, status=503 if stop.is_set() else 200)

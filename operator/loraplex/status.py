@@ -21,8 +21,13 @@ from loraplex_server.manifest import AdapterReport, AdapterState
 
 # Server-side failure reasons that map straight onto LoRAAdapter condition reasons.
 _FAILURE_REASONS = {
-    "DownloadFailed", "ChecksumMismatch", "RankExceedsMax", "UnsupportedAdapter",
-    "IncompatibleBaseModel", "LoadFailed", "InvalidSource",
+    "DownloadFailed",
+    "ChecksumMismatch",
+    "RankExceedsMax",
+    "UnsupportedAdapter",
+    "IncompatibleBaseModel",
+    "LoadFailed",
+    "InvalidSource",
 }
 
 
@@ -59,7 +64,8 @@ def base_status(
     if invalid is not None:
         st.phase = "Failed"
         st.conditions = _conds(
-            st.conditions, generation,
+            st.conditions,
+            generation,
             ("Ready", False, "InvalidSpec", str(invalid)),
             ("Planned", False, "InvalidSpec", str(invalid)),
         )
@@ -69,7 +75,8 @@ def base_status(
     if not plan.feasible:
         st.phase = "Failed"
         st.conditions = _conds(
-            st.conditions, generation,
+            st.conditions,
+            generation,
             ("Planned", False, "InsufficientGPUMemory", plan.message),
             ("Ready", False, "InsufficientGPUMemory", plan.message),
         )
@@ -93,7 +100,8 @@ def base_status(
         msg = f"0/{replicas} replicas ready: vLLM is starting (loading weights takes minutes)"
     st.phase = phase  # type: ignore[assignment]
     st.conditions = _conds(
-        st.conditions, generation,
+        st.conditions,
+        generation,
         ("Planned", True, plan_reason, plan.message),
         ("Progressing", not ok and phase == "Deploying", reason if not ok else "Ready", msg),
         ("Degraded", phase == "Degraded", reason if phase == "Degraded" else "AsExpected", msg),
@@ -129,7 +137,8 @@ def adapter_status(
         st.ready = f"0/{len(pods)}"
         st.pods = []
         st.conditions = _conds(
-            st.conditions, generation,
+            st.conditions,
+            generation,
             ("Accepted", False, verdict.reason, verdict.message),
             ("Ready", False, verdict.reason, verdict.message),
         )
@@ -144,10 +153,16 @@ def adapter_status(
         if r is None:
             views.append(PodAdapterState(pod=pv.pod, state="declared"))
             continue
-        views.append(PodAdapterState(
-            pod=pv.pod, state=r.state.value, reason=r.reason, message=r.message,
-            load_seconds=r.load_seconds, last_used=r.last_used,
-        ))
+        views.append(
+            PodAdapterState(
+                pod=pv.pod,
+                state=r.state.value,
+                reason=r.reason,
+                message=r.message,
+                load_seconds=r.load_seconds,
+                last_used=r.last_used,
+            )
+        )
         st.rank = r.rank or st.rank
         st.target_modules = list(r.target_modules) or st.target_modules
         st.size_bytes = r.size_bytes or st.size_bytes
@@ -173,7 +188,9 @@ def adapter_status(
     elif total > 0 and ready == total:
         st.phase = "Ready"
         st.conditions = _conds(
-            st.conditions, generation, accepted,
+            st.conditions,
+            generation,
+            accepted,
             ("Ready", True, "Ready", f"servable as {served_name!r} on {ready}/{total} pods"),
         )
     else:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from loraplex import rbac
 
 RBAC_FILE = Path(__file__).resolve().parents[2] / "charts" / "loraplex" / "files" / "rbac.yaml"

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from loraplex import rbac
 
 from . import sync_rbac

@@ -24,6 +24,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
 from loraplex.render import DEFAULT_ENGINE_IMAGE, DEFAULT_SERVER_IMAGE
 
 from .conftest import CHART, RELEASE_NAMESPACE, Helm, Render

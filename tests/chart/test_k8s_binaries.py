@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from loraplex.devtools import k8s_binaries
 
 pytestmark = pytest.mark.chart

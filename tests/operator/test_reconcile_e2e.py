@@ -10,6 +10,7 @@ operator made is covered by loraplex.rbac.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -83,26 +84,45 @@ async def test_examples_reconcile_into_owned_objects(
     assert names
     dep = one(cluster, "apps/v1/deployments", "qwen-14b")
     assert dep is not None
-    for res, name in [("v1/services", "qwen-14b"), ("v1/secrets", "qwen-14b-admin"),
-                      ("v1/configmaps", "qwen-14b-adapters"), ("apps/v1/deployments", "qwen-14b")]:
+    for res, name in [
+        ("v1/services", "qwen-14b"),
+        ("v1/secrets", "qwen-14b-admin"),
+        ("v1/configmaps", "qwen-14b-adapters"),
+        ("apps/v1/deployments", "qwen-14b"),
+    ]:
         obj = one(cluster, res, name)
         assert obj is not None, name
         owner = obj["metadata"]["ownerReferences"][0]
-        assert (owner["kind"], owner["name"], owner["controller"]) == ("BaseModel", "qwen-14b", True)
+        assert (owner["kind"], owner["name"], owner["controller"]) == (
+            "BaseModel",
+            "qwen-14b",
+            True,
+        )
         bm = one(cluster, "loraplex.io/v1alpha1/basemodels", "qwen-14b")
         assert bm is not None and owner["uid"] == bm["metadata"]["uid"]
     containers = {c["name"]: c for c in dep["spec"]["template"]["spec"]["containers"]}
     vllm_args = containers["vllm"]["args"]
     assert "--enable-lora" in vllm_args
-    flags = dict(zip(vllm_args[::1], vllm_args[1::1], strict=False))
+    flags = dict(itertools.pairwise(vllm_args))
     assert flags["--model"] == "Qwen/Qwen2.5-14B-Instruct"
     assert flags["--max-lora-rank"] == "16"
     assert 0.5 < float(flags["--gpu-memory-utilization"]) < 0.95
     assert containers["vllm"]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert containers["adapter-server"]["args"] == [
-        "--vllm-url", "http://127.0.0.1:8001", "--manifest", "/etc/loraplex/manifest/manifest.json",
-        "--cache-dir", "/var/cache/loraplex", "--port", "8000", "--admin-port", "8090",
-        "--admin-token-file", "/etc/loraplex/admin/token", "--pvc-root", "/mnt/loraplex/pvc",
+        "--vllm-url",
+        "http://127.0.0.1:8001",
+        "--manifest",
+        "/etc/loraplex/manifest/manifest.json",
+        "--cache-dir",
+        "/var/cache/loraplex",
+        "--port",
+        "8000",
+        "--admin-port",
+        "8090",
+        "--admin-token-file",
+        "/etc/loraplex/admin/token",
+        "--pvc-root",
+        "/mnt/loraplex/pvc",
     ]
     mounts = {m["mountPath"]: m for m in containers["adapter-server"]["volumeMounts"]}
     assert mounts["/mnt/loraplex/pvc/team-adapters"]["readOnly"] is True
@@ -114,8 +134,11 @@ async def test_examples_reconcile_into_owned_objects(
     assert secret is not None and len(secret["stringData"]["token"]) == 64
 
     bm = await eventually(
-        lambda: (o := one(cluster, "loraplex.io/v1alpha1/basemodels", "qwen-14b"))
-        and (o.get("status") or {}).get("plan") and o,
+        lambda: (
+            (o := one(cluster, "loraplex.io/v1alpha1/basemodels", "qwen-14b"))
+            and (o.get("status") or {}).get("plan")
+            and o
+        ),
         what="BaseModel status.plan",
     )
     assert condition(bm, "Planned")["status"] == "True"  # type: ignore[index]
@@ -123,7 +146,9 @@ async def test_examples_reconcile_into_owned_objects(
     assert bm["status"]["observedGeneration"] == bm["metadata"]["generation"]
     assert bm["status"]["adapters"]["declared"] == 2
     lora = await eventually(
-        lambda: condition(one(cluster, "loraplex.io/v1alpha1/loraadapters", "sql-expert"), "Accepted"),
+        lambda: condition(
+            one(cluster, "loraplex.io/v1alpha1/loraadapters", "sql-expert"), "Accepted"
+        ),
         what="adapter Accepted",
     )
     assert lora["status"] == "True"
@@ -134,30 +159,43 @@ async def test_adapter_changes_touch_only_the_manifest(
     cluster: RunningEmulator, kube: KubeClient, operator: OperatorProcess
 ) -> None:
     await apply_all(kube, examples())
-    await eventually(lambda: adapter_names(cluster, "qwen-14b") == ["sql-expert", "support-bot"],
-                     what="initial manifest")
+    await eventually(
+        lambda: adapter_names(cluster, "qwen-14b") == ["sql-expert", "support-bot"],
+        what="initial manifest",
+    )
     template = pod_template(cluster, "qwen-14b")
     gen0 = manifest_of(cluster, "qwen-14b")["generation"]  # type: ignore[index]
 
-    new = {"apiVersion": "loraplex.io/v1alpha1", "kind": "LoRAAdapter",
-           "metadata": {"name": "chat-helper", "namespace": NS},
-           "spec": {"baseModel": "qwen-14b", "source": "s3://adapters-bucket/chat-helper", "rank": 8}}
+    new = {
+        "apiVersion": "loraplex.io/v1alpha1",
+        "kind": "LoRAAdapter",
+        "metadata": {"name": "chat-helper", "namespace": NS},
+        "spec": {"baseModel": "qwen-14b", "source": "s3://adapters-bucket/chat-helper", "rank": 8},
+    }
     await kube.apply(new)
-    await eventually(lambda: "chat-helper" in (adapter_names(cluster, "qwen-14b") or []),
-                     what="hot-added adapter in the manifest")
+    await eventually(
+        lambda: "chat-helper" in (adapter_names(cluster, "qwen-14b") or []),
+        what="hot-added adapter in the manifest",
+    )
     gen1 = manifest_of(cluster, "qwen-14b")["generation"]  # type: ignore[index]
     assert gen1 > gen0
 
     await kube.patch(LORAADAPTERS, NS, "chat-helper", {"spec": {"servedName": "chatty"}})
     await eventually(
-        lambda: any(a["servedName"] == "chatty" for a in manifest_of(cluster, "qwen-14b")["adapters"]),  # type: ignore[index]
+        lambda: any(
+            a["servedName"] == "chatty" for a in manifest_of(cluster, "qwen-14b")["adapters"]
+        ),  # type: ignore[index]
         what="changed servedName in the manifest",
     )
     await kube.delete(LORAADAPTERS, NS, "chat-helper")
-    await eventually(lambda: "chat-helper" not in (adapter_names(cluster, "qwen-14b") or ["x"]),
-                     what="deleted adapter out of the manifest")
-    await eventually(lambda: one(cluster, "loraplex.io/v1alpha1/loraadapters", "chat-helper") is None,
-                     what="finalizer released")
+    await eventually(
+        lambda: "chat-helper" not in (adapter_names(cluster, "qwen-14b") or ["x"]),
+        what="deleted adapter out of the manifest",
+    )
+    await eventually(
+        lambda: one(cluster, "loraplex.io/v1alpha1/loraadapters", "chat-helper") is None,
+        what="finalizer released",
+    )
     await asyncio.sleep(1)
     assert pod_template(cluster, "qwen-14b") == template, "adapter changes must not roll pods"
     assert manifest_of(cluster, "qwen-14b")["generation"] > gen1  # type: ignore[index]
@@ -172,8 +210,12 @@ async def test_real_spec_change_rolls_and_drift_is_corrected(
     hash0 = template["metadata"]["annotations"][naming.SPEC_HASH]
 
     # A hand edit of the Deployment is put back.
-    await kube.patch(BASEMODELS.__class__("apps", "v1", "deployments"), NS, "qwen-14b",
-                     {"spec": {"template": {"spec": {"containers": [{"name": "hacked", "image": "x"}]}}}})
+    await kube.patch(
+        BASEMODELS.__class__("apps", "v1", "deployments"),
+        NS,
+        "qwen-14b",
+        {"spec": {"template": {"spec": {"containers": [{"name": "hacked", "image": "x"}]}}}},
+    )
     await eventually(lambda: pod_template(cluster, "qwen-14b") == template, what="drift corrected")
     # A deleted Service comes back.
     await kube.delete(BASEMODELS.__class__("", "v1", "services"), NS, "qwen-14b")
@@ -181,7 +223,9 @@ async def test_real_spec_change_rolls_and_drift_is_corrected(
     # A real spec change rolls: the hash moves.
     await kube.patch(BASEMODELS, NS, "qwen-14b", {"spec": {"maxModelLen": 4096}})
     await eventually(
-        lambda: pod_template(cluster, "qwen-14b")["metadata"]["annotations"][naming.SPEC_HASH] != hash0,  # type: ignore[index]
+        lambda: (
+            pod_template(cluster, "qwen-14b")["metadata"]["annotations"][naming.SPEC_HASH] != hash0
+        ),  # type: ignore[index]
         what="rollout on a real spec change",
     )
     args = pod_template(cluster, "qwen-14b")["spec"]["containers"][0]["args"]  # type: ignore[index]
@@ -197,16 +241,21 @@ async def test_base_model_deleted_and_recreated(
     await kube.delete(BASEMODELS, NS, "qwen-14b")
     for name in ("sql-expert", "support-bot"):
         cond = await eventually(
-            lambda n=name: (c := condition(one(cluster, "loraplex.io/v1alpha1/loraadapters", n), "Accepted"))  # type: ignore[misc]
-            and c["reason"] == "BaseModelNotFound" and c,
+            lambda n=name: (
+                (c := condition(one(cluster, "loraplex.io/v1alpha1/loraadapters", n), "Accepted"))  # type: ignore[misc]
+                and c["reason"] == "BaseModelNotFound"
+                and c
+            ),
             what=f"{name} BaseModelNotFound",
         )
         assert "spec.baseModel" in cond["message"]
     await kube.apply(docs[0])
     for name in ("sql-expert", "support-bot"):
         await eventually(
-            lambda n=name: (c := condition(one(cluster, "loraplex.io/v1alpha1/loraadapters", n), "Accepted"))  # type: ignore[misc]
-            and c["status"] == "True",
+            lambda n=name: (
+                (c := condition(one(cluster, "loraplex.io/v1alpha1/loraadapters", n), "Accepted"))  # type: ignore[misc]
+                and c["status"] == "True"
+            ),
             what=f"{name} accepted again",
         )
 
@@ -217,14 +266,20 @@ async def test_restart_converges_without_duplicates(
     await apply_all(kube, examples())
     await eventually(lambda: adapter_names(cluster, "qwen-14b"), what="manifest")
     await asyncio.to_thread(operator.stop)
-    extra = {"apiVersion": "loraplex.io/v1alpha1", "kind": "LoRAAdapter",
-             "metadata": {"name": "while-down", "namespace": NS},
-             "spec": {"baseModel": "qwen-14b", "source": "hf://org/while-down"}}
+    extra = {
+        "apiVersion": "loraplex.io/v1alpha1",
+        "kind": "LoRAAdapter",
+        "metadata": {"name": "while-down", "namespace": NS},
+        "spec": {"baseModel": "qwen-14b", "source": "hf://org/while-down"},
+    }
     await kube.apply(extra)
     before = manifest_of(cluster, "qwen-14b")
     operator.start()
-    await eventually(lambda: "while-down" in (adapter_names(cluster, "qwen-14b") or []),
-                     what="adapter created while the operator was down", timeout=60)
+    await eventually(
+        lambda: "while-down" in (adapter_names(cluster, "qwen-14b") or []),
+        what="adapter created while the operator was down",
+        timeout=60,
+    )
     after = manifest_of(cluster, "qwen-14b")
     assert after["generation"] == before["generation"] + 1  # type: ignore[index]
     for res in ("apps/v1/deployments", "v1/services", "v1/configmaps", "v1/secrets"):
@@ -239,23 +294,21 @@ async def test_every_api_call_is_covered_by_rbac(
     await apply_all(kube, examples())
     await eventually(lambda: adapter_names(cluster, "qwen-14b"), what="manifest")
     await kube.delete(LORAADAPTERS, NS, "support-bot")
-    await eventually(lambda: one(cluster, "loraplex.io/v1alpha1/loraadapters", "support-bot") is None,
-                     what="adapter deleted")
-    verbs = {"GET": "get", "POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
+    await eventually(
+        lambda: one(cluster, "loraplex.io/v1alpha1/loraadapters", "support-bot") is None,
+        what="adapter deleted",
+    )
     rules = rbac.RULES + rbac.CLUSTER_RULES
-    seen = set()
-    for req in cluster.emulator._requests:
-        agent = str(req.headers.get("User-Agent", ""))
-        if req.resource is None or not req.resource.plural or "loraplex-tests" in agent:
-            continue  # discovery is not RBAC-controlled; the test's own writes are not ours
-        method = str(req.method.value if hasattr(req.method, "value") else req.method).upper()
-        verb = verbs[method]
-        if method == "GET":
-            verb = "watch" if req.params.get("watch") in ("true", "1") else ("get" if req.name else "list")
-        plural = req.resource.plural + (f"/{req.subresource}" if req.subresource else "")
-        seen.add((req.resource.group or "", plural, verb))
+    seen = {
+        (r.group, r.plural + (f"/{r.subresource}" if r.subresource else ""), r.verb)
+        for r in cluster.requests(exclude_agent="loraplex-tests")
+    }
     missing = [s for s in sorted(seen) if not rbac.covers(rules, *s)]
-    for expected in [("apps", "deployments", "create"), ("", "secrets", "patch"),
-                     ("loraplex.io", "loraadapters/status", "patch"), ("loraplex.io", "basemodels", "watch")]:
+    for expected in [
+        ("apps", "deployments", "create"),
+        ("", "secrets", "patch"),
+        ("loraplex.io", "loraadapters/status", "patch"),
+        ("loraplex.io", "basemodels", "watch"),
+    ]:
         assert expected in seen, f"expected the operator to have made {expected}: {sorted(seen)}"
     assert missing == [], f"API calls not covered by loraplex.rbac: {missing}"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from loraplex.devtools.processes import Managed, start_server, start_vllm, wait_http
 
 from .helpers import TOKEN, manifest_doc, pvc_adapter

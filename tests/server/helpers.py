@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
 from loraplex_server.app import create_app
 from loraplex_server.server import Server
 from loraplex_server.settings import Settings
@@ -49,6 +50,7 @@ class FakeVLLM:
     load_calls: list[str] = field(default_factory=list)
     unload_calls: list[str] = field(default_factory=list)
     load_delay: float = 0.0
+    unload_delay: float = 0.0
     refuse: set[str] = field(default_factory=set)
     chunk_delay: float = 0.0
     seen_bodies: list[dict[str, Any]] = field(default_factory=list)
@@ -83,6 +85,7 @@ class FakeVLLM:
     async def unload(self, request: web.Request) -> web.Response:
         name = (await request.json())["lora_name"]
         self.unload_calls.append(name)
+        await asyncio.sleep(self.unload_delay)
         if self.loaded.pop(name, None) is None:
             return web.json_response({"error": {"message": "cannot be found"}}, status=404)
         return web.Response(text="Success")

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+
 from loraplex_server.manifest import AdaptersResponse
 from loraplex_server.metrics import METRIC_NAMES
 
@@ -158,7 +159,7 @@ async def test_lru_eviction_and_pinned(tmp_path: Path, pvc_root: Path) -> None:
             assert rep["ad2"]["loadSeconds"] is not None and rep["ad2"]["lastUsed"]
 
 
-async def test_adapter_in_flight_is_not_evicted(tmp_path: Path, pvc_root: Path) -> None:
+async def test_adapter_not_yet_answered_is_not_evicted(tmp_path: Path, pvc_root: Path) -> None:
     fake = FakeVLLM(chunk_delay=0.4)
     async with serve_app(fake.app()) as vurl:
         s = make_settings(
@@ -174,6 +175,22 @@ async def test_adapter_in_flight_is_not_evicted(tmp_path: Path, pvc_root: Path) 
             first = await slow
     assert first[0] == 200 and second[0] == 200
     assert fake.unload_calls == ["ad1"]
+
+
+async def test_request_during_eviction_waits_for_reload(tmp_path: Path, pvc_root: Path) -> None:
+    """A request must never reach vLLM for a name that vLLM is in the middle of dropping."""
+    fake = FakeVLLM(unload_delay=0.3)
+    async with serve_app(fake.app()) as vurl:
+        ads = [pvc_adapter("ad1"), pvc_adapter("ad2")]
+        s = make_settings(tmp_path, vurl, manifest_doc(ads, max_loras=1), pvc_root)
+        async with run_server(s) as srv:
+            assert (await post(f"{srv.url}/v1/completions", completion("ad1")))[0] == 200
+            evicting = asyncio.create_task(post(f"{srv.url}/v1/completions", completion("ad2")))
+            await wait_for(lambda: fake.unload_calls == ["ad1"])
+            st, body, _ = await post(f"{srv.url}/v1/completions", completion("ad1"))
+            assert (st, body["model"]) == (200, "ad1")
+            assert (await evicting)[0] == 200
+    assert fake.load_calls == ["ad1", "ad2", "ad1"]
 
 
 async def test_load_timeout_gives_503_with_retry_after(tmp_path: Path, pvc_root: Path) -> None:
@@ -218,6 +235,40 @@ async def test_failed_adapters_report_reasons(
                 headers={"Authorization": f"Bearer {TOKEN}"},
             )
             assert (st, body["state"]) == (200, "loaded")
+
+
+async def test_broken_source_fails_one_adapter_only(
+    tmp_path: Path, pvc_root: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    fake = FakeVLLM()
+    blob = tar_bytes(tiny_adapters["ad1"])
+    async with (
+        FileServer(
+            files={"/b.tgz": blob, "/t.tgz": blob}, modes={"/b.tgz": "500", "/t.tgz": "truncate"}
+        ) as files,
+        serve_app(fake.app()) as vurl,
+    ):
+        ads = [
+            {"name": "broken", "servedName": "broken", "source": f"{files.url}/b.tgz"},
+            {"name": "short", "servedName": "short", "source": f"{files.url}/t.tgz"},
+            pvc_adapter("ad0"),
+        ]
+        s = make_settings(tmp_path, vurl, manifest_doc(ads), pvc_root)
+        async with run_server(s) as srv:
+            for name in ("broken", "short"):
+                st, body, _ = await post(f"{srv.url}/v1/completions", completion(name))
+                assert st == 503 and body["error"]["code"] == "adapter_failed", body
+                rep = (await report(srv.url))[name]
+                assert (rep["state"], rep["reason"], rep["attempts"]) == (
+                    "failed",
+                    "DownloadFailed",
+                    3,
+                )
+            assert files.hits == {"/b.tgz": 3, "/t.tgz": 3}
+            st, _, _ = await post(f"{srv.url}/v1/completions", completion("ad0"))
+            assert st == 200
+    assert fake.load_calls == ["ad0"]  # nothing half-downloaded was ever offered to vLLM
+    assert sorted(p.name for p in s.cache_dir.iterdir()) == []
 
 
 async def test_vllm_death_and_return(tmp_path: Path, pvc_root: Path) -> None:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from loraplex_server import errors
 from loraplex_server.fetch import TMP_PREFIX, Fetcher, cache_path, resolve_pvc
 from loraplex_server.manifest import AdapterManifest, ManifestAdapter
@@ -257,3 +258,14 @@ async def test_s3_prefix(
     assert exc.value.reason == errors.DOWNLOAD_FAILED
     with pytest.raises(errors.AdapterError):
         await f.fetch(spec("s3://no-such-bucket/x", name="z"), MANIFEST)
+
+
+async def test_hf_offline_fails_cleanly(tmp_path: Path, pvc_root: Path) -> None:
+    """No Hub here (HF_HUB_OFFLINE=1): the hf path must end in DownloadFailed, not a crash."""
+    f = fetcher(tmp_path, pvc_root)
+    attempts: list[int] = []
+    with pytest.raises(errors.AdapterError) as exc:
+        await f.fetch(spec("hf://org/adapter", name="h"), MANIFEST, attempts.append)
+    assert exc.value.reason == errors.DOWNLOAD_FAILED
+    assert attempts == [1, 2, 3]
+    assert cache_entries(f) == []

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from loraplex_server import errors
 from loraplex_server.manifest import AdapterManifest, ManifestAdapter
 from loraplex_server.verify import check_config, digest_dir, verify_dir

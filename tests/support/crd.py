@@ -37,7 +37,9 @@ def _to_jsonschema(node: Any) -> Any:
     if node.get("x-kubernetes-int-or-string"):
         out["type"] = ["integer", "string"]
     if out.pop("nullable", False) and "type" in out:
-        out["type"] = [out["type"], "null"] if isinstance(out["type"], str) else [*out["type"], "null"]
+        out["type"] = (
+            [out["type"], "null"] if isinstance(out["type"], str) else [*out["type"], "null"]
+        )
     if out.get("exclusiveMinimum") is True:
         out["exclusiveMinimum"] = out.pop("minimum")
     if out.get("exclusiveMaximum") is True:

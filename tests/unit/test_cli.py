@@ -31,13 +31,19 @@ def test_render_prints_what_the_operator_applies(capsys: pytest.CaptureFixture[s
 
 def test_render_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bm.yaml"
-    bad.write_text("apiVersion: loraplex.io/v1alpha1\nkind: BaseModel\nmetadata: {name: b}\n"
-                   "spec: {model: {source: 'hf://a/b'}, replicas: -3}\n")
+    bad.write_text(
+        "apiVersion: loraplex.io/v1alpha1\nkind: BaseModel\nmetadata: {name: b}\n"
+        "spec: {model: {source: 'hf://a/b'}, replicas: -3}\n"
+    )
     assert main(["render", "-f", str(bad)]) == 2
     assert "spec.replicas" in capsys.readouterr().err
 
 
 def test_console_script_runs() -> None:
-    out = subprocess.run([sys.executable, "-m", "loraplex.cli", "render", "-f", str(ROOT / "examples")],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "loraplex.cli", "render", "-f", str(ROOT / "examples")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "kind: Deployment" in out.stdout

@@ -26,15 +26,20 @@ from loraplex.validation import parse_spec
 from loraplex_server.manifest import AdapterReport, AdapterState
 
 BASE = BaseModelSpec.model_validate(
-    {"model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct"}, "gpu": {"product": "H100-80GB"},
-     "adapterVolumes": [{"claimName": "team"}]}
+    {
+        "model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct"},
+        "gpu": {"product": "H100-80GB"},
+        "adapterVolumes": [{"claimName": "team"}],
+    }
 )
 
 
 def adapter(name: str, created: str = "2026-01-01T00:00:00Z", **spec: Any) -> dict[str, Any]:
     body = {"baseModel": "base", "source": f"hf://org/{name}", **spec}
-    return {"metadata": {"name": name, "uid": f"uid-{name}", "creationTimestamp": created},
-            "spec": body}
+    return {
+        "metadata": {"name": name, "uid": f"uid-{name}", "creationTimestamp": created},
+        "spec": body,
+    }
 
 
 def test_judge_accepts_and_refuses() -> None:
@@ -48,7 +53,11 @@ def test_judge_accepts_and_refuses() -> None:
     ]
     v = judge("base", BASE, cands)
     assert v["a"] == ACCEPTED and v["c"] == ACCEPTED
-    assert (v["b"].reason, v["d"].reason, v["e"].reason) == ("NameConflict", "InvalidSource", "NameConflict")
+    assert (v["b"].reason, v["d"].reason, v["e"].reason) == (
+        "NameConflict",
+        "InvalidSource",
+        "NameConflict",
+    )
     assert v["f"].reason == "InvalidSpec" and "spec.rank" in v["f"].message
     assert "claimName: other" in v["d"].message
 
@@ -85,8 +94,15 @@ def test_set_condition_keeps_transition_time_unless_status_flips() -> None:
         ({"a": 1}, {"a": 2}, False),
         ({"a": 1}, None, False),
     ],
-    ids=["extra-key", "nested-default", "list-longer", "list-item-defaults", "quantity",
-         "changed", "missing"],
+    ids=[
+        "extra-key",
+        "nested-default",
+        "list-longer",
+        "list-item-defaults",
+        "quantity",
+        "changed",
+        "missing",
+    ],
 )
 def test_is_subset(desired: Any, observed: Any, subset: bool) -> None:
     assert is_subset(desired, observed) is subset
@@ -114,15 +130,27 @@ def report(name: str, state: AdapterState, **kw: Any) -> AdapterReport:
 )
 def test_adapter_phase_from_pods(states: list[AdapterState], phase: str, reason: str) -> None:
     pods = [
-        PodView(f"p{i}", report("a", s, reason="DownloadFailed" if s == AdapterState.FAILED else None,
-                                message="HTTP 404" if s == AdapterState.FAILED else None, rank=8), True)
+        PodView(
+            f"p{i}",
+            report(
+                "a",
+                s,
+                reason="DownloadFailed" if s == AdapterState.FAILED else None,
+                message="HTTP 404" if s == AdapterState.FAILED else None,
+                rank=8,
+            ),
+            True,
+        )
         for i, s in enumerate(states)
     ]
     st = adapter_status(LoRAAdapterStatus(), 3, ACCEPTED, served_name="a", pods=pods)
     ready = get_condition(st.conditions, "Ready")
     assert st.phase == phase and ready is not None and ready.reason == reason
     assert st.observed_generation == 3
-    assert st.ready == f"{sum(s in (AdapterState.LOADED, AdapterState.CACHED) for s in states)}/{len(states)}"
+    assert (
+        st.ready
+        == f"{sum(s in (AdapterState.LOADED, AdapterState.CACHED) for s in states)}/{len(states)}"
+    )
 
 
 def test_stale_pod_generation_is_not_ready() -> None:
@@ -137,8 +165,13 @@ def test_stale_pod_generation_is_not_ready() -> None:
 )
 def test_base_phase(ready: int, replicas: int, phase: str) -> None:
     plan = plan_base_model(BASE, [AdapterDemand("a", 8)])
-    st = base_status(BaseModelStatus(), 4, plan=plan, deployment={"status": {"readyReplicas": ready}},
-                     replicas=replicas)
+    st = base_status(
+        BaseModelStatus(),
+        4,
+        plan=plan,
+        deployment={"status": {"readyReplicas": ready}},
+        replicas=replicas,
+    )
     assert st.phase == phase and st.ready == f"{ready}/{replicas}"
     ready_cond = get_condition(st.conditions, "Ready")
     assert ready_cond is not None and (ready_cond.status == "True") is (phase == "Ready")
@@ -158,25 +191,48 @@ def test_admin_token_is_stable_and_object_specific() -> None:
 
 
 def test_ready_pods_filters_unready_and_terminating() -> None:
-    def pod(name: str, ready: str, ip: str | None = "10.0.0.1", deleting: bool = False) -> dict[str, Any]:
+    def pod(
+        name: str, ready: str, ip: str | None = "10.0.0.1", deleting: bool = False
+    ) -> dict[str, Any]:
         meta: dict[str, Any] = {"name": name}
         if deleting:
             meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-        return {"metadata": meta,
-                "spec": {"containers": [{"name": "adapter-server", "ports": [{"name": "admin", "containerPort": 9999}]}]},
-                "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": ready}]}}
+        return {
+            "metadata": meta,
+            "spec": {
+                "containers": [
+                    {"name": "adapter-server", "ports": [{"name": "admin", "containerPort": 9999}]}
+                ]
+            },
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": ready}]},
+        }
 
-    pods = ready_pods([pod("a", "True"), pod("b", "False"), pod("c", "True", ip=None),
-                       pod("d", "True", deleting=True)])
-    assert [p.name for p in pods] == ["a"] and pods[0].admin_port == 9999 and pods[0].public_port == 8000
+    pods = ready_pods(
+        [
+            pod("a", "True"),
+            pod("b", "False"),
+            pod("c", "True", ip=None),
+            pod("d", "True", deleting=True),
+        ]
+    )
+    assert (
+        [p.name for p in pods] == ["a"]
+        and pods[0].admin_port == 9999
+        and pods[0].public_port == 8000
+    )
 
 
 @pytest.mark.parametrize(
     ("raw", "field"),
     [
         ({"model": {"source": "hf://a/b"}, "replicas": -1}, "spec.replicas"),
-        ({"model": {"source": "hf://a/b"}, "adapterVolumes": [{"claimName": "ok"}, {"claimName": "B A D"}]},
-         "spec.adapterVolumes[1].claimName"),
+        (
+            {
+                "model": {"source": "hf://a/b"},
+                "adapterVolumes": [{"claimName": "ok"}, {"claimName": "B A D"}],
+            },
+            "spec.adapterVolumes[1].claimName",
+        ),
         ({"model": {}}, "spec.model.source"),
         ("text", "spec"),
     ],

@@ -89,15 +89,23 @@ def test_examples_are_valid() -> None:
 def _bm(**spec: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct"}}
     base.update(spec)
-    return {"apiVersion": "loraplex.io/v1alpha1", "kind": "BaseModel",
-            "metadata": {"name": "b"}, "spec": base}
+    return {
+        "apiVersion": "loraplex.io/v1alpha1",
+        "kind": "BaseModel",
+        "metadata": {"name": "b"},
+        "spec": base,
+    }
 
 
 def _lora(**spec: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"baseModel": "b", "source": "hf://org/adapter"}
     base.update(spec)
-    return {"apiVersion": "loraplex.io/v1alpha1", "kind": "LoRAAdapter",
-            "metadata": {"name": "a"}, "spec": base}
+    return {
+        "apiVersion": "loraplex.io/v1alpha1",
+        "kind": "LoRAAdapter",
+        "metadata": {"name": "a"},
+        "spec": base,
+    }
 
 
 CEL_CASES = [
@@ -119,7 +127,9 @@ CEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "obj", "ok"), [c[1:] for c in CEL_CASES], ids=[c[0] for c in CEL_CASES])
+@pytest.mark.parametrize(
+    ("kind", "obj", "ok"), [c[1:] for c in CEL_CASES], ids=[c[0] for c in CEL_CASES]
+)
 def test_cel_rules(kind: str, obj: dict[str, Any], ok: bool) -> None:
     errors = cel_errors(kind, obj) + schema_errors(kind, obj)
     assert (errors == []) is ok, errors

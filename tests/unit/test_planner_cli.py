@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from loraplex.planner import plan_base_model
 from loraplex.planner.cli import main, plan_cli_inputs
 
@@ -35,9 +36,9 @@ def test_table(capsys: pytest.CaptureFixture[str]) -> None:
         ["--model", "Qwen/Qwen2.5-14B-Instruct", "--gpu", "A6000", "--adapters", "2"], capsys
     )
     assert code == 0
-    assert "--max-loras               2" in out
+    assert "--max-loras               4" in out
     assert "weights                    27.51" in out
-    assert "vllm --max-loras 2 --max-lora-rank 16" in out
+    assert "vllm --max-loras 4 --max-lora-rank 16" in out
 
 
 def test_json_matches_planner(capsys: pytest.CaptureFixture[str]) -> None:
@@ -53,7 +54,7 @@ def test_json_matches_planner(capsys: pytest.CaptureFixture[str]) -> None:
         max_rank=64,
     )
     plan = plan_base_model(inputs.spec, inputs.adapters)
-    assert data["maxLoras"] == plan.max_loras == 6
+    assert data["maxLoras"] == plan.max_loras == 4
     assert data["maxLoraRank"] == 64
     assert data["gpuMemoryUtilization"] == plan.gpu_memory_utilization
     assert data["feasible"] is True and data["vllmFlags"][0] == "--max-loras"

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from loraplex.api.basemodel import Architecture
 from loraplex.planner import find_gpu, find_model, lora_slot_bytes, weight_bytes
 from loraplex.planner.architecture import (

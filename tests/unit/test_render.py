@@ -36,8 +36,13 @@ def example_docs() -> tuple[dict[str, Any], list[dict[str, Any]]]:
 def objects(adapters: list[dict[str, Any]] | None = None, **spec: Any) -> list[dict[str, Any]]:
     base, example_adapters = example_docs()
     raw = {**base["spec"], **spec}
-    d = decide(OWNER, raw, example_adapters if adapters is None else adapters,
-               token="t" * 64, previous=None)
+    d = decide(
+        OWNER,
+        raw,
+        example_adapters if adapters is None else adapters,
+        token="t" * 64,
+        previous=None,
+    )
     assert d.invalid is None and d.objects
     return d.objects
 
@@ -54,10 +59,22 @@ def test_rendering_is_deterministic() -> None:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize(
     "variant",
-    [{}, {"replicas": 3, "adapterCache": {"claimName": "cache"}, "model": {"source": "pvc://models/qwen"},
-          "nodeSelector": {"gpu": "l40s"}, "tolerations": [{"key": "gpu", "operator": "Exists"}],
-          "credentials": {"secretRef": {"name": "hf"}}, "engine": {"env": [{"name": "A", "value": "1"}],
-          "extraArgs": ["--enable-prefix-caching"], "resources": {"limits": {"memory": "64Gi"}}}}],
+    [
+        {},
+        {
+            "replicas": 3,
+            "adapterCache": {"claimName": "cache"},
+            "model": {"source": "pvc://models/qwen"},
+            "nodeSelector": {"gpu": "l40s"},
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "credentials": {"secretRef": {"name": "hf"}},
+            "engine": {
+                "env": [{"name": "A", "value": "1"}],
+                "extraArgs": ["--enable-prefix-caching"],
+                "resources": {"limits": {"memory": "64Gi"}},
+            },
+        },
+    ],
     ids=["defaults", "everything-set"],
 )
 def test_objects_pass_kubernetes_schemas_strictly(version: str, variant: dict[str, Any]) -> None:
@@ -70,8 +87,15 @@ def test_vllm_and_server_arguments() -> None:
     containers = {c["name"]: c for c in dep["spec"]["template"]["spec"]["containers"]}
     args = containers["vllm"]["args"]
     assert args[:2] == ["--model", "Qwen/Qwen2.5-14B-Instruct"]
-    for flag in ("--enable-lora", "--max-loras", "--max-lora-rank", "--max-cpu-loras",
-                 "--gpu-memory-utilization", "--max-model-len", "--tensor-parallel-size"):
+    for flag in (
+        "--enable-lora",
+        "--max-loras",
+        "--max-lora-rank",
+        "--max-cpu-loras",
+        "--gpu-memory-utilization",
+        "--max-model-len",
+        "--tensor-parallel-size",
+    ):
         assert flag in args, flag
     assert args[-1] == "--enable-prefix-caching", "user extras come last so they can override"
     assert containers["adapter-server"]["args"] == server_args()
@@ -105,7 +129,7 @@ def test_model_sources(source: str, model_arg: str, has_volume: bool) -> None:
 
 
 def test_adapters_change_only_the_configmap() -> None:
-    base, adapters = example_docs()
+    _, adapters = example_docs()
     one = objects(adapters[:1])
     two = objects(adapters)
     for kind in ("Deployment", "Service", "Secret"):
@@ -114,7 +138,13 @@ def test_adapters_change_only_the_configmap() -> None:
 
 
 def test_spec_change_moves_the_hash_and_equal_specs_keep_it() -> None:
-    h = lambda objs: by_kind(objs, "Deployment")["spec"]["template"]["metadata"]["annotations"][naming.SPEC_HASH]  # noqa: E731
+    def h(objs: list[dict[str, Any]]) -> str:
+        return str(
+            by_kind(objs, "Deployment")["spec"]["template"]["metadata"]["annotations"][
+                naming.SPEC_HASH
+            ]
+        )
+
     assert h(objects()) == h(objects())
     assert h(objects()) != h(objects(maxModelLen=2048))
 
@@ -140,11 +170,13 @@ def test_offline_render_has_no_real_token_or_owner() -> None:
 
 
 def test_render_all_orders_secret_and_configmap_before_the_deployment() -> None:
-    spec = BaseModelSpec.model_validate({"model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct"},
-                                         "gpu": {"product": "H100-80GB"}})
+    spec = BaseModelSpec.model_validate(
+        {"model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct"}, "gpu": {"product": "H100-80GB"}}
+    )
     plan = plan_base_model(spec, [AdapterDemand("a", 8)])
-    manifest = AdapterManifest(generation=1, base_served_name="b", max_loras=1, max_lora_rank=8,
-                               max_cpu_loras=1)
+    manifest = AdapterManifest(
+        generation=1, base_served_name="b", max_loras=1, max_lora_rank=8, max_cpu_loras=1
+    )
     kinds = [o["kind"] for o in render_all(OWNER, spec, plan, manifest, "t")]
     assert kinds == ["Secret", "ConfigMap", "Deployment", "Service"]
     assert build_deployment(OWNER, spec, plan, __import__("loraplex.render").render.Images())

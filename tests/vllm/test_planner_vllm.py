@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.planner import (
     MODELS,

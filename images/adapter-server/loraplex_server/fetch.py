@@ -113,7 +113,13 @@ def extract_tar(archive: Path, dest: Path) -> Path:
     )
 
 
+def shown(url: str) -> str:
+    """A URL fit for logs and status: query strings may carry signatures, so they go."""
+    return url.split("?", 1)[0].split("#", 1)[0]
+
+
 def _status_error(status: int, url: str) -> Exception:
+    url = shown(url)
     if status >= 500 or status in (408, 429):
         return errors.TransientError(f"HTTP {status} from {url}")
     return errors.AdapterError(errors.DOWNLOAD_FAILED, f"HTTP {status} from {url}")
@@ -270,7 +276,7 @@ class Fetcher:
         if spec.sha256 is not None and digest != spec.sha256:
             raise errors.AdapterError(
                 errors.CHECKSUM_MISMATCH,
-                f"sha256 of {url} is {digest}, but spec.sha256 is {spec.sha256}",
+                f"sha256 of {shown(url)} is {digest}, but spec.sha256 is {spec.sha256}",
             )
 
     async def _get(self, session: aiohttp.ClientSession, url: str, dest: Path, name: str) -> str:
@@ -291,10 +297,11 @@ class Fetcher:
                 expected = resp.content_length
                 if expected is not None and got != expected:
                     raise errors.TransientError(
-                        f"{url}: body ended after {got} of {expected} bytes"
+                        f"{shown(url)}: body ended after {got} of {expected} bytes"
                     )
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-            raise errors.TransientError(f"{url}: {type(exc).__name__}: {exc}") from exc
+            # aiohttp's messages can repeat the full URL; keep only the exception type then.
+            raise errors.TransientError(f"{shown(url)}: {type(exc).__name__}") from exc
         return h.hexdigest()
 
     # -- s3 --------------------------------------------------------------------------------

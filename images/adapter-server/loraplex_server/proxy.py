@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -105,7 +106,9 @@ class Proxy:
     async def models(self, request: web.Request) -> web.StreamResponse:
         """vLLM's base card plus every declared adapter: they load on first use."""
         try:
-            async with self.session.get(f"{self.vllm_url}/v1/models") as resp:
+            async with self.session.get(
+                f"{self.vllm_url}/v1/models", timeout=aiohttp.ClientTimeout(total=10)
+            ) as resp:
                 body = await resp.json()
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return errors.json_error(
@@ -171,13 +174,13 @@ class Proxy:
                 raw = json.dumps(body).encode()
         if entry is None:
             return await self._forward(request, raw, label, t0)
-        async with self.registry.use(entry):
+        async with self.registry.use(entry) as release:
             refused = await self._load(entry)
             if refused is not None:
                 self.metrics.requests.labels(label, str(refused.status)).inc()
                 self.metrics.request_errors.labels(label).inc()
                 return refused
-            return await self._forward(request, raw, label, t0)
+            return await self._forward(request, raw, label, t0, release)
 
     async def _load(self, entry: Entry) -> web.Response | None:
         try:
@@ -209,7 +212,12 @@ class Proxy:
         return None
 
     async def _forward(
-        self, request: web.Request, raw: bytes, label: str, t0: float
+        self,
+        request: web.Request,
+        raw: bytes,
+        label: str,
+        t0: float,
+        accepted: Callable[[], None] | None = None,
     ) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         url = f"{self.vllm_url}{request.rel_url}"
@@ -224,6 +232,8 @@ class Proxy:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
             ) as upstream:
                 code = str(upstream.status)
+                if accepted is not None:
+                    accepted()  # vLLM holds the request now; its adapter may be evicted
                 out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for k, v in upstream.headers.items():
                     if k.lower() not in HOP_BY_HOP:

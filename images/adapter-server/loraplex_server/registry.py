@@ -2,8 +2,8 @@
 
 All state lives on the event loop (no threads touch it), so plain attributes are enough; the
 one asyncio.Condition guards the slot count and wakes loads waiting for a slot to go idle.
-An adapter with requests in flight is never evicted: vLLM's unload only drops the name, but
-a request that has not reached vLLM yet would then get vLLM's 404.
+An adapter is not evicted while a request that chose it has not yet been accepted by vLLM
+(see `use`): vLLM's unload only drops the name, so such a request would get vLLM's 404.
 
     declared -> downloading -> cached -> loading -> loaded -> evicted (-> loading ...)
                      \\-> failed (reason, message, attempts)
@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,6 +172,7 @@ class Registry:
         self.entries.pop(e.spec.name, None)
         if e.fetch_task is not None and not e.fetch_task.done():
             e.fetch_task.cancel()
+        await self._notify()  # a load of `e` waiting for a slot gives up
         if e.load_task is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(e.load_task)
@@ -274,6 +275,8 @@ class Registry:
     async def _claim_slot(self, e: Entry) -> None:
         """Wait (holding the condition) until `e` fits in maxLoras, evicting idle LRU ones."""
         while True:
+            if e.removed:
+                raise errors.AdapterError(errors.INVALID_SOURCE, "adapter was removed")
             busy = [x for x in self.entries.values() if x.state in _SLOT_STATES and x is not e]
             if len(busy) < self.manifest.max_loras:
                 return
@@ -289,11 +292,13 @@ class Registry:
             await self._cond.wait()
 
     async def _unload_locked(self, e: Entry) -> None:
+        # Evicted before the call, not after: a request arriving meanwhile must see that it
+        # needs a (re)load, instead of being sent to vLLM for a name it is dropping.
+        self._set(e, S.EVICTED)
         try:
             await self.vllm.unload(e.spec.served_name)
         except errors.VLLMUnavailable:
             log.warning("adapter %s: vLLM did not answer the unload", e.spec.name)
-        self._set(e, S.EVICTED)
 
     async def unload(self, e: Entry) -> None:
         """Unload on request (admin); waits for in-flight requests of the adapter to finish."""
@@ -305,17 +310,34 @@ class Registry:
             self._cond.notify_all()
 
     @contextlib.asynccontextmanager
-    async def use(self, e: Entry) -> AsyncIterator[None]:
-        """Mark a request in flight so its adapter is not evicted under it."""
+    async def use(self, e: Entry) -> AsyncIterator[Callable[[], None]]:
+        """Hold `e` against eviction until the returned release() is called (or the block ends).
+
+        The proxy releases as soon as vLLM answers with headers: vLLM's unload only drops the
+        name, so a request already inside vLLM finishes with its adapter; only a request that
+        has not reached vLLM yet would get a 404. Holding no longer than that keeps busy
+        adapters from starving loads that wait for a slot.
+        """
         e.inflight += 1
         e.touch()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                e.inflight -= 1
+                e.touch()
+                self._spawn(self._notify())
+
         try:
-            yield
+            yield release
         finally:
-            e.inflight -= 1
-            e.touch()
-            async with self._cond:
-                self._cond.notify_all()
+            release()
+
+    async def _notify(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
 
     # -- vLLM health -----------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ class Server:
 
     def read_manifest(self) -> tuple[str, AdapterManifest]:
         raw = self.settings.manifest.read_bytes()
-        return hashlib.sha256(raw).hexdigest(), AdapterManifest.model_validate(json.loads(raw))
+        return _digest(raw), AdapterManifest.model_validate(json.loads(raw))
 
     async def start(self) -> None:
         """Read the mounted manifest (a bad one stops the process: the operator wrote it)."""
@@ -113,16 +113,23 @@ class Server:
             await asyncio.sleep(self.settings.health_interval)
 
     async def _watch_manifest(self) -> None:
+        """Poll the mounted file; kubelet swaps ConfigMap files by symlink, so compare bytes."""
         while True:
             await asyncio.sleep(self.settings.manifest_interval)
             try:
-                digest, manifest = await asyncio.to_thread(self.read_manifest)
-            except (OSError, ValueError, ValidationError) as exc:
+                raw = await asyncio.to_thread(self.settings.manifest.read_bytes)
+            except OSError as exc:
                 log.error("mounted manifest unreadable, keeping the current one: %s", exc)
                 continue
+            digest = _digest(raw)
             if digest == self._manifest_digest:
                 continue
-            self._manifest_digest = digest
+            self._manifest_digest = digest  # report a bad file once, not every poll
+            try:
+                manifest = AdapterManifest.model_validate(json.loads(raw))
+            except (ValueError, ValidationError) as exc:
+                log.error("mounted manifest is invalid, keeping the current one: %s", exc)
+                continue
             if await self.registry.apply(manifest):
                 log.info("manifest generation %d applied from file", manifest.generation)
 
@@ -132,6 +139,10 @@ class Server:
         yield
         with contextlib.suppress(Exception):
             await self.stop()
+
+
+def _digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
 
 
 SERVER = web.AppKey("server", Server)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, JsonValue, field_validator, model_validator
+from pydantic.config import JsonDict
 
 from loraplex.api.common import CEL, Conditions, IntOrAuto, ObjectRef, Wire
 from loraplex.api.plan import PlanStatus
@@ -14,7 +15,7 @@ from loraplex_server.source_uri import SourceError, parse_source_uri
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 Phase = Literal["Pending", "Deploying", "Ready", "Degraded", "Failed"]
 _RANKS = ", ".join(str(r) for r in ALLOWED_MAX_LORA_RANKS)
-_PRESERVE = {"x-kubernetes-preserve-unknown-fields": True}
+_PRESERVE: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
 
 
 class Architecture(Wire):
@@ -106,8 +107,7 @@ class LoRALimits(Wire):
         json_schema_extra={
             CEL: [
                 {
-                    "rule": "type(self) == string ? self == 'auto' : self in "
-                    f"[{_RANKS}]",
+                    "rule": f"type(self) == string ? self == 'auto' : self in [{_RANKS}]",
                     "message": f"maxLoraRank must be 'auto' or one of {_RANKS}",
                 }
             ]
@@ -133,7 +133,7 @@ class LoRALimits(Wire):
         return self
 
 
-LORA_CEL = [
+LORA_CEL: list[JsonValue] = [
     {
         "rule": "!has(self.maxLoras) || !has(self.maxCpuLoras) || type(self.maxLoras) == string "
         "|| type(self.maxCpuLoras) == string || self.maxCpuLoras >= self.maxLoras",

@@ -21,9 +21,7 @@ class LoRAAdapterSpec(Wire):
         min_length=1,
         max_length=253,
         description="Name of a BaseModel in the same namespace (immutable).",
-        json_schema_extra={
-            CEL: [{"rule": "self == oldSelf", "message": "baseModel is immutable"}]
-        },
+        json_schema_extra={CEL: [{"rule": "self == oldSelf", "message": "baseModel is immutable"}]},
     )
     source: str = Field(
         max_length=2048,

@@ -26,11 +26,15 @@ from kmock._internal import enums
 
 RESOURCES: dict[str, dict[str, Any]] = {
     "loraplex.io/v1alpha1/basemodels": {
-        "kind": "BaseModel", "shortnames": {"bm"}, "categories": {"loraplex"},
+        "kind": "BaseModel",
+        "shortnames": {"bm"},
+        "categories": {"loraplex"},
         "subresources": {"status"},
     },
     "loraplex.io/v1alpha1/loraadapters": {
-        "kind": "LoRAAdapter", "shortnames": {"lora"}, "categories": {"loraplex"},
+        "kind": "LoRAAdapter",
+        "shortnames": {"lora"},
+        "categories": {"loraplex"},
         "subresources": {"status"},
     },
     "apps/v1/deployments": {"kind": "Deployment", "subresources": {"status"}},
@@ -50,28 +54,86 @@ CLUSTER_RESOURCES: dict[str, dict[str, Any]] = {
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 
 
-class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
-    """kmock's emulator plus the metadata the API server stamps on objects."""
+@dataclass(frozen=True)
+class LoggedRequest:
+    """What the emulator keeps of each API request (for RBAC checks and call counts)."""
+
+    method: str
+    group: str
+    plural: str
+    subresource: str | None
+    name: str | None
+    watch: bool
+    user_agent: str
+
+    @property
+    def verb(self) -> str:
+        """The RBAC verb this request needs."""
+        if self.method == "GET":
+            return "watch" if self.watch else ("get" if self.name else "list")
+        return {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[
+            self.method
+        ]
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """kmock's emulator plus the metadata the API server stamps on objects.
+
+    kmock keeps every request for assertions and scans them all on each new request, which
+    makes long runs quadratic; we keep a compact log of our own and trim kmock's list.
+    """
 
     _rv = itertools.count(1)
 
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.log: list[LoggedRequest] = []
+
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        if len(self._requests) > 96:
+            # Keep enough for requests still queued on the emulator's lock (they must find
+            # themselves in the list), drop the rest.
+            del self._requests[:-48]
+        res = request.resource
+        if res is not None and res.plural:
+            method = str(getattr(request.method, "value", request.method)).upper()
+            self.log.append(
+                LoggedRequest(
+                    method=method,
+                    group=str(res.group or ""),
+                    plural=str(res.plural),
+                    subresource=request.subresource,
+                    name=request.name,
+                    watch=str(request.params.get("watch", "")).lower() in ("true", "1"),
+                    user_agent=str(request.headers.get("User-Agent", "")),
+                )
+            )
         data = request.data
         if request.resource is not None and isinstance(data, dict):
-            meta = data.setdefault("metadata", {}) if request.action in (
-                enums.action.CREATE, enums.action.UPDATE) else None
+            meta = (
+                data.setdefault("metadata", {})
+                if request.action in (enums.action.CREATE, enums.action.UPDATE)
+                else None
+            )
             if meta is not None:
                 meta["resourceVersion"] = str(next(self._rv))
             if request.action == enums.action.CREATE and meta is not None:
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime(
-                    "%Y-%m-%dT%H:%M:%SZ")
+                    "%Y-%m-%dT%H:%M:%SZ"
+                )
                 meta["generation"] = 1
                 meta.pop("deletionTimestamp", None)
-            elif (request.action == enums.action.UPDATE and meta is not None
-                  and not request.subresource and "spec" in data):
+            elif (
+                request.action == enums.action.UPDATE
+                and meta is not None
+                and not request.subresource
+                and "spec" in data
+            ):
                 current = self._current(request)
-                if current is not None and current.get("spec") != _merged(current.get("spec"), data["spec"]):
+                if current is not None and current.get("spec") != _merged(
+                    current.get("spec"), data["spec"]
+                ):
                     meta["generation"] = int(current.get("metadata", {}).get("generation", 1)) + 1
             if request.subresource == "status" and request.action == enums.action.UPDATE:
                 # The status subresource ignores everything but status, as the API server does.
@@ -87,6 +149,15 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             raw: dict[str, Any] = self._objects[key].raw
             return raw
         return None
+
+    def preload(self, resource: str, obj: dict[str, Any]) -> None:
+        """Store an object directly (as if created long ago), bypassing HTTP: for bulk setups."""
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("creationTimestamp", "2026-01-01T00:00:00Z")
+        meta.setdefault("generation", 1)
+        meta["resourceVersion"] = str(next(self._rv))
+        self._objects[kmock.resource(resource), meta.get("namespace"), meta["name"]] = obj
 
     def objects_of(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
         """Live objects of one resource (e.g. 'apps/v1/deployments'), for assertions."""
@@ -120,16 +191,13 @@ class RunningEmulator:
     kubeconfig: Path
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def requests(self) -> list[tuple[str, str, str, str | None]]:
-        """(method, group, plural, subresource) of every API request received so far."""
-        out = []
-        for req in list(self.emulator._requests):
-            res = req.resource
-            if res is None:
-                continue
-            out.append((str(req.method.value if hasattr(req.method, "value") else req.method).upper(),
-                        str(res.group or ""), str(res.plural or ""), req.subresource))
-        return out
+    def requests(self, exclude_agent: str | None = None) -> list[LoggedRequest]:
+        """Every resource request received so far, optionally without one client's."""
+        return [
+            r
+            for r in self.emulator.log
+            if exclude_agent is None or exclude_agent not in r.user_agent
+        ]
 
 
 def write_kubeconfig(path: Path, url: str) -> Path:
@@ -138,8 +206,12 @@ def write_kubeconfig(path: Path, url: str) -> Path:
         "kind": "Config",
         "clusters": [{"name": "emulator", "cluster": {"server": url}}],
         "users": [{"name": "emulator", "user": {"token": "emulator-token"}}],
-        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator",
-                                                       "namespace": "default"}}],
+        "contexts": [
+            {
+                "name": "emulator",
+                "context": {"cluster": "emulator", "user": "emulator", "namespace": "default"},
+            }
+        ],
         "current-context": "emulator",
     }
     path.write_text(json.dumps(config))
@@ -147,7 +219,9 @@ def write_kubeconfig(path: Path, url: str) -> Path:
 
 
 @asynccontextmanager
-async def running_emulator(workdir: Path, port: int | None = None) -> AsyncIterator[RunningEmulator]:
+async def running_emulator(
+    workdir: Path, port: int | None = None
+) -> AsyncIterator[RunningEmulator]:
     """Start the emulator on 127.0.0.1 with loraplex's and the built-in resources declared."""
     async with Emulator() as emu, kmock.Server(emu, port=port) as server:
         for key, info in RESOURCES.items():

@@ -41,14 +41,20 @@ class OperatorProcess:
     def start(self) -> OperatorProcess:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         cmd = [
-            sys.executable, "-m", "loraplex.cli", "operator",
-            "--metrics-port", str(self.metrics_port),
-            "--token-key-file", str(self.key_file),
+            sys.executable,
+            "-m",
+            "loraplex.cli",
+            "operator",
+            "--metrics-port",
+            str(self.metrics_port),
+            "--token-key-file",
+            str(self.key_file),
             *self.extra_args,
         ]
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         return self
 
     @property

@@ -8,13 +8,20 @@ operator can read it) the model's config.json. The memory model per GPU is
 with `headroom` GiB kept free outside vLLM's share. Rules (each has a unit test):
 - maxLoraRank auto: the smallest vLLM-allowed value >= the largest adapter rank (unknown ranks
   count as 16, vLLM's default); a user-fixed rank is kept and larger adapters are reported.
-- maxLoras auto: pinned adapters + a working set, never above the adapter count, reduced while
-  the KV cache would hold fewer than `minKvSequences` full-length sequences.
-- maxCpuLoras auto: every adapter, bounded by a host-memory budget, never below maxLoras.
+- maxLoras auto: room for the pinned adapters plus a working set, in steps of 4 slots, reduced
+  while the KV cache would hold fewer than `minKvSequences` full-length sequences.
+- maxCpuLoras auto: as many max-rank adapters as a host-memory budget holds (at most 64), never
+  below maxLoras.
 - gpuMemoryUtilization auto: what the plan needs, with a KV target of twice the KV floor,
   capped so `headroomGiB` stays free. Asking only for what is needed (not the whole GPU) is
   deliberate: vLLM refuses to start when less than utilization x total is free, which is what
   users hit when another process still holds memory.
+
+The flags must not move when an unpinned adapter is added or removed: a flag change rewrites
+the pod template, and the rollout reloads the base model, which is what loraplex exists to
+avoid. So maxLoras and maxCpuLoras do not follow the adapter count; only an adapter of a
+larger rank, or more pinned adapters than the slots hold, change the flags (set maxLoraRank
+to avoid the first).
 """
 
 from __future__ import annotations
@@ -23,8 +30,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-from loraplex_server.manifest import ALLOWED_MAX_LORA_RANKS
 
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.api.plan import PlanBreakdown, PlanStatus
@@ -38,11 +43,13 @@ from loraplex.planner.architecture import (
 from loraplex.planner.catalog import find_gpu, find_model
 from loraplex.planner.estimates import GIB, activation_bytes, other_bytes
 from loraplex.planner.lora_memory import lora_slot_bytes
+from loraplex_server.manifest import ALLOWED_MAX_LORA_RANKS
 
 DEFAULT_RANK = 16  # vLLM's --max-lora-rank default, assumed for adapters of unknown rank
 MAX_RANK = ALLOWED_MAX_LORA_RANKS[-1]
 DEFAULT_MAX_MODEL_LEN = 4096
-WORKING_SET = 4  # unpinned adapters kept on the GPU at once, when memory allows
+SLOT_STEP = 4  # auto maxLoras: pinned + at least one free slot, rounded up to this step
+MAX_AUTO_CPU_LORAS = 64  # auto maxCpuLoras ceiling (vLLM's host LRU cache of adapters)
 KV_TARGET_FACTOR = 2  # auto utilization sizes the KV cache for this many times the floor
 HOST_LORA_BUDGET_GIB = 8.0  # host RAM assumed available for vLLM's CPU LoRA cache
 UNKNOWN_UTILIZATION = 0.9  # vLLM's default, used when memory cannot be checked
@@ -126,7 +133,10 @@ class Plan:
 
 
 def vllm_flags(plan: Plan) -> list[str]:
-    """vLLM command-line flags for a plan: the one definition the renderer and CLI share."""
+    """vLLM command-line flags for a plan: the one definition the renderer and CLI share.
+
+    Only what the plan decides; `--enable-lora`, the model and the port are the renderer's.
+    """
     return [
         "--max-loras",
         str(plan.max_loras),
@@ -237,8 +247,7 @@ def _desired_loras(spec: BaseModelSpec, adapters: Sequence[AdapterDemand]) -> in
     if isinstance(spec.lora.max_loras, int):
         return spec.lora.max_loras
     pinned = sum(a.pinned for a in adapters)
-    unpinned = len(adapters) - pinned
-    return max(1, pinned + min(unpinned, WORKING_SET))
+    return SLOT_STEP * math.ceil((pinned + 1) / SLOT_STEP)
 
 
 def _cpu_loras(
@@ -250,16 +259,19 @@ def _cpu_loras(
     if isinstance(spec.lora.max_cpu_loras, int):
         value = max(spec.lora.max_cpu_loras, max_loras)
         return value, f"maxCpuLoras {value} set by the user"
-    wanted = max(max_loras, len(adapters))
+    value = max(max_loras, MAX_AUTO_CPU_LORAS)
+    why = f"maxCpuLoras {value}: host LRU cache of adapters, independent of the adapter count"
     if adapter_bytes:
         budget = int(HOST_LORA_BUDGET_GIB * GIB // adapter_bytes)
-        if budget < wanted:
+        if budget < value:
             value = max(max_loras, budget)
-            return value, (
+            why = (
                 f"maxCpuLoras {value}: {HOST_LORA_BUDGET_GIB:g} GiB host cache budget at "
                 f"{_gib(adapter_bytes):.3f} GiB per max-rank adapter"
             )
-    return wanted, f"maxCpuLoras {wanted}: every adapter fits in the host cache"
+    if len(adapters) > value:
+        why += f" ({len(adapters)} adapters: the least recently used are reloaded from disk)"
+    return value, why
 
 
 # --- the plan -------------------------------------------------------------------------------
@@ -373,11 +385,16 @@ def plan_base_model(
             )
         else:
             reasons.append(
-                f"maxLoras {max_loras}: {pinned} pinned + working set of up to {WORKING_SET}, "
-                f"at most the {len(adapters)} adapter(s)"
+                f"maxLoras {max_loras}: room for {pinned} pinned adapter(s) and a working set, "
+                f"in steps of {SLOT_STEP} so adding adapters does not change the flags"
             )
     else:
         reasons.append(f"maxLoras {max_loras} set by the user")
+        if max_loras < pinned:
+            reasons.append(
+                f"maxLoras {max_loras} is below the {pinned} pinned adapters: they cannot all "
+                "stay resident"
+            )
     c = costs(max_loras)
     floor_bytes = min_seqs * c.sequence
     if fixed_util is None:
