@@ -124,7 +124,6 @@ def vllm_args(name: str, spec: BaseModelSpec, plan: Plan) -> list[str]:
         "--port",
         str(naming.VLLM_PORT),
         "--enable-lora",
-        "--disable-log-requests",
     ]
     if loc.revision:
         args += ["--revision", loc.revision]

@@ -49,17 +49,21 @@ def cache_path(cache_dir: Path, name: str) -> Path:
 
 
 def resolve_pvc(pvc_root: Path, src: SourceURI) -> Path:
-    """`pvc://claim/path` -> `<pvc-root>/claim/path`, refusing symlinks that leave pvc-root."""
-    root = pvc_root.resolve()
-    path = (root / src.authority / src.path).resolve()
-    if not path.is_relative_to(root):
-        raise errors.AdapterError(
-            errors.INVALID_SOURCE, f"{src.raw} resolves outside the adapter volumes"
-        )
-    if not (root / src.authority).is_dir():
+    """`pvc://claim/path` -> `<pvc-root>/claim/path`, refusing anything that leaves the claim.
+
+    Each claim's mount is its own root: the kubelet (or a local stand-in) decides where a
+    claim really lives, while nothing inside a claim (`..`, symlinks) can reach outside it.
+    """
+    if not (pvc_root / src.authority).is_dir():
         raise errors.AdapterError(
             errors.INVALID_SOURCE,
             f"claim {src.authority!r} is not mounted; declare it in spec.adapterVolumes",
+        )
+    root = (pvc_root / src.authority).resolve()
+    path = (root / src.path).resolve()
+    if not path.is_relative_to(root):
+        raise errors.AdapterError(
+            errors.INVALID_SOURCE, f"{src.raw} resolves outside its claim {src.authority!r}"
         )
     if not path.is_dir():
         raise errors.AdapterError(errors.DOWNLOAD_FAILED, f"{src.raw}: no such directory")

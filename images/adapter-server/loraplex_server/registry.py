@@ -242,7 +242,12 @@ class Registry:
 
     async def _bring_up(self, e: Entry) -> None:
         if e.fetch_task is not None:
-            await asyncio.shield(e.fetch_task)
+            try:
+                await asyncio.shield(e.fetch_task)
+            except asyncio.CancelledError:
+                if not e.removed:
+                    raise
+                # the fetch was cancelled because the adapter was removed meanwhile
         if e.state == S.FAILED:
             raise errors.AdapterError(e.reason or errors.DOWNLOAD_FAILED, e.message or "failed")
         if e.removed:

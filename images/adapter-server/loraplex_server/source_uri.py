@@ -89,8 +89,8 @@ def parse_source_uri(raw: str) -> SourceURI:
         return SourceURI("pvc", parts.netloc, _safe_relative(parts.path, raw), raw)
     if not parts.netloc or parts.username or parts.password:
         raise SourceError(
-            f"source {_shown(raw)!r} must look like https://host/path, without credentials in the URL "
-            "(put them in spec.credentials.secretRef)"
+            f"source {_shown(raw)!r} must look like https://host/path, without credentials in "
+            "the URL (put them in spec.credentials.secretRef)"
         )
     return SourceURI(
         "https" if scheme == "https" else "http", parts.netloc, _safe_relative(parts.path, raw),

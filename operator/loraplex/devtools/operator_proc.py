@@ -39,6 +39,27 @@ class OperatorProcess:
             self.key_file.write_text("test-operator-key-0123456789abcdef")
 
     def start(self) -> OperatorProcess:
+        """Start it; if its metrics port was taken meanwhile (a race with other processes on
+        this machine), start again on another port."""
+        for _ in range(5):
+            self._spawn()
+            deadline = time.monotonic() + 3
+            while self.alive and time.monotonic() < deadline:
+                if self._serving():
+                    return self
+                time.sleep(0.1)
+            if self.alive:
+                return self
+            if "address already in use" not in self.log():
+                raise RuntimeError(f"operator exited at start:\n{self.log()[-3000:]}")
+            self.metrics_port = free_port()
+        raise RuntimeError("operator could not bind a metrics port")
+
+    def _serving(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.metrics_port)) == 0
+
+    def _spawn(self) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         cmd = [
             sys.executable,
@@ -51,7 +72,7 @@ class OperatorProcess:
             str(self.key_file),
             *self.extra_args,
         ]
-        log = self.log_path.open("ab")
+        log = self.log_path.open("ab")  # appended: a restart keeps the earlier run's log
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )

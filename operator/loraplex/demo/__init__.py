@@ -1,0 +1,1 @@
+"""`make demo`: the whole loraplex chain on one machine with no GPU and no cluster."""

@@ -1,0 +1,33 @@
+"""`python -m loraplex.demo` (what `make demo` runs): the chain with a readable narration."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from loraplex.demo.chain import ROOT, run_chain
+
+
+def main() -> int:
+    workdir = ROOT / ".demo"
+    shutil.rmtree(workdir / "pod", ignore_errors=True)
+    print("loraplex demo: API stand-in + operator + the rendered pod on CPU vLLM (no GPU needed)")
+    print(f"work folder: {workdir} (logs under pod/logs and operator.log)")
+    start = time.monotonic()
+    try:
+        result = asyncio.run(run_chain(workdir))
+    except KeyboardInterrupt:
+        print("\ninterrupted: everything started by the demo has been stopped")
+        return 130
+    print("\n==> Timings (seconds)")
+    for key, value in result.timings.items():
+        print(f"    {key:38s} {value:8.2f}")
+    print(f"\ndemo finished in {time.monotonic() - start:.0f}s; all processes stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
