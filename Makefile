@@ -40,6 +40,7 @@ lint: setup
 
 crds: setup
 	$(PY) -m loraplex.crdgen crds charts/loraplex/crds
+	$(PY) tests/chart/sync_rbac.py
 
 demo: setup
 	$(PY) -m loraplex.demo

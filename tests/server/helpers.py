@@ -119,14 +119,20 @@ class FakeVLLM:
 
 
 def manifest_doc(
-    adapters: list[dict[str, Any]], generation: int = 1, max_loras: int = 2, **kw: Any
+    adapters: list[dict[str, Any]],
+    generation: int = 1,
+    max_loras: int = 2,
+    max_cpu_loras: int | None = None,
+    **kw: Any,
 ) -> dict[str, Any]:
+    """A manifest; `max_cpu_loras` (the server's cap on resident adapters) defaults to
+    `max_loras` so eviction is exercised with few adapters."""
     return {
         "generation": generation,
         "baseServedName": "tiny",
         "maxLoras": max_loras,
         "maxLoraRank": 8,
-        "maxCpuLoras": max(4, max_loras),
+        "maxCpuLoras": max_cpu_loras or max_loras,
         "adapters": adapters,
         **kw,
     }

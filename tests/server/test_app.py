@@ -1,7 +1,7 @@
 """The server's HTTP behaviour against a fake vLLM (in this process, loopback only).
 
 Matrix: routing (base, adapter, `lora_name`, undeclared 404, streaming relay, usage metrics),
-single-flight loads, LRU eviction within maxLoras, pinned never evicted, in-flight never
+single-flight loads, LRU eviction within the resident cap, pinned never evicted, in-flight never
 evicted, load timeout -> 503 Retry-After, failed adapters (rank, vLLM refusal), vLLM death and
 return (/readyz within 2 s, reload), manifest by file and by admin PUT (newer only), removal
 (unload, cache deleted, PVC untouched), bad input on both ports, secrets not logged.

@@ -278,12 +278,17 @@ class Registry:
         log.info("adapter %s loaded in %.3fs", e.spec.name, e.load_seconds)
 
     async def _claim_slot(self, e: Entry) -> None:
-        """Wait (holding the condition) until `e` fits in maxLoras, evicting idle LRU ones."""
+        """Wait (holding the condition) until `e` fits, evicting idle LRU ones.
+
+        The cap is maxCpuLoras, not maxLoras: vLLM itself multiplexes its maxLoras GPU slots,
+        batch by batch, among the adapters it holds in its CPU cache (maxCpuLoras of them), so
+        unloading at maxLoras would only force needless reloads when traffic rotates.
+        """
         while True:
             if e.removed:
                 raise errors.AdapterError(errors.INVALID_SOURCE, "adapter was removed")
             busy = [x for x in self.entries.values() if x.state in _SLOT_STATES and x is not e]
-            if len(busy) < self.manifest.max_loras:
+            if len(busy) < self.manifest.max_cpu_loras:
                 return
             idle = [
                 x for x in busy if x.state == S.LOADED and not x.spec.pinned and x.inflight == 0

@@ -56,8 +56,10 @@ def _safe_relative(path: str, raw: str) -> str:
 def parse_source_uri(raw: str) -> SourceURI:
     """Parse and check a source URI; raise SourceError naming the fix."""
     if not isinstance(raw, str) or not raw:
-        raise SourceError("source is empty: use hf://org/repo, s3://bucket/prefix, "
-                          "https://host/file or pvc://claim/path")
+        raise SourceError(
+            "source is empty: use hf://org/repo, s3://bucket/prefix, "
+            "https://host/file or pvc://claim/path"
+        )
     if len(raw) > MAX_URI_LENGTH:
         raise SourceError(f"source is {len(raw)} characters long; the limit is {MAX_URI_LENGTH}")
     if any(ord(c) < 0x20 or c.isspace() for c in raw):
@@ -93,6 +95,8 @@ def parse_source_uri(raw: str) -> SourceURI:
             "the URL (put them in spec.credentials.secretRef)"
         )
     return SourceURI(
-        "https" if scheme == "https" else "http", parts.netloc, _safe_relative(parts.path, raw),
+        "https" if scheme == "https" else "http",
+        parts.netloc,
+        _safe_relative(parts.path, raw),
         raw,
     )

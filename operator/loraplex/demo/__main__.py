@@ -6,7 +6,6 @@ import asyncio
 import shutil
 import sys
 import time
-from pathlib import Path
 
 from loraplex.demo.chain import ROOT, run_chain
 

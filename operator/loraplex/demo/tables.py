@@ -36,5 +36,6 @@ def table(kind: str, objects: list[dict[str, Any]], *, wide: bool = False) -> st
             row.append(_age(v) if c["type"] == "date" else ("<none>" if v is None else str(v)))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("   ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
+    return "\n".join(
+        "   ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )

@@ -128,7 +128,14 @@ def plan_local_pod(
             _set_flag(args, "--port", str(ports[naming.PUBLIC_PORT]), subs, "port", a)
             _set_flag(args, "--admin-port", str(ports[naming.ADMIN_PORT]), subs, "port", a)
             cmd = [sys.executable, "-m", "loraplex_server"]
-            argv["adapter-server"] = [*cmd, *args, "--host", "127.0.0.1", "--admin-host", "127.0.0.1"]
+            argv["adapter-server"] = [
+                *cmd,
+                *args,
+                "--host",
+                "127.0.0.1",
+                "--admin-host",
+                "127.0.0.1",
+            ]
             subs.append("adapter-server: listens on 127.0.0.1 only (added --host/--admin-host)")
         env[c["name"]] = cenv
     return LocalPod(root, volumes, argv, env, ports, substitutions=subs)
@@ -156,12 +163,18 @@ async def sync_volumes(kube: KubeClient, namespace: str, base: str, pod: LocalPo
 def start_containers(pod: LocalPod, *, vllm_timeout: float = 300.0) -> None:
     """Start vLLM, wait for its health, then the adapter-server (the pod's start order)."""
     logs = pod.root / "logs"
-    vllm = _spawn("vllm", pod.argv["vllm"], logs / "vllm.log", pod.env["vllm"],
-                  pod.url(naming.VLLM_PORT))
+    vllm = _spawn(
+        "vllm", pod.argv["vllm"], logs / "vllm.log", pod.env["vllm"], pod.url(naming.VLLM_PORT)
+    )
     pod.procs["vllm"] = vllm
     wait_http(vllm, "/health", vllm_timeout)
-    server = _spawn("adapter-server", pod.argv["adapter-server"], logs / "adapter-server.log",
-                    pod.env["adapter-server"], pod.url(naming.PUBLIC_PORT))
+    server = _spawn(
+        "adapter-server",
+        pod.argv["adapter-server"],
+        logs / "adapter-server.log",
+        pod.env["adapter-server"],
+        pod.url(naming.PUBLIC_PORT),
+    )
     pod.procs["adapter-server"] = server
     wait_http(server, "/healthz", 60)
 
@@ -186,8 +199,11 @@ async def publish_pod(
     body = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace,
-                     "labels": dep["spec"]["template"]["metadata"]["labels"]},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": dep["spec"]["template"]["metadata"]["labels"],
+        },
         "spec": spec,
         "status": {
             "phase": "Running",
@@ -201,9 +217,16 @@ async def publish_pod(
         await kube.patch(PODS, namespace, name, {"status": body["status"]}, sub="status")
     replicas = dep["spec"].get("replicas", 1)
     await kube.patch(
-        DEPLOYMENTS, namespace, naming.deployment_name(base),
-        {"status": {"replicas": replicas, "readyReplicas": 1 if ready else 0,
-                    "availableReplicas": 1 if ready else 0}},
+        DEPLOYMENTS,
+        namespace,
+        naming.deployment_name(base),
+        {
+            "status": {
+                "replicas": replicas,
+                "readyReplicas": 1 if ready else 0,
+                "availableReplicas": 1 if ready else 0,
+            }
+        },
         sub="status",
     )
 

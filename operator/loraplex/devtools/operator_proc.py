@@ -76,7 +76,6 @@ class OperatorProcess:
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        return self
 
     @property
     def alive(self) -> bool:

@@ -1,0 +1,69 @@
+"""The whole chain, as `make demo` runs it: this is how we know the operator's flags start vLLM.
+
+API stand-in -> operator process -> examples applied -> the rendered pod run locally (real
+CPU vLLM started with the rendered arguments, substituting only model path, GPU memory flag,
+context length, interpreter and ports) -> official openai client -> hot add -> delete ->
+statuses as the operator wrote them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loraplex.demo.chain import run_chain
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(900)]
+
+
+async def test_demo_chain_end_to_end(tmp_path: Path) -> None:
+    lines: list[str] = []
+    result = await run_chain(tmp_path, lines.append)
+
+    # vLLM ran with the operator's planned flags (only the documented ones substituted).
+    argv = result.vllm_argv
+    for flag in (
+        "--enable-lora",
+        "--max-loras",
+        "--max-lora-rank",
+        "--max-cpu-loras",
+        "--tensor-parallel-size",
+        "--served-model-name",
+        "--dtype",
+    ):
+        assert flag in argv, flag
+    assert argv[argv.index("--max-lora-rank") + 1] == "16"
+    allowed = (
+        "--model",
+        "--gpu-memory-utilization",
+        "--max-model-len",
+        "--port",
+        "--vllm-url",
+        "--admin-port",
+        "image",
+        "listens on",
+        "port ",
+    )
+    for sub in result.substitutions:
+        assert any(word in sub for word in allowed), f"unexpected substitution: {sub}"
+    assert not any("--max-lora" in s or "--max-cpu-loras" in s for s in result.substitutions)
+
+    # The base and each adapter answer, with different text (the adapters really apply).
+    assert set(result.outputs) == {"qwen-14b", "sql-expert", "support-bot"}
+    assert len(set(result.outputs.values())) == 3, result.outputs
+    # Hot add served without restarting vLLM; delete gives an OpenAI-style 404.
+    assert result.hot_added_output
+    assert result.vllm_pids[0] == result.vllm_pids[1]
+    assert result.timings["hot_add_apply_to_first_completion"] < 30
+    assert "support-bot" in result.deleted_error and "404" in result.deleted_error
+    # Status, as the operator wrote it from the pod's reports.
+    bm = result.statuses["qwen-14b"]
+    assert bm["phase"] == "Ready" and bm["readyReplicas"] == 1
+    assert bm["plan"]["maxLoraRank"] == 16
+    for name in ("sql-expert", "chat-helper"):
+        st = result.statuses[name]
+        assert st["phase"] == "Ready" and st["ready"] == "1/1", st
+        assert st["rank"] in (8, 16) and st["digest"]
+    assert "support-bot" not in result.statuses
+    assert "qwen-14b" in result.tables and "chat-helper" in result.tables
