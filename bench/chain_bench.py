@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -70,6 +71,18 @@ def _stats(values: list[float]) -> dict[str, Any]:
         "min": round(min(values), 3),
         "max": round(max(values), 3),
     }
+
+
+def _other_vllms() -> int:
+    """vLLM servers already running (someone else's): they would skew every number here."""
+    count = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"vllm.entrypoints" in cmdline.read_bytes():
+                count += 1
+        except OSError:
+            pass
+    return count
 
 
 def _flag(argv: list[str], name: str, default: int) -> int:
@@ -228,6 +241,7 @@ def run(hot_adds: int = 5, restarts: int = 2, workdir: Path | None = None) -> di
     if restarts > hot_adds:
         raise ValueError("restarts reuse the hot-added adapters: restarts <= hot_adds")
     started = time.monotonic()
+    others = _other_vllms()
     with tempfile.TemporaryDirectory(prefix="loraplex-chain-bench-") as tmp:
         root = workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -258,6 +272,8 @@ def run(hot_adds: int = 5, restarts: int = 2, workdir: Path | None = None) -> di
             "max_tokens": MAX_TOKENS,
             "pod_vllm_argv": result.vllm_argv[1:],
             "total_s": round(time.monotonic() - started, 1),
+            "other_vllm_processes_at_start": others,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         },
     }
 
@@ -289,6 +305,11 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{n}: {'yes' if v else 'no'}"
                 for n, v in r["same_output_hot_add_vs_restart"].items()
             ),
+        ),
+        (
+            "Other vLLM servers at start; load average at end",
+            f"{r['setup']['other_vllm_processes_at_start']}; "
+            + " ".join(str(x) for x in r["setup"]["load_average_at_end"]),
         ),
     ]
     out = ["| measure | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]

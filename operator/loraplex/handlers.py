@@ -8,7 +8,7 @@ never raises, because the reconciler already wrote a condition that names the fi
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -31,6 +31,11 @@ _state: dict[str, Reconciler] = {}
 def install(reconciler: Reconciler) -> None:
     """Give the handlers their reconciler (set once, before kopf starts)."""
     _state["r"] = reconciler
+
+
+def post_event(body: dict[str, Any], reason: str, message: str) -> None:
+    """Post a Kubernetes Event on `body` through kopf's event poster (queued, non-blocking)."""
+    kopf.event(kopf.Body(cast(kopf.RawBody, body)), type="Normal", reason=reason, message=message)
 
 
 def _r() -> Reconciler:

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,14 @@ from loraplex.kube import (
 from loraplex.metrics import ADAPTERS, RECONCILE_SECONDS, RECONCILES
 from loraplex.planner import Plan
 from loraplex.podsync import PodSync, PodTarget, admin_token, ready_pods
-from loraplex.render import DEFAULT_IMAGES, Images, Owner
+from loraplex.render import DEFAULT_IMAGES, Images, Owner, plan_changes
 from loraplex.status import PodView, adapter_status, base_status
 from loraplex.validation import parse_spec
 from loraplex_server.manifest import AdapterManifest, AdaptersResponse
 
 log = logging.getLogger("loraplex.reconcile")
+# (object, reason, message): how the reconciler reports events without depending on kopf.
+EventSink = Callable[[dict[str, Any], str, str], None]
 
 
 def base_of(adapter: dict[str, Any]) -> str | None:
@@ -101,12 +104,14 @@ class Reconciler:
         token_key: bytes,
         images: Images = DEFAULT_IMAGES,
         sync_pods: bool = True,
+        on_event: EventSink | None = None,
     ) -> None:
         self.kube = kube
         self.pods = pods
         self.token_key = token_key
         self.images = images
         self.sync_pods = sync_pods
+        self.on_event = on_event or (lambda body, reason, message: None)
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._phases: dict[tuple[str, str], str] = {}
         self._queued: dict[tuple[str, str], bool] = {}
@@ -189,7 +194,7 @@ class Reconciler:
             outcome.result = "infeasible"
             return outcome
         for obj in decision.objects:
-            if await self._ensure(obj):
+            if await self._ensure(obj, owner_body=bm):
                 outcome.writes.append(f"{obj['kind']}/{obj['metadata']['name']}")
         deployment = await self.kube.get(DEPLOYMENTS, ns, naming.deployment_name(name))
         reports: dict[str, AdaptersResponse | None] = {}
@@ -213,7 +218,7 @@ class Reconciler:
         await self._write_base(ns, name, bm, status)
         return outcome
 
-    async def _ensure(self, obj: dict[str, Any]) -> bool:
+    async def _ensure(self, obj: dict[str, Any], *, owner_body: dict[str, Any]) -> bool:
         """Create or correct one owned object; True when something was written."""
         kind = KIND_OF[obj["kind"]]
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
@@ -227,6 +232,15 @@ class Reconciler:
             log.info("created %s %s/%s", obj["kind"], ns, name)
             return True
         if drifted(obj, observed):
+            changes = plan_changes(observed, obj) if kind is DEPLOYMENTS else []
+            if changes:
+                self.on_event(
+                    owner_body,
+                    "Replanned",
+                    "vLLM flags changed, rolling the pods: "
+                    + ", ".join(changes)
+                    + " (set spec.lora.* explicitly to keep them fixed)",
+                )
             await self.kube.patch(kind, ns, name, obj)
             log.info("corrected %s %s/%s", obj["kind"], ns, name)
             return True

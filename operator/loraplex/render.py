@@ -279,6 +279,36 @@ def build_deployment(
     return deployment
 
 
+PLANNED_FLAGS = (
+    "--max-loras",
+    "--max-lora-rank",
+    "--max-cpu-loras",
+    "--gpu-memory-utilization",
+    "--tensor-parallel-size",
+    "--max-model-len",
+    "--dtype",
+)
+
+
+def _vllm_flag_values(deployment: dict[str, Any] | None) -> dict[str, str]:
+    containers = (
+        (deployment or {}).get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+    )
+    args: list[str] = next((c.get("args", []) for c in containers if c.get("name") == "vllm"), [])
+    return {a: args[i + 1] for i, a in enumerate(args[:-1]) if a in PLANNED_FLAGS}
+
+
+def plan_changes(observed: dict[str, Any] | None, desired: dict[str, Any]) -> list[str]:
+    """The planned vLLM flags that differ between a running Deployment and the desired one,
+    as `--flag old -> new`; these are what make a rollout, so users are told about them."""
+    if observed is None:
+        return []
+    old, new = _vllm_flag_values(observed), _vllm_flag_values(desired)
+    return [
+        f"{f} {old.get(f)} -> {new[f]}" for f in PLANNED_FLAGS if f in new and old.get(f) != new[f]
+    ]
+
+
 def build_service(owner: Owner) -> dict[str, Any]:
     return _render(
         "service.yaml.j2",

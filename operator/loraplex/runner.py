@@ -92,7 +92,11 @@ async def run_operator(opts: OperatorOptions, stop: asyncio.Event | None = None)
     stop = stop or asyncio.Event()
     kube = KubeClient(discover_connection())
     pods = PodSync()
-    handlers.install(Reconciler(kube, pods, token_key=opts.token_key, images=opts.images))
+    handlers.install(
+        Reconciler(
+            kube, pods, token_key=opts.token_key, images=opts.images, on_event=handlers.post_event
+        )
+    )
     runner = await _metrics_app(opts, stop)
     stop_flag: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
@@ -312,3 +313,72 @@ async def test_every_api_call_is_covered_by_rbac(
     ]:
         assert expected in seen, f"expected the operator to have made {expected}: {sorted(seen)}"
     assert missing == [], f"API calls not covered by loraplex.rbac: {missing}"
+
+
+async def test_larger_rank_replans_with_an_event_only_on_auto(
+    cluster: RunningEmulator, kube: KubeClient, operator: OperatorProcess
+) -> None:
+    docs = examples()
+    fixed = json.loads(json.dumps(docs[0]))
+    fixed["metadata"]["name"] = "fixed-rank"
+    fixed["spec"]["lora"]["maxLoraRank"] = 16
+    await apply_all(kube, [*docs, fixed])
+    await eventually(lambda: pod_template(cluster, "qwen-14b"), what="deployment")
+    await eventually(lambda: pod_template(cluster, "fixed-rank"), what="deployment")
+
+    def rank_of(base: str) -> str:
+        args = pod_template(cluster, base)["spec"]["containers"][0]["args"]
+        return str(args[args.index("--max-lora-rank") + 1])
+
+    assert rank_of("qwen-14b") == "16"
+    for base in ("qwen-14b", "fixed-rank"):
+        await kube.apply(
+            {
+                "apiVersion": "loraplex.io/v1alpha1",
+                "kind": "LoRAAdapter",
+                "metadata": {"name": f"big-{base}", "namespace": NS},
+                "spec": {"baseModel": base, "source": "hf://org/big", "rank": 64},
+            }
+        )
+    await eventually(lambda: rank_of("qwen-14b") == "64", what="re-plan to rank 64 on auto")
+    event = await eventually(
+        lambda: next(
+            (
+                e
+                for e in cluster.emulator.objects_of("v1/events", NS)
+                if e.get("reason") == "Replanned"
+            ),
+            None,
+        ),
+        what="a Replanned event",
+    )
+    assert event["involvedObject"]["name"] == "qwen-14b"
+    assert "--max-lora-rank 16 -> 64" in event["message"]
+    cond = await eventually(
+        lambda: condition(
+            one(cluster, "loraplex.io/v1alpha1/loraadapters", "big-fixed-rank"), "Accepted"
+        ),
+        what="RankExceedsMax on the fixed base",
+    )
+    assert cond["reason"] == "RankExceedsMax"
+    assert rank_of("fixed-rank") == "16", "a user-fixed rank never changes"
+
+
+async def test_operator_serves_metrics_and_health(
+    cluster: RunningEmulator, kube: KubeClient, operator: OperatorProcess
+) -> None:
+    await apply_all(kube, examples())
+    await eventually(lambda: adapter_names(cluster, "qwen-14b"), what="manifest")
+    base = f"http://127.0.0.1:{operator.metrics_port}"
+
+    async def metrics() -> str | None:
+        async with aiohttp.ClientSession() as s, s.get(base + "/metrics") as r:
+            text = await r.text()
+        done = 'loraplex_operator_adapters{phase="Pending"} 2.0' in text
+        return text if done else None
+
+    text = await eventually(metrics, what="operator metrics")
+    assert 'loraplex_operator_reconciles_total{kind="BaseModel",result="ok"}' in text
+    assert "loraplex_operator_reconcile_seconds_bucket" in text
+    async with aiohttp.ClientSession() as s, s.get(base + "/healthz") as r:
+        assert r.status == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import sys
 import time
 
@@ -16,6 +17,8 @@ def main() -> int:
     print("loraplex demo: API stand-in + operator + the rendered pod on CPU vLLM (no GPU needed)")
     print(f"work folder: {workdir} (logs under pod/logs and operator.log)")
     start = time.monotonic()
+    # SIGTERM (e.g. `timeout`, a CI runner) cleans up like Ctrl-C: every task's finally runs.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         result = asyncio.run(run_chain(workdir))
     except KeyboardInterrupt:

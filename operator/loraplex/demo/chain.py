@@ -94,6 +94,7 @@ class Chain:
         self.remap_ports = remap_ports
         self.result = ChainResult()
         self.claims = {CLAIM: workdir / "pvc" / CLAIM}
+        self.pod: LocalPod | None = None
 
     def _step(self, text: str) -> float:
         self.say(f"\n==> {text}")
@@ -114,7 +115,6 @@ class Chain:
         async with running_emulator(self.workdir) as cluster:
             op = OperatorProcess(cluster.kubeconfig, self.workdir)
             kube = KubeClient(Connection(server=cluster.url), user_agent="loraplex-demo")
-            pod: LocalPod | None = None
             kubelet: asyncio.Task[None] | None = None
             try:
                 self.say(f"    Kubernetes API stand-in at {cluster.url}")
@@ -129,8 +129,8 @@ class Chain:
                     kubelet.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await kubelet
-                if pod is not None:
-                    await asyncio.to_thread(stop_containers, pod)
+                if self.pod is not None:
+                    await asyncio.to_thread(stop_containers, self.pod)
                 await kube.close()
                 await asyncio.to_thread(op.stop)
         return self.result
@@ -157,7 +157,8 @@ class Chain:
             self.say(f"      - {s}")
         t = self._step("Starting the pod's containers: vLLM (CPU) then loraplex-server")
         await sync_volumes(kube, NS, BASE, pod)
-        await asyncio.to_thread(start_containers, pod)
+        self.pod = pod  # visible to run()'s cleanup even if interrupted while starting
+        await start_containers(pod)
         self.result.vllm_pids = (pod.procs["vllm"].pid, 0)
         self._done("containers_started", t)
         await _wait("/readyz (vLLM up, pinned adapter loaded)",

@@ -11,10 +11,12 @@ stand-in: a Pod object with the pod's IP and readiness, and the Deployment's rea
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,14 +162,30 @@ async def sync_volumes(kube: KubeClient, namespace: str, base: str, pod: LocalPo
             (pod.volumes["admin-token"] / key).write_text(value)
 
 
-def start_containers(pod: LocalPod, *, vllm_timeout: float = 300.0) -> None:
-    """Start vLLM, wait for its health, then the adapter-server (the pod's start order)."""
+async def _wait_healthy(proc: Managed, path: str, timeout: float) -> None:
+    """Like `wait_http`, but awaitable, so Ctrl-C (task cancellation) stops the wait at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.to_thread(wait_http, proc, path, 1.0)
+            return
+        except TimeoutError:
+            continue
+    raise TimeoutError(f"{proc.name} not healthy after {timeout}s:\n{proc.tail()}")
+
+
+async def start_containers(pod: LocalPod, *, vllm_timeout: float = 300.0) -> None:
+    """Start vLLM, wait for its health, then the adapter-server (the pod's start order).
+
+    Each process is recorded in `pod.procs` as soon as it exists, so a caller interrupted
+    mid-start can still stop everything with `stop_containers`.
+    """
     logs = pod.root / "logs"
     vllm = _spawn(
         "vllm", pod.argv["vllm"], logs / "vllm.log", pod.env["vllm"], pod.url(naming.VLLM_PORT)
     )
     pod.procs["vllm"] = vllm
-    wait_http(vllm, "/health", vllm_timeout)
+    await _wait_healthy(vllm, "/health", vllm_timeout)
     server = _spawn(
         "adapter-server",
         pod.argv["adapter-server"],
@@ -176,7 +194,7 @@ def start_containers(pod: LocalPod, *, vllm_timeout: float = 300.0) -> None:
         pod.url(naming.PUBLIC_PORT),
     )
     pod.procs["adapter-server"] = server
-    wait_http(server, "/healthz", 60)
+    await _wait_healthy(server, "/healthz", 60)
 
 
 def stop_containers(pod: LocalPod) -> None:
