@@ -14,7 +14,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from loraplex_server.source_uri import SourceError, parse_source_uri
+from loraplex_server.source_uri import checked_source
 
 # vLLM accepts only these values for --max-lora-rank (vllm/config/lora.py).
 ALLOWED_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -81,11 +81,7 @@ class ManifestAdapter(_Wire):
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:
-        try:
-            parse_source_uri(value)
-        except SourceError as exc:
-            raise ValueError(str(exc)) from exc
-        return value
+        return checked_source(value)
 
 
 class AdapterManifest(_Wire):

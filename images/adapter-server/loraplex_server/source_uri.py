@@ -24,6 +24,12 @@ class SourceError(ValueError):
     """A source URI that cannot be used; the message says what to write instead."""
 
 
+def checked_source(raw: str) -> str:
+    """`raw` unchanged if it parses (a pydantic validator: SourceError is a ValueError)."""
+    parse_source_uri(raw)
+    return raw
+
+
 @dataclass(frozen=True)
 class SourceURI:
     """A parsed source. `path` is relative (never absolute, never containing '..')."""

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from loraplex.api.common import CEL, Conditions, Wire
 from loraplex_server.manifest import SHA256_RE, check_served_name
-from loraplex_server.source_uri import SourceError, parse_source_uri
+from loraplex_server.source_uri import checked_source
 
 Phase = Literal["Pending", "Downloading", "Loading", "Ready", "Failed"]
 
@@ -53,11 +53,7 @@ class LoRAAdapterSpec(Wire):
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:
-        try:
-            parse_source_uri(value)
-        except SourceError as exc:
-            raise ValueError(str(exc)) from exc
-        return value
+        return checked_source(value)
 
     @field_validator("served_name")
     @classmethod
