@@ -157,7 +157,9 @@ def _vllm_env(spec: BaseModelSpec) -> list[dict[str, Any]]:
     fixed = {
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "HOME": "/tmp",
-        "HF_HOME": f"{naming.CACHE_DIR}/.hf",
+        # The adapter cache is read-only for vLLM; base weights from hf:// go to the writable
+        # scratch volume instead (use a pvc:// source to keep them across restarts).
+        "HF_HOME": "/tmp/hf",
         "VLLM_NO_USAGE_STATS": "1",
     }
     user = [e.dump() for e in spec.engine.env]
