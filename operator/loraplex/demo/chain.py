@@ -119,8 +119,10 @@ class Chain:
             try:
                 self.say(f"    Kubernetes API stand-in at {cluster.url}")
                 op.start()
-                self.say(f"    operator running (pid {op.proc.pid if op.proc else '?'}), "
-                         f"log: {op.log_path}")
+                self.say(
+                    f"    operator running (pid {op.proc.pid if op.proc else '?'}), "
+                    f"log: {op.log_path}"
+                )
                 pod = await self._deploy(cluster, kube, model)
                 kubelet = asyncio.create_task(self._kubelet(kube, pod))
                 await self._serve(cluster, kube, pod)
@@ -141,17 +143,29 @@ class Chain:
         apply_start = time.monotonic()
         for doc in _examples():
             await kube.apply(doc)
-        dep = await _wait("the operator's Deployment",
-                          lambda: kube.get(DEPLOYMENTS, NS, naming.deployment_name(BASE)), 60)
+        dep = await _wait(
+            "the operator's Deployment",
+            lambda: kube.get(DEPLOYMENTS, NS, naming.deployment_name(BASE)),
+            60,
+        )
         self._done("apply_to_deployment", t)
-        pod = plan_local_pod(dep, root=self.workdir / "pod", model_dir=model, claims=self.claims,
-                             remap_ports=self.remap_ports)
+        pod = plan_local_pod(
+            dep,
+            root=self.workdir / "pod",
+            model_dir=model,
+            claims=self.claims,
+            remap_ports=self.remap_ports,
+        )
         self.result.substitutions = pod.substitutions
         self.result.vllm_argv = pod.argv["vllm"]
         self.result.server_argv = pod.argv["adapter-server"]
-        self.say("    rendered vLLM container, run locally as:\n      " + " ".join(pod.argv["vllm"]))
-        self.say("    rendered adapter-server container, run locally as:\n      "
-                 + " ".join(pod.argv["adapter-server"]))
+        self.say(
+            "    rendered vLLM container, run locally as:\n      " + " ".join(pod.argv["vllm"])
+        )
+        self.say(
+            "    rendered adapter-server container, run locally as:\n      "
+            + " ".join(pod.argv["adapter-server"])
+        )
         self.say("    substitutions (everything else is exactly as rendered):")
         for s in pod.substitutions:
             self.say(f"      - {s}")
@@ -161,8 +175,11 @@ class Chain:
         await start_containers(pod)
         self.result.vllm_pids = (pod.procs["vllm"].pid, 0)
         self._done("containers_started", t)
-        await _wait("/readyz (vLLM up, pinned adapter loaded)",
-                    lambda: _get(pod.url(naming.PUBLIC_PORT) + "/readyz") == 200, 120)
+        await _wait(
+            "/readyz (vLLM up, pinned adapter loaded)",
+            lambda: _get(pod.url(naming.PUBLIC_PORT) + "/readyz") == 200,
+            120,
+        )
         self.result.timings["cold_start_apply_to_ready"] = round(time.monotonic() - apply_start, 2)
         return pod
 
@@ -176,43 +193,62 @@ class Chain:
             await asyncio.sleep(1.0)
 
     async def _serve(self, cluster: RunningEmulator, kube: KubeClient, pod: LocalPod) -> None:
-        client = openai.AsyncOpenAI(base_url=pod.url(naming.PUBLIC_PORT) + "/v1", api_key="none",
-                                    max_retries=0, timeout=120)
+        client = openai.AsyncOpenAI(
+            base_url=pod.url(naming.PUBLIC_PORT) + "/v1", api_key="none", max_retries=0, timeout=120
+        )
         t = self._step("Waiting for the operator to report the adapters Ready")
-        await _wait("adapters Ready in status", lambda: self._all_ready(kube, ["sql-expert", "support-bot"]), 120)
+        await _wait(
+            "adapters Ready in status",
+            lambda: self._all_ready(kube, ["sql-expert", "support-bot"]),
+            120,
+        )
         self._done("adapters_ready", t)
 
         t = self._step("Completions with the official openai client (greedy, 12 tokens)")
         for name in (BASE, "sql-expert", "support-bot"):
             start = time.monotonic()
-            r = await client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0)
+            r = await client.completions.create(
+                model=name, prompt=PROMPT, max_tokens=12, temperature=0
+            )
             self.result.outputs[name] = r.choices[0].text
             self.say(f"    {name:12s} -> {r.choices[0].text!r}  ({time.monotonic() - start:.2f}s)")
         self.result.timings["first_completion_after_apply"] = round(
-            self.result.timings["cold_start_apply_to_ready"], 2)
+            self.result.timings["cold_start_apply_to_ready"], 2
+        )
         self._done("completions", t)
 
         t = self._step("Hot add: kubectl apply a new LoRAAdapter (chat-helper); no restart")
         vllm_pid = pod.procs["vllm"].pid
-        await kube.apply({"apiVersion": "loraplex.io/v1alpha1", "kind": "LoRAAdapter",
-                          "metadata": {"name": "chat-helper", "namespace": NS},
-                          "spec": {"baseModel": BASE, "source": f"pvc://{CLAIM}/chat-helper", "rank": 8}})
+        await kube.apply(
+            {
+                "apiVersion": "loraplex.io/v1alpha1",
+                "kind": "LoRAAdapter",
+                "metadata": {"name": "chat-helper", "namespace": NS},
+                "spec": {"baseModel": BASE, "source": f"pvc://{CLAIM}/chat-helper", "rank": 8},
+            }
+        )
         start = time.monotonic()
         while True:
             try:
-                r = await client.completions.create(model="chat-helper", prompt=PROMPT, max_tokens=12,
-                                                    temperature=0)
+                r = await client.completions.create(
+                    model="chat-helper", prompt=PROMPT, max_tokens=12, temperature=0
+                )
                 break
             except openai.NotFoundError:
                 if time.monotonic() - start > 60:
                     raise
                 await asyncio.sleep(0.1)
-        self.result.timings["hot_add_apply_to_first_completion"] = round(time.monotonic() - start, 2)
+        self.result.timings["hot_add_apply_to_first_completion"] = round(
+            time.monotonic() - start, 2
+        )
         self.result.hot_added_output = r.choices[0].text
         self.result.vllm_pids = (vllm_pid, pod.procs["vllm"].pid)
         self.say(f"    chat-helper  -> {r.choices[0].text!r}")
-        self.say(f"    apply -> first completion: {self.result.timings['hot_add_apply_to_first_completion']:.2f}s; "
-                 f"vLLM pid {vllm_pid} unchanged: {vllm_pid == pod.procs['vllm'].pid}")
+        took = self.result.timings["hot_add_apply_to_first_completion"]
+        same = vllm_pid == pod.procs["vllm"].pid
+        self.say(
+            f"    apply -> first completion: {took:.2f}s; vLLM pid {vllm_pid} unchanged: {same}"
+        )
         self._done("hot_add", t)
 
         t = self._step("Delete: kubectl delete lora support-bot, then ask for it")
@@ -230,12 +266,16 @@ class Chain:
         self.say(f"    404: {self.result.deleted_error[:160]}")
         self._done("delete", t)
 
-        await _wait("chat-helper Ready in status", lambda: self._all_ready(kube, ["chat-helper"]), 60)
+        await _wait(
+            "chat-helper Ready in status", lambda: self._all_ready(kube, ["chat-helper"]), 60
+        )
         t = self._step("kubectl get bm,lora  (status as the operator wrote it)")
         bms = await kube.list(BASEMODELS, NS)
         loras = await kube.list(LORAADAPTERS, NS)
         self.result.statuses = {o["metadata"]["name"]: o.get("status") for o in bms + loras}
-        self.result.tables = table("BaseModel", bms, wide=True) + "\n\n" + table("LoRAAdapter", loras)
+        self.result.tables = (
+            table("BaseModel", bms, wide=True) + "\n\n" + table("LoRAAdapter", loras)
+        )
         self.say(self.result.tables)
         self._done("tables", t)
         await client.close()
@@ -248,7 +288,9 @@ class Chain:
         return True
 
 
-async def run_chain(workdir: Path, say: Callable[[str], None] = print, *,
-                    remap_ports: bool = True) -> ChainResult:
-    workdir.mkdir(parents=True, exist_ok=True)
+async def run_chain(
+    workdir: Path, say: Callable[[str], None] = print, *, remap_ports: bool = True
+) -> ChainResult:
+    """Run the chain in `workdir` (created if needed) and return what it observed."""
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
     return await Chain(workdir, say, remap_ports=remap_ports).run()
