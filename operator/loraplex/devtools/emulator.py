@@ -2,7 +2,7 @@
 
 kmock's `KubernetesEmulator` keeps objects in memory and serves list/watch/get/create/
 merge-patch/delete over real HTTP. As its docs invite, we extend it with the metadata a real
-API server assigns (uid, creationTimestamp, resourceVersion, and a generation that moves only
+API server assigns (uid, creationTimestamp, resourceVersion, generateName, and a generation that moves only
 when the spec does), because the operator's `observedGeneration` logic reads them. It still
 does not do label selectors, garbage collection or schema validation: the operator filters
 labels itself, and tests check ownerReferences and schemas separately.
@@ -118,6 +118,8 @@ class Emulator(kmock.KubernetesEmulator):
             if meta is not None:
                 meta["resourceVersion"] = str(next(self._rv))
             if request.action == enums.action.CREATE and meta is not None:
+                if not meta.get("name") and meta.get("generateName"):
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime(
                     "%Y-%m-%dT%H:%M:%SZ"
