@@ -3,9 +3,10 @@
 kmock's `KubernetesEmulator` keeps objects in memory and serves list/watch/get/create/
 merge-patch/delete over real HTTP. As its docs invite, we extend it with the metadata a real
 API server assigns (uid, creationTimestamp, resourceVersion, names from generateName, and a
-generation that moves only when the spec does), because the operator's `observedGeneration` logic reads them. It still
-does not do label selectors, garbage collection or schema validation: the operator filters
-labels itself, and tests check ownerReferences and schemas separately.
+generation that moves only when the spec does), because the operator's `observedGeneration`
+logic reads them. It still does not do label selectors, garbage collection or schema
+validation: the operator filters labels itself, and tests check ownerReferences and schemas
+separately.
 """
 
 from __future__ import annotations
