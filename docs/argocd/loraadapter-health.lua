@@ -16,6 +16,7 @@ local failure_reasons = {
   DownloadFailed = true,
   ChecksumMismatch = true,
   LoadFailed = true,
+  RankMismatch = true,
 }
 
 local function condition(status, ctype)

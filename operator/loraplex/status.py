@@ -28,6 +28,7 @@ _FAILURE_REASONS = {
     "IncompatibleBaseModel",
     "LoadFailed",
     "InvalidSource",
+    "RankMismatch",
 }
 
 

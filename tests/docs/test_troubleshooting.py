@@ -70,11 +70,8 @@ def test_reason_has_an_entry(reason: str) -> None:
 
 
 def test_every_reason_the_code_writes_is_documented() -> None:
-    # RankMismatch is reported by the server but folded into LoadFailed by the operator;
-    # its entry explains that.
-    written = code_failure_reasons() | (server_reasons() - {"RankMismatch"})
+    written = code_failure_reasons() | server_reasons()
     assert written - headings() == set()
-    assert "RankMismatch" in DOC.read_text()
 
 
 def test_lua_degrades_on_every_failure_reason() -> None:
