@@ -23,27 +23,35 @@ class Rule:
 READ = ("get", "list", "watch")
 
 RULES: tuple[Rule, ...] = (
-    # Our own kinds: kopf watches and patches them (finalizers on metadata, status separately).
-    Rule("loraplex.io", ("basemodels", "loraadapters"), (*READ, "patch")),
-    Rule("loraplex.io", ("basemodels/status", "loraadapters/status"), ("get", "patch")),
-    # What a BaseModel owns.
-    Rule("apps", ("deployments",), (*READ, "create", "patch", "delete")),
-    Rule("", ("services", "configmaps"), (*READ, "create", "patch", "delete")),
+    # Our own kinds: kopf watches them and patches metadata (finalizers, its annotations); the
+    # reconciler reads BaseModels one by one and lists adapters. Status is written separately.
+    Rule("loraplex.io", ("basemodels",), (*READ, "patch")),
+    Rule("loraplex.io", ("loraadapters",), ("list", "watch", "patch")),
+    Rule("loraplex.io", ("basemodels/status", "loraadapters/status"), ("patch",)),
+    # What a BaseModel owns: watched for drift, created, corrected. Never deleted by us:
+    # ownerReferences let Kubernetes collect them with their BaseModel.
+    Rule("apps", ("deployments",), (*READ, "create", "patch")),
+    Rule("", ("services", "configmaps"), (*READ, "create", "patch")),
     Rule("", ("secrets",), ("create", "patch")),
-    # Pods are read to push manifests to, and poll adapter state from, each ready replica.
-    Rule("", ("pods",), READ),
-    # kopf posts events about the objects it handles.
+    # Pods are listed to push manifests to, and poll adapter state from, each ready replica.
+    Rule("", ("pods",), ("list",)),
+    # Events (kopf's poster, e.g. `Replanned`).
     Rule("", ("events",), ("create",)),
-    Rule("events.k8s.io", ("events",), ("create",)),
 )
 
-# Cluster-scoped extras kopf needs: CRD discovery and peering between operator replicas.
+# Cluster-scoped: kopf discovers CRDs at start and watches for new ones.
 CLUSTER_RULES: tuple[Rule, ...] = (
-    Rule("apiextensions.k8s.io", ("customresourcedefinitions",), READ),
-    Rule("", ("namespaces",), READ),
+    Rule("apiextensions.k8s.io", ("customresourcedefinitions",), ("list", "watch")),
+    # Peering, so that only one of several operator replicas is active (with --peering).
     Rule("kopf.dev", ("clusterkopfpeerings",), (*READ, "patch")),
 )
 NAMESPACED_KOPF_RULES: tuple[Rule, ...] = (Rule("kopf.dev", ("kopfpeerings",), (*READ, "patch")),)
+PEERING_GROUP = "kopf.dev"
+
+
+def expand(rules: tuple[Rule, ...]) -> set[tuple[str, str, str]]:
+    """Every (api group, resource, verb) the rules allow."""
+    return {(r.api_group, res, v) for r in rules for res in r.resources for v in r.verbs}
 
 
 def covers(rules: tuple[Rule, ...], api_group: str, resource: str, verb: str) -> bool:
