@@ -253,6 +253,9 @@ class Chain:
 
         t = self._step("Delete: kubectl delete lora support-bot, then ask for it")
         await kube.delete(LORAADAPTERS, NS, "support-bot")
+        # Like `kubectl delete`, wait until the object is gone (the operator's finalizer first
+        # takes the adapter off every pod, then lets it go).
+        await _wait("support-bot deleted", lambda: self._gone(kube, "support-bot"), 60)
         start = time.monotonic()
         while True:
             try:
@@ -279,6 +282,9 @@ class Chain:
         self.say(self.result.tables)
         self._done("tables", t)
         await client.close()
+
+    async def _gone(self, kube: KubeClient, name: str) -> bool:
+        return await kube.get(LORAADAPTERS, NS, name) is None
 
     async def _all_ready(self, kube: KubeClient, names: list[str]) -> bool:
         for n in names:
