@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from loraplex.devtools.tinymodel import TINY_SHAPE
 from loraplex.planner import plan_base_model
 from loraplex.planner.cli import main, plan_cli_inputs
 
@@ -70,17 +71,7 @@ def test_infeasible_exit_2_with_fix(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_local_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = {
-        "model_type": "llama",
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 64,
-        "vocab_size": 512,
-        "max_position_embeddings": 1024,
-    }
+    cfg = {"model_type": "llama", **TINY_SHAPE}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     code, out, _ = run(["--model", str(tmp_path), "--gpu", "L4", "-o", "json"], capsys)
     assert code == 0

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from loraplex.api.basemodel import Architecture
+from loraplex.devtools.tinymodel import TINY_SHAPE
 from loraplex.planner import find_gpu, find_model, lora_slot_bytes, weight_bytes
 from loraplex.planner.architecture import (
     ArchitectureError,
@@ -26,14 +27,7 @@ from loraplex.planner.architecture import (
 
 TINY: dict[str, Any] = {
     "model_type": "llama",
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 64,
-    "vocab_size": 512,
-    "max_position_embeddings": 1024,
+    **TINY_SHAPE,
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }

@@ -52,6 +52,19 @@ def _tokenizer(path: Path) -> None:
     fast.save_pretrained(str(path))
 
 
+# The shape every tiny model has (config.json keys); tests that need its numbers import this.
+TINY_SHAPE: dict[str, int] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "vocab_size": 512,
+    "max_position_embeddings": 1024,
+}
+
+
 def make_model(path: Path, arch: Arch = "llama", *, seed: int = 0, tie: bool = False) -> Path:
     """Write a random causal LM with a trained tokenizer to `path` (idempotent)."""
     if (path / "config.json").exists():
@@ -63,14 +76,7 @@ def make_model(path: Path, arch: Arch = "llama", *, seed: int = 0, tie: bool = F
     path.mkdir(parents=True, exist_ok=True)
     _tokenizer(path)
     common: dict[str, Any] = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        vocab_size=512,
-        max_position_embeddings=1024,
+        **TINY_SHAPE,
         tie_word_embeddings=tie,
         bos_token_id=1,
         eos_token_id=2,
