@@ -20,7 +20,7 @@ from typing import Any
 
 from loraplex import naming
 from loraplex.adapters import Verdict
-from loraplex.api.basemodel import AdapterCounts, BaseModelSpec, BaseModelStatus
+from loraplex.api.basemodel import AdapterCounts, BaseModelStatus
 from loraplex.api.loraadapter import LoRAAdapterStatus
 from loraplex.decide import decide
 from loraplex.diff import drifted
@@ -40,7 +40,6 @@ from loraplex.planner import Plan
 from loraplex.podsync import PodSync, PodTarget, admin_token, ready_pods
 from loraplex.render import DEFAULT_IMAGES, Images, Owner, plan_changes
 from loraplex.status import PodView, adapter_status, base_status
-from loraplex.validation import parse_spec
 from loraplex_server.manifest import AdapterManifest, AdaptersResponse
 
 log = logging.getLogger("loraplex.reconcile")
@@ -54,11 +53,16 @@ def base_of(adapter: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def read_local_config(spec: BaseModelSpec) -> dict[str, Any] | None:
-    """config.json of a base model at a local path, when this process can see it."""
-    if not spec.model.source.startswith("/"):
+def read_local_config(raw_spec: Any) -> dict[str, Any] | None:
+    """config.json of a base model at a local path, when this process can see it.
+
+    Reads the raw spec (before validation) so the one validation pass stays in `decide`.
+    """
+    model = raw_spec.get("model") if isinstance(raw_spec, dict) else None
+    source = model.get("source") if isinstance(model, dict) else None
+    if not isinstance(source, str) or not source.startswith("/") or ".." in source:
         return None
-    path = Path(spec.model.source) / "config.json"
+    path = Path(source) / "config.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -156,21 +160,6 @@ class Reconciler:
         meta = bm.get("metadata", {})
         gen = meta.get("generation")
         old = _status_model(BaseModelStatus, bm.get("status"))
-        try:
-            spec = parse_spec(BaseModelSpec, bm.get("spec"))
-        except InvalidSpec as exc:
-            log.warning("BaseModel %s/%s invalid: %s", ns, name, exc)
-            await self._write_base(ns, name, bm, base_status(old, gen, invalid=exc))
-            bad = Verdict(
-                False,
-                "IncompatibleBaseModel",
-                f"BaseModel {name!r} is invalid ({exc}); fix it first",
-            )
-            await self._write_adapters(
-                ns, live, {a["metadata"]["name"]: bad for a in live}, {}, None
-            )
-            return Outcome(result="invalid")
-
         owner = Owner(name, ns, str(meta.get("uid", "")))
         token = admin_token(self.token_key, ns, name, owner.uid)
         stored = stored_manifest(await self.kube.get(CONFIGMAPS, ns, naming.configmap_name(name)))
@@ -182,8 +171,22 @@ class Reconciler:
             previous=stored,
             previous_generation=old.manifest_generation,
             images=self.images,
-            config_json=read_local_config(spec),
+            config_json=read_local_config(bm.get("spec")),
         )
+        if decision.invalid is not None or decision.spec is None:
+            exc = decision.invalid or InvalidSpec("spec", "missing")
+            log.warning("BaseModel %s/%s invalid: %s", ns, name, exc)
+            await self._write_base(ns, name, bm, base_status(old, gen, invalid=exc))
+            bad = Verdict(
+                False,
+                "IncompatibleBaseModel",
+                f"BaseModel {name!r} is invalid ({exc}); fix it first",
+            )
+            await self._write_adapters(
+                ns, live, {a["metadata"]["name"]: bad for a in live}, {}, None
+            )
+            return Outcome(result="invalid")
+        spec = decision.spec
         plan, verdicts, manifest = decision.plan, decision.verdicts, decision.manifest
         assert plan is not None
         outcome = Outcome(plan=plan, verdicts=verdicts, manifest=manifest)
