@@ -90,11 +90,23 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self.log: list[LoggedRequest] = []
 
+    def _forget_routed(self) -> None:
+        """Drop requests kmock has already routed to a reaction.
+
+        kmock finds a request's reaction by scanning every stored request, so its cost grows
+        with the run. A request is routed once it is in some reaction's list; until then it
+        must stay (it may be waiting for the emulator's lock), afterwards only assertions on
+        kmock's own views would need it, and we keep `self.log` for those.
+        """
+        routed: set[int] = set()
+        for payload in self._payloads:
+            routed.update(id(r) for r in payload._requests)
+            payload._requests.clear()
+        if routed:
+            self._requests[:] = [r for r in self._requests if id(r) not in routed]
+
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
-        if len(self._requests) > 96:
-            # Keep enough for requests still queued on the emulator's lock (they must find
-            # themselves in the list), drop the rest.
-            del self._requests[:-48]
+        self._forget_routed()
         res = request.resource
         if res is not None and res.plural:
             method = str(getattr(request.method, "value", request.method)).upper()
