@@ -40,12 +40,12 @@ def render_paths(paths: Iterable[Path], *, images: Images = DEFAULT_IMAGES) -> l
         if d.get("kind") == "BaseModel" and str(d.get("apiVersion", "")).startswith(group)
     ]
     adapters = [d for d in docs if d.get("kind") == "LoRAAdapter"]
+    for a in adapters:
+        a.setdefault("metadata", {}).setdefault("namespace", "default")
     out: list[dict[str, Any]] = []
     for bm in bases:
         meta = bm.get("metadata", {})
         name, ns = meta.get("name", ""), meta.get("namespace", "default")
-        for a in adapters:
-            a.setdefault("metadata", {}).setdefault("namespace", "default")
         mine = [a for a in adapters if base_of(a) == name and a["metadata"]["namespace"] == ns]
         owner = Owner(name, ns, meta.get("uid", ""))
         decision = decide(

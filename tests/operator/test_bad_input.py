@@ -389,3 +389,9 @@ async def test_operator_reports_every_bad_object_and_keeps_going(
     )
     assert ok["status"] == "True"
     assert operator.alive
+    # Logs are structured (one JSON object per line) and name the object they are about.
+    records = [json.loads(line) for line in operator.log().splitlines() if line.strip()]
+    assert any(
+        "default/bm-neg" in r["message"] and "spec.replicas" in r["message"] for r in records
+    )
+    assert any(r.get("object", {}).get("name") == "good" for r in records)

@@ -22,7 +22,7 @@ import yaml
 from loraplex import naming, rbac
 from loraplex.devtools.emulator import RunningEmulator
 from loraplex.devtools.operator_proc import OperatorProcess
-from loraplex.kube import BASEMODELS, LORAADAPTERS, KubeClient
+from loraplex.kube import BASEMODELS, DEPLOYMENTS, LORAADAPTERS, SERVICES, KubeClient
 from tests.operator.conftest import eventually
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(240)]
@@ -55,6 +55,16 @@ def manifest_of(cluster: RunningEmulator, base: str) -> dict[str, Any] | None:
 def adapter_names(cluster: RunningEmulator, base: str) -> list[str] | None:
     m = manifest_of(cluster, base)
     return None if m is None else [a["name"] for a in m["adapters"]]
+
+
+def adapter_obj(name: str, base: str, source: str, **spec: Any) -> dict[str, Any]:
+    """A LoRAAdapter as a user would apply it."""
+    return {
+        "apiVersion": "loraplex.io/v1alpha1",
+        "kind": "LoRAAdapter",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"baseModel": base, "source": source, **spec},
+    }
 
 
 def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
@@ -167,12 +177,7 @@ async def test_adapter_changes_touch_only_the_manifest(
     template = pod_template(cluster, "qwen-14b")
     gen0 = manifest_of(cluster, "qwen-14b")["generation"]  # type: ignore[index]
 
-    new = {
-        "apiVersion": "loraplex.io/v1alpha1",
-        "kind": "LoRAAdapter",
-        "metadata": {"name": "chat-helper", "namespace": NS},
-        "spec": {"baseModel": "qwen-14b", "source": "s3://adapters-bucket/chat-helper", "rank": 8},
-    }
+    new = adapter_obj("chat-helper", "qwen-14b", "s3://adapters-bucket/chat-helper", rank=8)
     await kube.apply(new)
     await eventually(
         lambda: "chat-helper" in (adapter_names(cluster, "qwen-14b") or []),
@@ -212,14 +217,14 @@ async def test_real_spec_change_rolls_and_drift_is_corrected(
 
     # A hand edit of the Deployment is put back.
     await kube.patch(
-        BASEMODELS.__class__("apps", "v1", "deployments"),
+        DEPLOYMENTS,
         NS,
         "qwen-14b",
         {"spec": {"template": {"spec": {"containers": [{"name": "hacked", "image": "x"}]}}}},
     )
     await eventually(lambda: pod_template(cluster, "qwen-14b") == template, what="drift corrected")
     # A deleted Service comes back.
-    await kube.delete(BASEMODELS.__class__("", "v1", "services"), NS, "qwen-14b")
+    await kube.delete(SERVICES, NS, "qwen-14b")
     await eventually(lambda: one(cluster, "v1/services", "qwen-14b"), what="service restored")
     # A real spec change rolls: the hash moves.
     await kube.patch(BASEMODELS, NS, "qwen-14b", {"spec": {"maxModelLen": 4096}})
@@ -267,12 +272,7 @@ async def test_restart_converges_without_duplicates(
     await apply_all(kube, examples())
     await eventually(lambda: adapter_names(cluster, "qwen-14b"), what="manifest")
     await asyncio.to_thread(operator.stop)
-    extra = {
-        "apiVersion": "loraplex.io/v1alpha1",
-        "kind": "LoRAAdapter",
-        "metadata": {"name": "while-down", "namespace": NS},
-        "spec": {"baseModel": "qwen-14b", "source": "hf://org/while-down"},
-    }
+    extra = adapter_obj("while-down", "qwen-14b", "hf://org/while-down")
     await kube.apply(extra)
     before = manifest_of(cluster, "qwen-14b")
     operator.start()
@@ -295,20 +295,13 @@ async def test_rbac_is_exactly_the_calls_the_operator_makes(
     """Every request is allowed by loraplex.rbac, and every rule is used (peering aside)."""
     await apply_all(kube, examples())
     await eventually(lambda: adapter_names(cluster, "qwen-14b"), what="manifest")
-    deployments = BASEMODELS.__class__("apps", "v1", "deployments")
-    services = BASEMODELS.__class__("", "v1", "services")
     # Drift: a hand edit (patch back), a deleted Service (created again).
-    await kube.patch(deployments, NS, "qwen-14b", {"spec": {"replicas": 5}})
-    await kube.delete(services, NS, "qwen-14b")
+    await kube.patch(DEPLOYMENTS, NS, "qwen-14b", {"spec": {"replicas": 5}})
+    await kube.delete(SERVICES, NS, "qwen-14b")
     await eventually(lambda: one(cluster, "v1/services", "qwen-14b"), what="service restored")
-    await kube.patch(services, NS, "qwen-14b", {"spec": {"type": "NodePort"}})
+    await kube.patch(SERVICES, NS, "qwen-14b", {"spec": {"type": "NodePort"}})
     # A re-plan (an Event), then an adapter deleted (finalizer released).
-    big = {
-        "apiVersion": "loraplex.io/v1alpha1",
-        "kind": "LoRAAdapter",
-        "metadata": {"name": "big", "namespace": NS},
-        "spec": {"baseModel": "qwen-14b", "source": "hf://org/big", "rank": 64},
-    }
+    big = adapter_obj("big", "qwen-14b", "hf://org/big", rank=64)
     await kube.apply(big)
     await eventually(
         lambda: any(
@@ -355,14 +348,7 @@ async def test_larger_rank_replans_with_an_event_only_on_auto(
 
     assert rank_of("qwen-14b") == "16"
     for base in ("qwen-14b", "fixed-rank"):
-        await kube.apply(
-            {
-                "apiVersion": "loraplex.io/v1alpha1",
-                "kind": "LoRAAdapter",
-                "metadata": {"name": f"big-{base}", "namespace": NS},
-                "spec": {"baseModel": base, "source": "hf://org/big", "rank": 64},
-            }
-        )
+        await kube.apply(adapter_obj(f"big-{base}", base, "hf://org/big", rank=64))
     await eventually(lambda: rank_of("qwen-14b") == "64", what="re-plan to rank 64 on auto")
     event = await eventually(
         lambda: next(

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex import naming
-from loraplex.devtools.processes import VLLM_ENV, Managed, _spawn, free_port, wait_http
+from loraplex.devtools.processes import VLLM_ENV, Managed, free_port, spawn, wait_http
 from loraplex.kube import CONFIGMAPS, DEPLOYMENTS, PODS, SECRETS, KubeClient
 
 
@@ -181,12 +181,12 @@ async def start_containers(pod: LocalPod, *, vllm_timeout: float = 300.0) -> Non
     mid-start can still stop everything with `stop_containers`.
     """
     logs = pod.root / "logs"
-    vllm = _spawn(
+    vllm = spawn(
         "vllm", pod.argv["vllm"], logs / "vllm.log", pod.env["vllm"], pod.url(naming.VLLM_PORT)
     )
     pod.procs["vllm"] = vllm
     await _wait_healthy(vllm, "/health", vllm_timeout)
-    server = _spawn(
+    server = spawn(
         "adapter-server",
         pod.argv["adapter-server"],
         logs / "adapter-server.log",

@@ -73,9 +73,7 @@ class Managed:
             return ""
 
 
-def _spawn(
-    name: str, argv: Sequence[str], log_path: Path, env: dict[str, str], url: str
-) -> Managed:
+def spawn(name: str, argv: Sequence[str], log_path: Path, env: dict[str, str], url: str) -> Managed:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out: IO[bytes] = log_path.open("ab")
     try:
@@ -151,7 +149,7 @@ def start_vllm(
         str(max_model_len),
         *extra_args,
     ]
-    proc = _spawn("vllm", argv, log_path, VLLM_ENV, f"http://127.0.0.1:{port}")
+    proc = spawn("vllm", argv, log_path, VLLM_ENV, f"http://127.0.0.1:{port}")
     if wait is not None:
         try:
             wait_http(proc, "/health", wait)
@@ -202,7 +200,7 @@ def start_server(
         "127.0.0.1",
         *extra_args,
     ]
-    proc = _spawn(
+    proc = spawn(
         "loraplex-server",
         argv,
         log_path,
