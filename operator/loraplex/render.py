@@ -20,6 +20,7 @@ import yaml
 from loraplex import API_GROUP, API_VERSION, naming
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.planner import Plan, vllm_flags
+from loraplex.versions import DEFAULT_ENGINE_IMAGE
 from loraplex_server.manifest import AdapterManifest
 from loraplex_server.source_uri import parse_source_uri
 
@@ -30,7 +31,6 @@ _ENV = jinja2.Environment(
     keep_trailing_newline=True,
 )
 
-DEFAULT_ENGINE_IMAGE = "vllm/vllm-openai:v0.11.0"
 DEFAULT_SERVER_IMAGE = "ghcr.io/loraplex/adapter-server:0.1.0"
 VLLM_COMMAND = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
 
