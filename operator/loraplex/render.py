@@ -368,7 +368,7 @@ def build_networkpolicy(
         if peer.pod_labels is not None:
             rule["podSelector"] = {"matchLabels": dict(sorted(peer.pod_labels.items()))}
         public_from.append(rule)
-    return _render(
+    policy = _render(
         "networkpolicy.yaml.j2",
         name=naming.networkpolicy_name(owner.name),
         namespace=owner.namespace,
@@ -381,6 +381,10 @@ def build_networkpolicy(
         operator_labels=dict(operator.labels),
         public_from=public_from,
     )
+    # Drift is "observed lacks something we set", so dropping publicFrom (a rule losing its
+    # `from`) would go unseen; the hash of the whole spec makes every change a visible one.
+    policy["metadata"]["annotations"][naming.SPEC_HASH] = spec_hash(policy["spec"])
+    return policy
 
 
 def manifest_json(manifest: AdapterManifest) -> str:

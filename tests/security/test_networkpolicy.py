@@ -10,6 +10,7 @@ labels as flags; every variant passes kubernetes-validate strictly.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import yaml
 from loraplex import naming
 from loraplex.cli import main
 from loraplex.decide import decide
+from loraplex.diff import drifted
 from loraplex.offline import load_documents
 from loraplex.render import OperatorPods, Owner, parse_labels
 from tests.support.crd import cel_errors, schema_errors
@@ -101,6 +103,19 @@ def test_public_from_becomes_peers() -> None:
     assert rule_for(np, naming.ADMIN_PORT)["from"][0]["podSelector"]["matchLabels"]["app"] == (
         "loraplex-op"
     )
+
+
+def test_opening_the_public_port_again_is_seen_as_drift() -> None:
+    """Removing publicFrom only drops a `from`; the spec hash makes that a difference the
+    operator's drift check (subset comparison) sees, so the cluster is patched."""
+    restricted = policy(render(networkPolicy={"publicFrom": [{"podLabels": {"a": "b"}}]}))
+    opened = policy(render())
+    assert not drifted(restricted, restricted)
+    assert drifted(opened, restricted)
+    assert drifted(restricted, opened)
+    bare = copy.deepcopy(opened)
+    del bare["metadata"]["annotations"]
+    assert not drifted(bare, restricted), "without the hash the change would go unseen"
 
 
 def test_disabled_renders_no_policy() -> None:
