@@ -360,6 +360,10 @@ def build_networkpolicy(
     peers. None when spec.networkPolicy.enabled is false."""
     if not spec.network_policy.enabled:
         return None
+    operator_peer = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": operator.namespace}},
+        "podSelector": {"matchLabels": dict(operator.labels)},
+    }
     public_from = []
     for peer in spec.network_policy.public_from:
         rule: dict[str, Any] = {}
@@ -368,6 +372,8 @@ def build_networkpolicy(
         if peer.pod_labels is not None:
             rule["podSelector"] = {"matchLabels": dict(sorted(peer.pod_labels.items()))}
         public_from.append(rule)
+    if public_from:  # the operator polls each pod's GET /v1/adapters on the public port too
+        public_from.insert(0, operator_peer)
     policy = _render(
         "networkpolicy.yaml.j2",
         name=naming.networkpolicy_name(owner.name),
@@ -377,8 +383,7 @@ def build_networkpolicy(
         owner_refs=owner.refs(),
         admin_port=naming.ADMIN_PORT,
         public_port=naming.PUBLIC_PORT,
-        operator_namespace=operator.namespace,
-        operator_labels=dict(operator.labels),
+        operator_peer=operator_peer,
         public_from=public_from,
     )
     # Drift is "observed lacks something we set", so dropping publicFrom (a rule losing its

@@ -92,7 +92,9 @@ def test_public_from_becomes_peers() -> None:
             }
         )
     )
+    operator_peer = rule_for(np, naming.ADMIN_PORT)["from"][0]
     assert rule_for(np, naming.PUBLIC_PORT)["from"] == [
+        operator_peer,  # it polls GET /v1/adapters on the public port
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}},
         {"podSelector": {"matchLabels": {"app": "chat-ui"}}},
         {

@@ -261,7 +261,8 @@ class NetworkPolicySpec(Wire):
         default_factory=list,
         max_length=32,
         description="Who may reach the public port (8000: inference and /metrics). Empty: "
-        "anyone. The admin port (8090) always admits only the operator's pods.",
+        "anyone. Set: these peers and the operator's pods (it polls /v1/adapters). The admin "
+        "port (8090) always admits only the operator's pods.",
     )
 
 
