@@ -171,3 +171,14 @@ def test_render_cli_takes_the_operator_pods(capsys: pytest.CaptureFixture[str]) 
 def test_bad_label_flags_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         parse_labels(text)
+
+
+def test_operator_namespace_defaults_to_pod_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraplex.cli import build_parser
+
+    monkeypatch.setenv("POD_NAMESPACE", "where-i-run")
+    args = build_parser().parse_args(["operator"])
+    assert args.operator_namespace == "where-i-run"
+    assert dict(args.operator_pod_labels) == dict(OperatorPods().labels)
+    monkeypatch.delenv("POD_NAMESPACE")
+    assert build_parser().parse_args(["operator"]).operator_namespace == "loraplex-system"
