@@ -22,7 +22,14 @@ from loraplex.adapters import (
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.errors import InvalidSpec
 from loraplex.planner import AdapterDemand, Plan, plan_base_model
-from loraplex.render import DEFAULT_IMAGES, Images, Owner, render_all
+from loraplex.render import (
+    DEFAULT_IMAGES,
+    DEFAULT_OPERATOR_PODS,
+    Images,
+    OperatorPods,
+    Owner,
+    render_all,
+)
 from loraplex.validation import parse_spec
 from loraplex_server.manifest import AdapterManifest
 
@@ -49,6 +56,7 @@ def decide(
     previous_generation: int = 0,
     images: Images = DEFAULT_IMAGES,
     config_json: Mapping[str, Any] | None = None,
+    operator: OperatorPods = DEFAULT_OPERATOR_PODS,
 ) -> Decision:
     """Validate, plan, build the manifest (bumping its generation only on change), render."""
     try:
@@ -73,7 +81,7 @@ def decide(
     decision.manifest = next_manifest(
         owner.name, spec, plan, accepted, previous, previous_generation
     )
-    decision.objects = render_all(owner, spec, plan, decision.manifest, token, images)
+    decision.objects = render_all(owner, spec, plan, decision.manifest, token, images, operator)
     return decision
 
 

@@ -47,6 +47,7 @@ SERVICES = ResourceKind("", "v1", "services")
 CONFIGMAPS = ResourceKind("", "v1", "configmaps")
 SECRETS = ResourceKind("", "v1", "secrets")
 PODS = ResourceKind("", "v1", "pods")
+NETWORKPOLICIES = ResourceKind("networking.k8s.io", "v1", "networkpolicies")
 BASEMODELS = ResourceKind("loraplex.io", "v1alpha1", "basemodels")
 LORAADAPTERS = ResourceKind("loraplex.io", "v1alpha1", "loraadapters")
 
@@ -56,6 +57,7 @@ KIND_OF: dict[str, ResourceKind] = {
     "ConfigMap": CONFIGMAPS,
     "Secret": SECRETS,
     "Pod": PODS,
+    "NetworkPolicy": NETWORKPOLICIES,
     "BaseModel": BASEMODELS,
     "LoRAAdapter": LORAADAPTERS,
 }

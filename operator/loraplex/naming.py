@@ -37,6 +37,10 @@ def secret_name(base: str) -> str:
     return f"{base}-admin"
 
 
+def networkpolicy_name(base: str) -> str:
+    return base
+
+
 def selector_labels(base: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "loraplex-vllm", BASE_LABEL: base}
 

@@ -33,6 +33,9 @@ RULES: tuple[Rule, ...] = (
     Rule("apps", ("deployments",), (*READ, "create", "patch")),
     Rule("", ("services", "configmaps"), (*READ, "create", "patch")),
     Rule("", ("secrets",), ("create", "patch")),
+    # The pods' NetworkPolicy: read back for drift on the timer (no watch), created, corrected,
+    # and deleted when spec.networkPolicy.enabled turns false (only one this BaseModel owns).
+    Rule("networking.k8s.io", ("networkpolicies",), ("get", "create", "patch", "delete")),
     # Pods are listed to push manifests to, and poll adapter state from, each ready replica.
     Rule("", ("pods",), ("list",)),
     # Events (kopf's poster, e.g. `Replanned`).
