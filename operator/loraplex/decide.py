@@ -22,7 +22,8 @@ from loraplex.adapters import (
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.errors import InvalidSpec
 from loraplex.planner import AdapterDemand, Plan, plan_base_model
-from loraplex.render import DEFAULT_IMAGES, Images, Owner, render_all
+from loraplex.render import DEFAULT_IMAGES, Images, Owner, render_all, render_routing
+from loraplex.routing import ALL_APIS, Capabilities, RoutingProblem
 from loraplex.validation import parse_spec
 from loraplex_server.manifest import AdapterManifest
 
@@ -37,6 +38,8 @@ class Decision:
     verdicts: dict[str, Verdict] = field(default_factory=dict)
     manifest: AdapterManifest | None = None
     objects: list[dict[str, Any]] = field(default_factory=list)
+    # spec.routing/autoscaling asked for an API the cluster lacks; the rest is still applied.
+    routing_problem: RoutingProblem | None = None
 
 
 def decide(
@@ -49,6 +52,7 @@ def decide(
     previous_generation: int = 0,
     images: Images = DEFAULT_IMAGES,
     config_json: Mapping[str, Any] | None = None,
+    caps: Capabilities = ALL_APIS,
 ) -> Decision:
     """Validate, plan, build the manifest (bumping its generation only on change), render."""
     try:
@@ -74,6 +78,10 @@ def decide(
         owner.name, spec, plan, accepted, previous, previous_generation
     )
     decision.objects = render_all(owner, spec, plan, decision.manifest, token, images)
+    try:
+        decision.objects += render_routing(owner, spec, caps)
+    except RoutingProblem as exc:
+        decision.routing_problem = exc
     return decision
 
 
