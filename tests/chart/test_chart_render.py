@@ -25,7 +25,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from loraplex.render import DEFAULT_ENGINE_IMAGE, DEFAULT_SERVER_IMAGE
+from loraplex.render import DEFAULT_SERVER_IMAGE
+from loraplex.versions import DEFAULT_ENGINE_IMAGE
 
 from .conftest import CHART, RELEASE_NAMESPACE, Helm, Render
 
