@@ -2,7 +2,7 @@
 
 | case | checks |
 |---|---|
-| InferencePool | real GIE CRD schema + CEL, selects exactly the Deployment's pods, public port, EPP |
+| InferencePool | GIE CRD schema + CEL, selects exactly our pods, public port, EPP |
 | HTTPRoute | real Gateway API CRD schema, backend is the pool |
 | HPA | kubernetes-validate strict (autoscaling/v2), per-pod queue metric |
 | ScaledObject | real KEDA CRD schema, queue query, scale to zero only with KEDA |
@@ -23,7 +23,7 @@ from loraplex import naming
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.decide import decide
 from loraplex.render import Owner
-from loraplex.routing import Capabilities, OptionalApi, autoscaler_engine
+from loraplex.routing import ALL_APIS, Capabilities, OptionalApi, autoscaler_engine
 from tests.support.crd import cel_errors, schema_errors
 
 OWNER = Owner("acc-qwen", "team-a", "uid-1")
@@ -40,10 +40,14 @@ KEDA = {
 }
 
 
-def render(caps: Capabilities = Capabilities(), **spec: Any) -> Any:
+def render(caps: Capabilities = ALL_APIS, **spec: Any) -> Any:
     decision = decide(
-        OWNER, {"model": MODEL, "gpu": {"product": "L40S"}, **spec}, [], token="t",
-        previous=None, caps=caps,
+        OWNER,
+        {"model": MODEL, "gpu": {"product": "L40S"}, **spec},
+        [],
+        token="t",
+        previous=None,
+        caps=caps,
     )
     assert decision.objects, decision
     return decision
@@ -157,9 +161,7 @@ def test_engine_choice(
     ],
     ids=["pool", "route", "keda", "scale-to-zero-auto"],
 )
-def test_a_missing_crd_is_named_and_nothing_else_breaks(
-    spec: dict[str, Any], missing: str
-) -> None:
+def test_a_missing_crd_is_named_and_nothing_else_breaks(spec: dict[str, Any], missing: str) -> None:
     decision = render(caps=Capabilities(frozenset()), **spec)
     assert decision.routing_problem is not None
     assert missing in str(decision.routing_problem)
