@@ -177,9 +177,7 @@ def build_hpa(
                 }
             ],
             "behavior": {
-                "scaleDown": {
-                    "stabilizationWindowSeconds": spec.scale_down_stabilization_seconds
-                }
+                "scaleDown": {"stabilizationWindowSeconds": spec.scale_down_stabilization_seconds}
             },
         },
     }

@@ -2,8 +2,8 @@
 
 | case | checks |
 |---|---|
-| vLLM text present | every vLLM family passes through unchanged but two; parses with prometheus_client |
-| lora_requests_info | ours replaces vLLM's: loaded = running, loading-for-a-request = waiting, max_lora |
+| vLLM text present | all vLLM families but two pass unchanged; prometheus_client parses it |
+| lora_requests_info | ours: loaded = running, loading for a request = waiting, max_lora |
 | num_requests_waiting | vLLM's queue plus the requests we hold while an adapter loads |
 | vLLM unreachable | the two families are still exported |
 | cost | a merge of a realistic exposition stays well under the EPP's 50 ms scrape period |
