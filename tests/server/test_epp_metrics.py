@@ -11,12 +11,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 
+import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex_server.epp_metrics import LoraState, merge
+
+from .helpers import (
+    FakeVLLM,
+    make_settings,
+    manifest_doc,
+    pvc_adapter,
+    run_server,
+    serve_app,
+    wait_for,
+)
 
 STATE = LoraState(max_lora=4, running=("sql", "chat"), waiting=("legal",), held_requests=3)
 
@@ -102,3 +115,41 @@ def test_merge_is_cheap_enough_for_a_50ms_scrape() -> None:
         merge(big, STATE, now=1.0)
     per_scrape = (time.perf_counter() - t0) / 50
     assert per_scrape < 0.002, f"{per_scrape * 1e3:.2f} ms per scrape"
+
+
+async def test_a_running_server_reports_waiting_while_loading_then_running(
+    tmp_path: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    """The real server: requests held for a slow load show as waiting, then as running."""
+    pvc_root = tiny_adapters["ad0"].parent.parent
+    fake = FakeVLLM(load_delay=1.0)
+    ads = [pvc_adapter("ad1"), pvc_adapter("ad2")]
+    async with serve_app(fake.app()) as vurl:
+        s = make_settings(tmp_path, vurl, manifest_doc(ads, max_loras=2), pvc_root)
+        async with run_server(s) as srv, aiohttp.ClientSession() as http:
+
+            async def scrape() -> dict[str, list[tuple[dict[str, str], float]]]:
+                async with http.get(f"{srv.url}/metrics") as resp:
+                    return families(await resp.text())
+
+            body = {"model": "ad1", "prompt": "x", "max_tokens": 2}
+            held = [
+                asyncio.create_task(http.post(f"{srv.url}/v1/completions", json=body))
+                for _ in range(3)
+            ]
+            await wait_for(lambda: fake.load_calls == ["ad1"])
+            during = await scrape()
+            ((info, _),) = during["vllm:lora_requests_info"]
+            assert info["waiting_lora_adapters"] == "ad1"
+            assert info["running_lora_adapters"] == ""
+            assert info["max_lora"] == "2"
+            assert during["vllm:num_requests_waiting"] == [({}, 3.0)]
+            for resp in await asyncio.gather(*held):
+                assert resp.status == 200
+                resp.release()
+            after = await scrape()
+            ((info, _),) = after["vllm:lora_requests_info"]
+            assert (info["running_lora_adapters"], info["waiting_lora_adapters"]) == ("ad1", "")
+            assert after["vllm:num_requests_waiting"] == [({}, 0.0)]
+            # loraplex's own families are still there, in the same scrape.
+            assert "loraplex_server_adapter_loads" in after

@@ -36,6 +36,16 @@ from loraplex_server.registry import Registry
 LORA_INFO = "vllm:lora_requests_info"
 WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
+KV_USAGE = "vllm:kv_cache_usage_perc"
+
+# vLLM's gauges that the EPP and our Grafana panels read through this port, with the labels
+# vLLM gives them (vllm/v1/metrics/loggers.py); a real-vLLM test checks they still come
+# through, and the dashboard test checks panels against this list.
+VLLM_GAUGES: dict[str, frozenset[str]] = {
+    WAITING: frozenset({"model_name", "engine"}),
+    RUNNING: frozenset({"model_name", "engine"}),
+    KV_USAGE: frozenset({"model_name", "engine"}),
+}
 
 
 @dataclass(frozen=True)
