@@ -29,7 +29,9 @@ from loraplex.render import (
     OperatorPods,
     Owner,
     render_all,
+    render_routing,
 )
+from loraplex.routing import ALL_APIS, Capabilities, RoutingProblem
 from loraplex.validation import parse_spec
 from loraplex_server.manifest import AdapterManifest
 
@@ -44,6 +46,8 @@ class Decision:
     verdicts: dict[str, Verdict] = field(default_factory=dict)
     manifest: AdapterManifest | None = None
     objects: list[dict[str, Any]] = field(default_factory=list)
+    # spec.routing/autoscaling asked for an API the cluster lacks; the rest is still applied.
+    routing_problem: RoutingProblem | None = None
 
 
 def decide(
@@ -57,6 +61,7 @@ def decide(
     images: Images = DEFAULT_IMAGES,
     config_json: Mapping[str, Any] | None = None,
     operator: OperatorPods = DEFAULT_OPERATOR_PODS,
+    caps: Capabilities = ALL_APIS,
 ) -> Decision:
     """Validate, plan, build the manifest (bumping its generation only on change), render."""
     try:
@@ -82,6 +87,10 @@ def decide(
         owner.name, spec, plan, accepted, previous, previous_generation
     )
     decision.objects = render_all(owner, spec, plan, decision.manifest, token, images, operator)
+    try:
+        decision.objects += render_routing(owner, spec, caps)
+    except RoutingProblem as exc:
+        decision.routing_problem = exc
     return decision
 
 

@@ -21,6 +21,7 @@ import yaml
 from loraplex import API_GROUP, API_VERSION, naming
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.planner import Plan, vllm_flags
+from loraplex.routing import ALL_APIS, Capabilities, build_routing_objects
 from loraplex.versions import DEFAULT_ENGINE_IMAGE
 from loraplex_server.manifest import AdapterManifest
 from loraplex_server.source_uri import parse_source_uri
@@ -308,6 +309,10 @@ def build_deployment(
     )
     template = deployment["spec"]["template"]
     template["metadata"]["annotations"][naming.SPEC_HASH] = spec_hash(template["spec"])
+    if spec.autoscaling.enabled:
+        # The autoscaler owns replicas: leaving the field out of what we apply means we never
+        # fight it (a create starts at the API default, 1; KEDA may take it to 0).
+        del deployment["spec"]["replicas"]
     return deployment
 
 
@@ -429,7 +434,8 @@ def render_all(
     operator: OperatorPods = DEFAULT_OPERATOR_PODS,
 ) -> list[dict[str, Any]]:
     """Every object the operator applies for one BaseModel, in apply order (the
-    NetworkPolicy before the Deployment, so no pod starts unguarded)."""
+    NetworkPolicy before the Deployment, so no pod starts unguarded; routing and autoscaling
+    objects come from `render_routing`, which may find an API missing)."""
     policy = build_networkpolicy(owner, spec, operator)
     return [
         build_secret(owner, token),
@@ -438,3 +444,15 @@ def render_all(
         build_deployment(owner, spec, plan, images),
         build_service(owner),
     ]
+
+
+def render_routing(
+    owner: Owner, spec: BaseModelSpec, caps: Capabilities = ALL_APIS
+) -> list[dict[str, Any]]:
+    """InferencePool, HTTPRoute and the autoscaler, as spec.routing/autoscaling ask.
+
+    Raises `RoutingProblem` when one needs an API the cluster lacks.
+    """
+    return build_routing_objects(
+        owner.name, owner.namespace, spec.routing, spec.autoscaling, owner.refs(), caps
+    )

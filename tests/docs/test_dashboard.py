@@ -3,7 +3,8 @@
 Matrix:
 - every PromQL expression (panel targets and template variables) x every metric name in it:
   the name is in `loraplex.metrics.METRIC_NAMES` (operator) or
-  `loraplex_server.metrics.METRIC_NAMES` (adapter-server), expanded to the series Prometheus
+  `loraplex_server.metrics.METRIC_NAMES` (adapter-server) or vLLM's gauges the adapter-server
+  passes through (`loraplex_server.epp_metrics.VLLM_GAUGES`), expanded to the series Prometheus
   scrapes (histograms as _bucket/_sum/_count, counters with _total), and the collector
   registries agree that series exists;
 - every label in `by (...)` and in `{...}` matchers is one of the metric's labels, `le` for
@@ -100,9 +101,14 @@ def catalogue() -> dict[str, frozenset[str]]:
     from loraplex import metrics as operator_metrics
     from loraplex_server import metrics as server_metrics
 
+    from loraplex_server.epp_metrics import VLLM_GAUGES
+
     return {
         **exported(operator_metrics.METRIC_NAMES, operator_metrics.REGISTRY),
         **exported(server_metrics.METRIC_NAMES, server_metrics.Metrics().registry),
+        # vLLM's own gauges, passed through the adapter-server's /metrics (checked against a
+        # real vLLM in tests/server/test_vllm_epp_metrics.py).
+        **VLLM_GAUGES,
     }
 
 

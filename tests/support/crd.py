@@ -15,9 +15,14 @@ import jsonschema
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+FIXTURE_CRDS = ROOT / "tests" / "fixtures" / "crds"
 CRD_FILES = {
     "BaseModel": ROOT / "crds" / "loraplex.io_basemodels.yaml",
     "LoRAAdapter": ROOT / "crds" / "loraplex.io_loraadapters.yaml",
+    # Other projects' CRDs our objects must satisfy (their sources: each file's header).
+    "InferencePool": FIXTURE_CRDS / "inference.networking.k8s.io_inferencepools.yaml",
+    "HTTPRoute": FIXTURE_CRDS / "gateway.networking.k8s.io_httproutes.yaml",
+    "ScaledObject": FIXTURE_CRDS / "keda.sh_scaledobjects.yaml",
 }
 
 

@@ -7,11 +7,12 @@ and writes JSON.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from loraplex_server import admin, errors
+from loraplex_server import admin, epp_metrics, errors
 from loraplex_server.proxy import Proxy
 from loraplex_server.server import SERVER, Server
 from loraplex_server.settings import Settings
@@ -56,8 +57,12 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
+    """loraplex's families, then vLLM's as the endpoint picker reads them (epp_metrics)."""
+    server = _server(request)
+    vllm_text = await server.vllm_metrics.get()
+    epp = epp_metrics.merge(vllm_text, epp_metrics.lora_state(server.registry), time.time())
     return web.Response(
-        body=_server(request).metrics.render(),
+        body=server.metrics.render() + epp.encode(),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
     )
 

@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
+from loraplex_server.epp_metrics import VLLMMetrics
 from loraplex_server.fetch import Fetcher
 from loraplex_server.manifest import AdapterManifest
 from loraplex_server.metrics import Metrics
@@ -37,6 +38,7 @@ class Server:
         self._session: aiohttp.ClientSession | None = None
         self._registry: Registry | None = None
         self._proxy: Proxy | None = None
+        self._vllm_metrics: VLLMMetrics | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._manifest_digest = ""
 
@@ -44,6 +46,12 @@ class Server:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "server not started"
         return self._session
+
+    @property
+    def vllm_metrics(self) -> VLLMMetrics:
+        if self._vllm_metrics is None:
+            self._vllm_metrics = VLLMMetrics(self.session, self.settings.vllm_url)
+        return self._vllm_metrics
 
     @property
     def registry(self) -> Registry:

@@ -9,6 +9,7 @@ from pydantic.config import JsonDict
 
 from loraplex.api.common import CEL, Conditions, IntOrAuto, ObjectRef, Wire
 from loraplex.api.plan import PlanStatus
+from loraplex.api.routing import AutoscalingSpec, RoutingSpec
 from loraplex_server.manifest import ALLOWED_MAX_LORA_RANKS, check_served_name
 from loraplex_server.source_uri import SourceError, parse_source_uri
 
@@ -288,6 +289,15 @@ class BaseModelSpec(Wire):
     )
     affinity: dict[str, Any] | None = Field(default=None, json_schema_extra=_PRESERVE)
     network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
+    routing: RoutingSpec = Field(
+        default_factory=RoutingSpec,
+        description="Adapter-affinity routing across replicas (Gateway API Inference Extension).",
+    )
+    autoscaling: AutoscalingSpec = Field(
+        default_factory=AutoscalingSpec,
+        description="Scale replicas on the per-pod queue; when enabled, spec.replicas is only "
+        "the starting count and the autoscaler owns the Deployment's replicas.",
+    )
 
 
 class AdapterCounts(Wire):
