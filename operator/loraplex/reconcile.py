@@ -38,7 +38,7 @@ from loraplex.kube import (
 from loraplex.metrics import ADAPTERS, RECONCILE_SECONDS, RECONCILES
 from loraplex.planner import Plan
 from loraplex.podsync import PodSync, PodTarget, admin_token, ready_pods
-from loraplex.render import DEFAULT_IMAGES, Images, Owner, plan_changes
+from loraplex.render import DEFAULT_IMAGES, Images, Owner, plan_changes, replan_message
 from loraplex.status import PodView, adapter_status, base_status
 from loraplex_server.manifest import AdapterManifest, AdaptersResponse
 
@@ -197,7 +197,7 @@ class Reconciler:
             outcome.result = "infeasible"
             return outcome
         for obj in decision.objects:
-            if await self._ensure(obj, owner_body=bm):
+            if await self._ensure(obj, owner_body=bm, plan=plan):
                 outcome.writes.append(f"{obj['kind']}/{obj['metadata']['name']}")
         deployment = await self.kube.get(DEPLOYMENTS, ns, naming.deployment_name(name))
         reports: dict[str, AdaptersResponse | None] = {}
@@ -221,7 +221,9 @@ class Reconciler:
         await self._write_base(ns, name, bm, status)
         return outcome
 
-    async def _ensure(self, obj: dict[str, Any], *, owner_body: dict[str, Any]) -> bool:
+    async def _ensure(
+        self, obj: dict[str, Any], *, owner_body: dict[str, Any], plan: Plan | None = None
+    ) -> bool:
         """Create or correct one owned object; True when something was written."""
         kind = KIND_OF[obj["kind"]]
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
@@ -237,13 +239,7 @@ class Reconciler:
         if drifted(obj, observed):
             changes = plan_changes(observed, obj) if kind is DEPLOYMENTS else []
             if changes:
-                self.on_event(
-                    owner_body,
-                    "Replanned",
-                    "vLLM flags changed, rolling the pods: "
-                    + ", ".join(changes)
-                    + " (set spec.lora.* explicitly to keep them fixed)",
-                )
+                self.on_event(owner_body, "Replanned", replan_message(changes, plan))
             await self.kube.patch(kind, ns, name, obj)
             log.info("corrected %s %s/%s", obj["kind"], ns, name)
             return True

@@ -175,7 +175,7 @@ def test_base_phase(ready: int, replicas: int, phase: str) -> None:
     assert st.phase == phase and st.ready == f"{ready}/{replicas}"
     ready_cond = get_condition(st.conditions, "Ready")
     assert ready_cond is not None and (ready_cond.status == "True") is (phase == "Ready")
-    assert st.plan is not None and st.plan.max_lora_rank == 8
+    assert st.plan is not None and st.plan.max_lora_rank == 16  # rank 8 + one step of headroom
 
 
 def test_invalid_base_status_names_the_field() -> None:
