@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.planner.catalog import GPUS, MODELS, find_gpu
-from loraplex.planner.plan import AdapterDemand, Plan, plan_base_model, vllm_flags
+from loraplex.planner.plan import plan_base_model
+from loraplex.planner.result import AdapterDemand, Plan, vllm_flags
 
 _GIB = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g)?\s*$", re.IGNORECASE)
 
