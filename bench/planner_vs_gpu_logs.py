@@ -35,7 +35,7 @@ CATALOG_MODELS = (
 )
 
 
-def _table(head: Sequence[str], rows: list[Sequence[str]], markdown: bool) -> str:
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> str:
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
