@@ -15,6 +15,8 @@ lines and source) through `loraplex.planner.replay`.
 | auto utilization: accepted at start, survives     | every case          |
 |   graph capture, >= 1 full-length sequence,       |                     |
 |   <= 10% idle beyond context and graphs           |                     |
+| deployed release on every catalog GPU, TP 1/2/4:  | Qwen2.5-7B, LoRA on |
+|   start check, <= 0.95 net of graphs, <= 10% idle |                     |
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from typing import Any
 
 import pytest
 
+from loraplex.api.basemodel import BaseModelSpec
+from loraplex.planner import GPUS, AdapterDemand, plan_base_model
+from loraplex.planner.calibration import MAX_AUTO_UTILIZATION
 from loraplex.planner.replay import check_auto, leave_one_out, load_cases, replay_case
 
 CASES = load_cases()
@@ -91,3 +96,21 @@ def test_auto_never_asks_for_0987() -> None:
     """Issue 9.6: 0.9873 for Qwen2.5-72B on two H100s asked for more than was free."""
     a7 = next(c for c in CASES if c["id"] == "A7")
     assert check_auto(a7).auto < 0.96
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("gpu", sorted(GPUS))
+def test_auto_utilization_on_every_catalog_gpu(gpu: str, tp: int) -> None:
+    """The deployed release's auto utilization on each catalog GPU: vLLM's start check holds
+    with the context and headroomGiB left, never above 0.95 net of graphs, and at most 10% of
+    the GPU idle beyond the context (issue 9.6 and 11)."""
+    spec = BaseModelSpec.model_validate(
+        {"model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct"}, "gpu": {"product": gpu, "count": tp}}
+    )
+    p = plan_base_model(spec, [AdapterDemand("a", 16)])
+    b = p.breakdown
+    assert b is not None and b.cuda_graphs_in_budget  # vLLM 0.32: graphs inside the budget
+    used = p.gpu_memory_utilization * b.total
+    assert used <= b.total - b.cuda_context - spec.memory.headroom_gi_b + 1e-3
+    assert p.gpu_memory_utilization <= MAX_AUTO_UTILIZATION + b.cuda_graphs / b.total + 1e-4
+    assert b.headroom <= 0.10 * b.total
