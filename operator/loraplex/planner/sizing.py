@@ -94,7 +94,7 @@ class Sizing:
             activations=activation_bytes(s, db, tp, rank if self.lora else 0, self.batch),
             other=other_bytes(tp, self.cal),
             graphs=graph_bytes(s, lora=self.lora, eager=self.eager),
-            context=context_bytes(tp),
+            context=0 if self.cal.context_in_budget else context_bytes(tp),  # V0: in `other`
             graphs_in_budget=self.cal.graphs_in_budget,
             kv_per_token=s.kv_bytes_per_token(db, tp),
             max_model_len=self.max_model_len,
