@@ -93,6 +93,14 @@ def run_probe(
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # vllm-cpu binds each tensor-parallel worker to its own NUMA node and refuses
+        # ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers") on a one-node
+        # machine; binding each rank to its own core by hand is what the message suggests.
+        cpus = sorted(os.sched_getaffinity(0))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            str(cpus[i % len(cpus)]) for i in range(tp)
+        )
     from vllm import LLM
 
     llm = LLM(
