@@ -390,6 +390,46 @@ def _breakdown(sizing: Sizing, c: Costs) -> Breakdown:
     )
 
 
+@dataclass(frozen=True)
+class _Verdict:
+    feasible: bool
+    message: str
+    fix: str | None
+
+
+def _verdict(
+    spec: BaseModelSpec, sizing: Sizing, slots: _Slots, rank: _Rank, c: Costs, b: Breakdown
+) -> _Verdict:
+    """Feasible is vLLM's own rule (one full-length sequence); the message has the numbers,
+    and when it does not fit, the cheapest fix."""
+    util, length = sizing.utilization(), sizing.max_model_len
+    structural, fix = _structural(spec, sizing)
+    if structural:
+        return _Verdict(False, "; ".join(structural) + f"; cheapest fix: {fix}", fix)
+    if sizing.fits(c, 1):
+        tokens = sizing.kv_tokens(c)
+        return _Verdict(
+            True,
+            f"fits: {b.weights:.1f} GiB weights + {b.lora_slots:.2f} GiB for {slots.value} "
+            f"LoRA slot(s) of rank {rank.value} + {b.kv_cache:.1f} GiB KV ({tokens} tokens, "
+            f"{tokens / length:.1f} x {length}) at utilization {util:.4f} of "
+            f"{sizing.total_gib:g} GiB per GPU",
+            None,
+        )
+    limits = Limits(slots.value, slots.floor, rank.value, rank.needed, spec.model.dtype)
+    fix = cheapest_fix(sizing, limits)
+    graphs = f" + CUDA graphs {b.cuda_graphs:.1f}" if c.graphs_in_budget else ""
+    return _Verdict(
+        False,
+        f"does not fit: needs {_gib(c.in_budget + c.sequence):.1f} GiB per GPU (weights "
+        f"{b.weights:.1f} + LoRA slots {b.lora_slots:.2f} + activations "
+        f"{b.activations:.1f} + other {b.other:.1f}{graphs} + KV for one sequence of "
+        f"{length} tokens {_gib(c.sequence):.1f}) but {_gib(sizing.budget()):.1f} of "
+        f"{sizing.total_gib:g} GiB is usable at utilization {util:.4f}; cheapest fix: {fix}",
+        fix,
+    )
+
+
 def _assemble(
     spec: BaseModelSpec,
     adapters: Sequence[AdapterDemand],
@@ -399,55 +439,30 @@ def _assemble(
     dtype: str,
     reasons: list[str],
 ) -> Plan:
-    """Feasibility (vLLM's own rule: one full-length sequence), warnings, message, fix."""
     c = sizing.costs(slots.value, rank.value)
     b = _breakdown(sizing, c)
     kv_tokens = sizing.kv_tokens(c)
-    util, length = sizing.utilization(), sizing.max_model_len
-    structural, fix = _structural(spec, sizing)
-    feasible = not structural and sizing.fits(c, 1)
-    if feasible:
-        message = (
-            f"fits: {b.weights:.1f} GiB weights + {b.lora_slots:.2f} GiB for {slots.value} "
-            f"LoRA slot(s) of rank {rank.value} + {b.kv_cache:.1f} GiB KV ({kv_tokens} tokens, "
-            f"{kv_tokens / length:.1f} x {length}) at utilization {util:.4f} of "
-            f"{sizing.total_gib:g} GiB per GPU"
-        )
-    elif structural:
-        message = "; ".join(structural) + f"; cheapest fix: {fix}"
-    else:
-        fix = cheapest_fix(
-            sizing,
-            Limits(slots.value, slots.floor, rank.value, rank.needed, spec.model.dtype),
-        )
-        graphs = f" + CUDA graphs {b.cuda_graphs:.1f}" if c.graphs_in_budget else ""
-        message = (
-            f"does not fit: needs {_gib(c.in_budget + c.sequence):.1f} GiB per GPU (weights "
-            f"{b.weights:.1f} + LoRA slots {b.lora_slots:.2f} + activations "
-            f"{b.activations:.1f} + other {b.other:.1f}{graphs} + KV for one sequence of "
-            f"{length} tokens {_gib(c.sequence):.1f}) but {_gib(sizing.budget()):.1f} of "
-            f"{sizing.total_gib:g} GiB is usable at utilization {util:.4f}; cheapest fix: {fix}"
-        )
+    verdict = _verdict(spec, sizing, slots, rank, c, b)
     adapter_bytes = lora_slot_bytes(sizing.shape, 1, rank.value, sizing.dtype_bytes, 1)
     max_cpu, cpu_reason = _cpu_loras(spec, adapters, slots.value, adapter_bytes)
     return Plan(
-        feasible=feasible,
+        feasible=verdict.feasible,
         max_loras=slots.value,
         max_lora_rank=rank.value,
         max_cpu_loras=max_cpu,
-        gpu_memory_utilization=util,
+        gpu_memory_utilization=sizing.utilization(),
         tensor_parallel_size=sizing.tp,
-        max_model_len=length,
+        max_model_len=sizing.max_model_len,
         dtype=dtype,
         breakdown=b,
         kv_cache_tokens=kv_tokens,
-        kv_cache_sequences=kv_tokens / length,
-        message=message,
+        kv_cache_sequences=kv_tokens / sizing.max_model_len,
+        message=verdict.message,
         architecture_known=True,
         reasons=[*reasons, cpu_reason],
-        fix=fix if not feasible else None,
+        fix=verdict.fix,
         rank_exceeded=rank.exceeded,
-        warnings=tuple(_warnings(sizing, c, kv_tokens)) if feasible else (),
+        warnings=tuple(_warnings(sizing, c, kv_tokens)) if verdict.feasible else (),
     )
 
 
