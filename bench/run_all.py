@@ -2,7 +2,8 @@
 
     python -m bench.run_all [--quick] [--only chain_bench,server_bench]
 
-Runs operator_scale, server_bench, chain_bench and planner_accuracy one after the other (they
+Runs operator_scale, server_bench, chain_bench, planner_accuracy and planner_vs_gpu_logs (no
+vLLM; replays real GPU logs) one after the other (they
 each start CPU vLLM or the operator, and on two cores they must not overlap), prints each
 one's table as it finishes, and writes everything to bench/results/latest.json. `--quick`
 shrinks each one (fewer adapters, requests, restarts and engines) for a smoke run of about
@@ -26,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHES = ("operator_scale", "server_bench", "chain_bench", "planner_accuracy")
+BENCHES = (
+    "operator_scale",
+    "server_bench",
+    "chain_bench",
+    "planner_accuracy",
+    "planner_vs_gpu_logs",
+)
 
 
 def _operator_scale(quick: bool) -> tuple[Any, str]:
@@ -90,11 +97,25 @@ def _planner_accuracy(quick: bool) -> tuple[Any, str]:
     return result, accuracy + "\n\nPlans for 8 rank-16 adapters:\n\n" + catalog
 
 
+def _planner_vs_gpu_logs(quick: bool) -> tuple[Any, str]:
+    from bench import planner_vs_gpu_logs as b
+
+    tables = {
+        "terms": b.terms_table(True),
+        "leave_one_out": b.loo_table(True),
+        "auto": b.auto_table(True),
+        "catalog": b.catalog_table(True),
+    }
+    result = {k: _rows(v) for k, v in tables.items()}
+    return result, "\n\n".join(tables.values())
+
+
 RUNNERS: dict[str, Callable[[bool], tuple[Any, str]]] = {
     "operator_scale": _operator_scale,
     "server_bench": _server_bench,
     "chain_bench": _chain_bench,
     "planner_accuracy": _planner_accuracy,
+    "planner_vs_gpu_logs": _planner_vs_gpu_logs,
 }
 
 

@@ -75,6 +75,7 @@ def decide(
         spec,
         [AdapterDemand(c.name, c.spec.rank, c.spec.pinned) for c in accepted if c.spec],
         config_json=config_json,
+        running_rank=previous.max_lora_rank if previous else None,
     )
     ranks = {c.name: c.spec.rank if c.spec else None for c in accepted}
     for n in plan.rank_exceeded:

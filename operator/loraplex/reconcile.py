@@ -46,6 +46,7 @@ from loraplex.render import (
     OperatorPods,
     Owner,
     plan_changes,
+    replan_message,
 )
 from loraplex.status import PodView, adapter_status, base_status
 from loraplex_server.manifest import AdapterManifest, AdaptersResponse
@@ -208,7 +209,7 @@ class Reconciler:
             outcome.result = "infeasible"
             return outcome
         for obj in decision.objects:
-            if await self._ensure(obj, owner_body=bm):
+            if await self._ensure(obj, owner_body=bm, plan=plan):
                 outcome.writes.append(f"{obj['kind']}/{obj['metadata']['name']}")
         if not spec.network_policy.enabled and await self._retire_networkpolicy(owner):
             outcome.writes.append(f"-NetworkPolicy/{naming.networkpolicy_name(name)}")
@@ -234,7 +235,9 @@ class Reconciler:
         await self._write_base(ns, name, bm, status)
         return outcome
 
-    async def _ensure(self, obj: dict[str, Any], *, owner_body: dict[str, Any]) -> bool:
+    async def _ensure(
+        self, obj: dict[str, Any], *, owner_body: dict[str, Any], plan: Plan | None = None
+    ) -> bool:
         """Create or correct one owned object; True when something was written."""
         kind = KIND_OF[obj["kind"]]
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
@@ -250,13 +253,7 @@ class Reconciler:
         if drifted(obj, observed):
             changes = plan_changes(observed, obj) if kind is DEPLOYMENTS else []
             if changes:
-                self.on_event(
-                    owner_body,
-                    "Replanned",
-                    "vLLM flags changed, rolling the pods: "
-                    + ", ".join(changes)
-                    + " (set spec.lora.* explicitly to keep them fixed)",
-                )
+                self.on_event(owner_body, "Replanned", replan_message(changes, plan))
             await self.kube.patch(kind, ns, name, obj)
             log.info("corrected %s %s/%s", obj["kind"], ns, name)
             return True

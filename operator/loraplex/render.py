@@ -346,6 +346,19 @@ def plan_changes(observed: dict[str, Any] | None, desired: dict[str, Any]) -> li
     ]
 
 
+def replan_message(changes: list[str], plan: Plan | None) -> str:
+    """The Replanned event: which flags change, and the plan's reason for each new value."""
+    why = []
+    for change in changes:
+        reason = plan.reason_for(change.split()[0]) if plan is not None else None
+        if reason and reason not in why:
+            why.append(reason)
+    message = "vLLM flags changed, rolling the pods: " + ", ".join(changes)
+    if why:
+        message += "; because " + "; ".join(why)
+    return message + " (set spec.lora.* explicitly to keep them fixed)"
+
+
 def build_service(owner: Owner) -> dict[str, Any]:
     return _render(
         "service.yaml.j2",

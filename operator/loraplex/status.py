@@ -83,6 +83,10 @@ def base_status(
         )
         return st
     plan_reason = "Planned" if plan.architecture_known else "ArchitectureUnknown"
+    plan_message = plan.message
+    if plan.warnings:
+        plan_reason = "PlannedWithWarnings" if plan.architecture_known else plan_reason
+        plan_message += "; warning: " + "; ".join(plan.warnings)
     dstatus = (deployment or {}).get("status") or {}
     ready = int(dstatus.get("readyReplicas") or 0)
     st.replicas = replicas
@@ -103,7 +107,7 @@ def base_status(
     st.conditions = _conds(
         st.conditions,
         generation,
-        ("Planned", True, plan_reason, plan.message),
+        ("Planned", True, plan_reason, plan_message),
         ("Progressing", not ok and phase == "Deploying", reason if not ok else "Ready", msg),
         ("Degraded", phase == "Degraded", reason if phase == "Degraded" else "AsExpected", msg),
         ("Ready", ok, reason, msg),

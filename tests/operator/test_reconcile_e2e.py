@@ -126,8 +126,8 @@ async def test_examples_reconcile_into_owned_objects(
     assert "--enable-lora" in vllm_args
     flags = dict(itertools.pairwise(vllm_args))
     assert flags["--model"] == "Qwen/Qwen2.5-14B-Instruct"
-    assert flags["--max-lora-rank"] == "16"
-    assert 0.5 < float(flags["--gpu-memory-utilization"]) < 0.95
+    assert flags["--max-lora-rank"] == "32"  # adapters of rank 16 and 8, one step of headroom
+    assert 0.9 < float(flags["--gpu-memory-utilization"]) < 0.99
     assert containers["vllm"]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert containers["adapter-server"]["args"] == [
         "--vllm-url",
@@ -390,10 +390,17 @@ async def test_larger_rank_replans_with_an_event_only_on_auto(
         args = pod_template(cluster, base)["spec"]["containers"][0]["args"]
         return str(args[args.index("--max-lora-rank") + 1])
 
-    assert rank_of("qwen-14b") == "16"
+    # Adapters of rank 16 and 8: auto plans one allowed step of headroom above 16.
+    assert rank_of("qwen-14b") == "32"
+    await kube.apply(adapter_obj("mid-qwen-14b", "qwen-14b", "hf://org/mid", rank=32))
+    await eventually(
+        lambda: "mid-qwen-14b" in (adapter_names(cluster, "qwen-14b") or []),
+        what="rank 32 accepted",
+    )
+    assert rank_of("qwen-14b") == "32", "an adapter within the headroom does not roll the pods"
     for base in ("qwen-14b", "fixed-rank"):
         await kube.apply(adapter_obj(f"big-{base}", base, "hf://org/big", rank=64))
-    await eventually(lambda: rank_of("qwen-14b") == "64", what="re-plan to rank 64 on auto")
+    await eventually(lambda: rank_of("qwen-14b") == "128", what="re-plan to 64 + headroom")
     event = await eventually(
         lambda: next(
             (
@@ -406,7 +413,8 @@ async def test_larger_rank_replans_with_an_event_only_on_auto(
         what="a Replanned event",
     )
     assert event["involvedObject"]["name"] == "qwen-14b"
-    assert "--max-lora-rank 16 -> 64" in event["message"]
+    assert "--max-lora-rank 32 -> 128" in event["message"]
+    assert "because maxLoraRank 128: one step above 64" in event["message"], event["message"]
     cond = await eventually(
         lambda: condition(
             one(cluster, "loraplex.io/v1alpha1/loraadapters", "big-fixed-rank"), "Accepted"

@@ -175,7 +175,23 @@ def test_base_phase(ready: int, replicas: int, phase: str) -> None:
     assert st.phase == phase and st.ready == f"{ready}/{replicas}"
     ready_cond = get_condition(st.conditions, "Ready")
     assert ready_cond is not None and (ready_cond.status == "True") is (phase == "Ready")
-    assert st.plan is not None and st.plan.max_lora_rank == 8
+    assert st.plan is not None and st.plan.max_lora_rank == 16  # rank 8 + one step of headroom
+
+
+def test_plan_warnings_reach_the_planned_condition() -> None:
+    """A plan vLLM starts with but that holds fewer sequences than expected: Planned stays
+    True, with reason PlannedWithWarnings and the numbers in the message and in status."""
+    busy = BaseModelSpec.model_validate(
+        {**BASE.model_dump(by_alias=True), "maxModelLen": 32768, "memory": {"minKvSequences": 64}}
+    )
+    plan = plan_base_model(busy, [AdapterDemand("a", 8)])
+    assert plan.feasible and plan.warnings
+    st = base_status(BaseModelStatus(), 1, plan=plan, deployment=None, replicas=1)
+    cond = get_condition(st.conditions, "Planned")
+    assert cond is not None and cond.status == "True"
+    assert cond.reason == "PlannedWithWarnings"
+    assert "fewer than minKvSequences 64" in cond.message
+    assert st.plan is not None and st.plan.warnings == list(plan.warnings)
 
 
 def test_invalid_base_status_names_the_field() -> None:

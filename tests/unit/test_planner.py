@@ -2,10 +2,14 @@
 
 | rule                      | cases                                                              |
 |---------------------------|--------------------------------------------------------------------|
-| maxLoraRank               | none/unknown/known ranks, rounding up, > 512, user-fixed + exceeded |
+| maxLoraRank               | none/unknown/known ranks, rounding up + one step of headroom when  |
+|                           | it fits, > 512, user-fixed + exceeded, running rank kept           |
 | maxLoras                  | adapter count, pinned + working set, KV floor bound, user-fixed    |
 | maxCpuLoras               | all adapters, host budget bound, >= maxLoras, user-fixed           |
-| gpuMemoryUtilization      | seed 14B on 48 GB (~0.75), 24 GB infeasible -> TP 2, cap, fixed     |
+| gpuMemoryUtilization      | auto = highest safe (start check, context, graphs, headroomGiB),   |
+|                           | 24 GB infeasible -> TP 2, fixed, start refusal / headroom warnings |
+| feasibility               | one full-length sequence (vLLM's rule); fewer than minKvSequences  |
+|                           | is a warning with the numbers                                      |
 | maxModelLen               | default min(context, 4096), user value, beyond context             |
 | infeasible fixes          | each suggested fix, applied, makes the plan feasible               |
 | architecture resolution   | spec.architecture > config.json > catalog > unknown (usable plan)  |
@@ -52,15 +56,18 @@ def plan(s: BaseModelSpec, ads: list[AdapterDemand], **kw: Any) -> Plan:
 @pytest.mark.parametrize(
     ("ranks", "fixed", "expected", "exceeded"),
     [
-        pytest.param((), "auto", 16, (), id="no-adapters-vllm-default"),
-        pytest.param((None,), "auto", 16, (), id="unknown-rank-16"),
-        pytest.param((8,), "auto", 8, (), id="known-8"),
-        pytest.param((4,), "auto", 8, (), id="round-up-4-to-8"),
-        pytest.param((1,), "auto", 1, (), id="rank-1"),
-        pytest.param((8, None), "auto", 16, (), id="unknown-counts-as-16"),
-        pytest.param((64, None), "auto", 64, (), id="known-above-unknown"),
-        pytest.param((17, 8), "auto", 32, (), id="round-up-17-to-32"),
-        pytest.param((300,), "auto", 320, (), id="320-is-allowed"),
+        # Auto: the smallest allowed rank >= the largest adapter, then one allowed step of
+        # headroom when the KV cache still holds minKvSequences (issue 9.9).
+        pytest.param((), "auto", 32, (), id="no-adapters-vllm-default-16-plus-headroom"),
+        pytest.param((None,), "auto", 32, (), id="unknown-rank-16-plus-headroom"),
+        pytest.param((8,), "auto", 16, (), id="known-8-plus-headroom"),
+        pytest.param((4,), "auto", 16, (), id="round-up-4-to-8-plus-headroom"),
+        pytest.param((1,), "auto", 8, (), id="rank-1-plus-headroom"),
+        pytest.param((8, None), "auto", 32, (), id="unknown-counts-as-16"),
+        pytest.param((64, None), "auto", 128, (), id="known-above-unknown"),
+        pytest.param((17, 8), "auto", 64, (), id="round-up-17-to-32-plus-headroom"),
+        # 4 slots of rank 512 would leave fewer than 4 sequences: no headroom taken.
+        pytest.param((300,), "auto", 320, (), id="320-no-room-for-512"),
         pytest.param((321,), "auto", 512, (), id="321-to-512"),
         pytest.param((600, 8), "auto", 512, ("a0",), id="above-512-exceeded"),
         pytest.param((8, 32, None), 16, 16, ("a1",), id="user-fixed-keeps-and-reports"),
@@ -107,16 +114,62 @@ def test_adding_unpinned_adapters_keeps_the_flags(ranks: tuple[int | None, ...])
 
 
 def test_max_loras_reduced_to_keep_kv_floor() -> None:
-    """Rank-512 slots of a 14B model cost 4.1 GiB each: only 3 leave room for 4 sequences."""
+    """Rank-512 slots of a 14B model cost 1 GiB each: only 3 leave room for 4 sequences."""
     s = spec(lora={"maxLoraRank": 512})
     p = plan(s, adapters(*[16] * 10))
-    assert p.feasible
+    assert p.feasible and not p.warnings
     assert p.max_loras == 3
     assert p.kv_cache_sequences >= s.memory.min_kv_sequences
-    # One more slot would have pushed the KV cache below the floor at the same utilization cap.
-    more = plan(spec(lora={"maxLoraRank": 512, "maxLoras": 4}), adapters(*[16] * 10))
-    assert not more.feasible
     assert any("reduced from 4" in r for r in p.reasons)
+    # One more slot leaves less than one sequence: vLLM would refuse, and so does the plan.
+    four = plan(spec(lora={"maxLoraRank": 512, "maxLoras": 4}), adapters(*[16] * 10))
+    assert not four.feasible and four.fix == "fewer LoRA slots: set spec.lora.maxLoras to 3"
+    # More sequences expected than fit: vLLM still starts, so the plan is feasible and warns
+    # with the numbers.
+    busy = plan(
+        spec(lora={"maxLoraRank": 512, "maxLoras": 3}, memory={"minKvSequences": 8}),
+        adapters(*[16] * 10),
+    )
+    assert busy.feasible
+    assert 1 <= busy.kv_cache_sequences < 8
+    (warning,) = busy.warnings
+    assert f"holds {busy.kv_cache_sequences:.1f} full-length sequences of 4096" in warning
+    assert "fewer than minKvSequences 8" in warning
+
+
+def test_slots_shrink_to_one_sequence_before_refusing() -> None:
+    """When even one slot cannot keep minKvSequences, slots shrink to what vLLM starts with."""
+    p = plan(spec(lora={"maxLoraRank": 512}, memory={"minKvSequences": 64}), adapters(16))
+    assert p.feasible and p.max_loras < 4
+    assert any("so the KV cache holds 1 sequence(s)" in r for r in p.reasons)
+    assert p.warnings
+
+
+def test_rank_headroom_only_where_it_fits() -> None:
+    """Rank 64 adapters on a 48 GB card: 4 slots of 128 still leave 4 sequences, so auto takes
+    the step; with 16 sequences expected it does not."""
+    assert plan(spec(), adapters(64)).max_lora_rank == 128
+    tight = plan(spec(memory={"minKvSequences": 17}), adapters(64))
+    assert tight.feasible and tight.max_lora_rank == 64
+    assert any("one step above" in r for r in plan(spec(), adapters(64)).reasons)
+
+
+@pytest.mark.parametrize(
+    ("running", "ranks", "expected"),
+    [
+        pytest.param(32, (16, 32), 32, id="adapter-within-headroom-keeps-running-rank"),
+        pytest.param(64, (8,), 64, id="smaller-adapters-keep-running-rank"),
+        pytest.param(32, (64,), 128, id="larger-adapter-replans-with-headroom"),
+        pytest.param(None, (16, 32), 64, id="first-plan-takes-headroom"),
+    ],
+)
+def test_running_rank_is_kept_while_it_covers_every_adapter(
+    running: int | None, ranks: tuple[int, ...], expected: int
+) -> None:
+    """The rank the pods run with (from the published manifest) stays while it covers every
+    adapter: adding one within it does not roll the pods (issue 9.9)."""
+    p = plan_base_model(spec(), adapters(*ranks), running_rank=running)
+    assert p.max_lora_rank == expected
 
 
 def test_max_loras_user_fixed_kept() -> None:
@@ -132,8 +185,8 @@ def test_max_loras_user_fixed_kept() -> None:
 
 def test_max_cpu_loras_independent_of_adapter_count() -> None:
     few, many = (plan(spec(), adapters(*[16] * n)) for n in (2, 200))
-    # 8 GiB host budget / 0.128 GiB per rank-16 Qwen2.5-14B adapter = 62 (< the cap of 64).
-    assert few.max_cpu_loras == many.max_cpu_loras == 62 >= few.max_loras
+    # 8 GiB host budget / 0.256 GiB per rank-32 (16 + headroom) Qwen2.5-14B adapter = 31.
+    assert few.max_cpu_loras == many.max_cpu_loras == 31 >= few.max_loras
     small = plan(spec(source=LLAMA8), adapters(8))
     assert small.max_cpu_loras == 64  # the cap, when the budget holds more
     assert any("reloaded from disk" in r for r in many.reasons)
@@ -167,15 +220,22 @@ def test_max_cpu_loras_never_below_max_loras() -> None:
         pytest.param({"product": "L40S"}, id="L40S"),
     ],
 )
-def test_seed_qwen14b_on_48gb(gpu: dict[str, Any]) -> None:
-    """Users of a 48 GB card found 0.75 by hand for this model with two rank-16 adapters."""
+def test_seed_qwen14b_on_48gb_uses_the_gpu(gpu: dict[str, Any]) -> None:
+    """Auto is the highest safe utilization (issue 11): the KV cache sets throughput, so a pod
+    that owns its GPU uses it, leaving the CUDA context and headroomGiB outside vLLM's budget
+    and no more than 10% of the GPU idle."""
     p = plan(spec(gpu=gpu), adapters(16, 16))
     assert p.feasible, p.message
-    assert 0.65 <= p.gpu_memory_utilization <= 0.85
-    assert (p.max_loras, p.max_lora_rank, p.dtype) == (4, 16, "bfloat16")
+    b = p.breakdown
+    assert b is not None
+    assert 0.93 <= p.gpu_memory_utilization <= 0.95 + b.cuda_graphs / b.total
+    assert (p.max_loras, p.max_lora_rank, p.dtype) == (4, 32, "bfloat16")
     assert p.kv_cache_sequences >= 4
-    assert p.breakdown is not None
-    assert p.breakdown.weights == pytest.approx(27.5, abs=0.1)
+    assert b.weights == pytest.approx(27.5, abs=0.1)
+    assert b.headroom >= 1.0 - 1e-3  # headroomGiB stays free beyond the context
+    assert b.headroom <= 0.10 * b.total
+    outside = b.total * (1 - p.gpu_memory_utilization)
+    assert outside >= b.cuda_context + b.headroom - 1e-3  # vLLM's start check holds
 
 
 @pytest.mark.parametrize("gpu", [{"memoryGiB": 24}, {"product": "RTX-4090"}, {"product": "L4"}])
@@ -189,22 +249,33 @@ def test_seed_qwen14b_on_24gb_needs_two_gpus(gpu: dict[str, Any]) -> None:
     assert fixed.tensor_parallel_size == 2
 
 
-def test_utilization_capped_to_leave_headroom() -> None:
-    """A large floor on a tight GPU: utilization stops where headroomGiB stays free."""
-    s = spec(memory={"headroomGiB": 2.0, "minKvSequences": 16})
-    p = plan(s, adapters(16))
-    assert p.feasible
-    assert p.gpu_memory_utilization * 47.54 <= 47.54 - 2.0 + 1e-6
-    assert p.kv_cache_sequences >= 16
+def test_headroom_gib_lowers_auto_utilization() -> None:
+    """headroomGiB is kept free beyond the CUDA context: more of it, lower utilization."""
+    base, roomy = (plan(spec(memory={"headroomGiB": h}), adapters(16)) for h in (1.0, 4.0))
+    assert roomy.feasible and roomy.breakdown is not None
+    assert roomy.gpu_memory_utilization < base.gpu_memory_utilization
+    assert roomy.breakdown.headroom == pytest.approx(4.0, abs=0.01)
 
 
-def test_utilization_covers_the_breakdown() -> None:
-    p = plan(spec(), adapters(16, 16))
+@pytest.mark.parametrize(
+    ("version", "graphs_in_budget"), [("0.19.0", False), ("0.21.0", True), ("0.32.0", True)]
+)
+def test_auto_utilization_keyed_on_vllm_version(version: str, graphs_in_budget: bool) -> None:
+    """Before vLLM 0.21 the CUDA graph pool is allocated outside the budget, so auto leaves
+    room for it there; from 0.21 vLLM takes it out of the KV cache instead."""
+    p = plan_base_model(spec(), adapters(16), vllm_version=version)
     b = p.breakdown
-    assert b is not None
-    used = b.weights + b.lora_slots + b.activations + b.other + b.kv_cache
-    assert used == pytest.approx(p.gpu_memory_utilization * b.total, abs=0.01)
-    assert p.kv_cache_tokens == pytest.approx(b.kv_cache * 1024**3 / (2 * 48 * 8 * 128 * 2), abs=1)
+    assert b is not None and b.cuda_graphs_in_budget is graphs_in_budget
+    outside = b.total * (1 - p.gpu_memory_utilization)
+    graphs_outside = 0.0 if graphs_in_budget else b.cuda_graphs
+    assert outside >= b.cuda_context + graphs_outside + 1.0 - 1e-3
+    assert any(f"vLLM {version} calibration" in r for r in p.reasons)
+
+
+def test_engine_image_tag_picks_the_calibration() -> None:
+    old = spec(engine={"image": "vllm/vllm-openai:v0.19.0"})
+    assert plan(old, adapters(16)).breakdown.cuda_graphs_in_budget is False  # type: ignore[union-attr]
+    assert plan(spec(), adapters(16)).breakdown.cuda_graphs_in_budget is True  # type: ignore[union-attr]
 
 
 def test_fixed_utilization_sets_kv() -> None:
@@ -235,10 +306,22 @@ def test_lower_rank_fix_when_pinned_slots_cannot_shrink() -> None:
     assert fixed.feasible, fixed.message
 
 
-def test_fixed_utilization_eating_headroom_is_reported() -> None:
-    p = plan(spec(memory={"gpuMemoryUtilization": 0.99}), adapters(16))
-    assert p.feasible
-    assert any("less than headroomGiB" in r for r in p.reasons)
+@pytest.mark.parametrize(
+    ("util", "says"),
+    [
+        pytest.param(0.99, "vLLM refuses to start above", id="above-free-at-start"),
+        pytest.param(0.985, "less than headroomGiB", id="eats-headroom"),
+    ],
+)
+def test_fixed_utilization_risks_are_warnings(util: float, says: str) -> None:
+    """A user-set utilization is kept; what it risks is a warning with the numbers."""
+    p = plan(spec(memory={"gpuMemoryUtilization": util}), adapters(16))
+    assert p.feasible and p.gpu_memory_utilization == util
+    assert any(says in w for w in p.warnings), p.warnings
+    old = plan_base_model(
+        spec(memory={"gpuMemoryUtilization": 0.975}), adapters(16), vllm_version="0.19.0"
+    )
+    assert any("graph capture may run out of memory" in w for w in old.warnings), old.warnings
 
 
 def test_tensor_parallel_must_divide_heads() -> None:
@@ -274,8 +357,8 @@ def test_tensor_parallel_must_divide_heads() -> None:
         ),
         pytest.param(
             {"source": "hf://Qwen/Qwen2.5-72B-Instruct", "gpu": {"product": "H100-80GB"}},
-            "spec.gpu.count to 2",
-            lambda r, fix: {**r, "gpu": {"product": "H100-80GB", "count": 2}},
+            "spec.gpu.count to",
+            lambda r, fix: {**r, "gpu": {"product": "H100-80GB", "count": int(fix.split()[0])}},
             id="more-gpus",
         ),
     ],
@@ -393,8 +476,8 @@ def test_vllm_flags() -> None:
     pairs = dict(zip(flags[::2], flags[1::2], strict=True))
     assert pairs == {
         "--max-loras": "4",
-        "--max-lora-rank": "16",
-        "--max-cpu-loras": "62",
+        "--max-lora-rank": "32",
+        "--max-cpu-loras": "31",
         "--gpu-memory-utilization": f"{p.gpu_memory_utilization:.4f}",
         "--tensor-parallel-size": "1",
         "--max-model-len": "4096",

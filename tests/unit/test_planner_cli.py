@@ -39,7 +39,8 @@ def test_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert "--max-loras               4" in out
     assert "weights                    27.51" in out
-    assert "vllm --max-loras 4 --max-lora-rank 16" in out
+    assert "inside vLLM's budget" in out and "CUDA context (est.)" in out
+    assert "vllm --max-loras 4 --max-lora-rank 32" in out  # rank 16 + one step of headroom
 
 
 def test_json_matches_planner(capsys: pytest.CaptureFixture[str]) -> None:
@@ -56,7 +57,7 @@ def test_json_matches_planner(capsys: pytest.CaptureFixture[str]) -> None:
     )
     plan = plan_base_model(inputs.spec, inputs.adapters)
     assert data["maxLoras"] == plan.max_loras == 4
-    assert data["maxLoraRank"] == 64
+    assert data["maxLoraRank"] == plan.max_lora_rank == 128  # 64 + one step of headroom
     assert data["gpuMemoryUtilization"] == plan.gpu_memory_utilization
     assert data["feasible"] is True and data["vllmFlags"][0] == "--max-loras"
 

@@ -101,6 +101,8 @@ PUBLISHED = {
     "google/gemma-2-9b-it": 9.242e9,
     "google/gemma-2-27b-it": 27.23e9,
     "microsoft/Phi-3-mini-4k-instruct": 3.821e9,
+    "Qwen/Qwen3-32B": 32.76e9,
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B": 14.77e9,
 }
 
 

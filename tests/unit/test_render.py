@@ -19,7 +19,16 @@ from loraplex.api.basemodel import BaseModelSpec
 from loraplex.decide import decide
 from loraplex.offline import load_documents, render_paths
 from loraplex.planner import AdapterDemand, plan_base_model
-from loraplex.render import Owner, build_deployment, model_location, render_all, server_args
+from loraplex.render import (
+    Images,
+    Owner,
+    build_deployment,
+    model_location,
+    plan_changes,
+    render_all,
+    replan_message,
+    server_args,
+)
 from loraplex_server.manifest import AdapterManifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,3 +189,25 @@ def test_render_all_orders_secret_and_configmap_before_the_deployment() -> None:
     kinds = [o["kind"] for o in render_all(OWNER, spec, plan, manifest, "t")]
     assert kinds == ["Secret", "ConfigMap", "NetworkPolicy", "Deployment", "Service"]
     assert build_deployment(OWNER, spec, plan, __import__("loraplex.render").render.Images())
+
+
+def test_replanned_message_says_why() -> None:
+    """A rank above the headroom rolls the pods; the event names the flag and the reason."""
+    spec = BaseModelSpec.model_validate(
+        {"model": {"source": "hf://Qwen/Qwen2.5-14B-Instruct"}, "gpu": {"product": "L40S"}}
+    )
+    owner = Owner("qwen", "ns", "uid")
+    before = plan_base_model(spec, [AdapterDemand("a", 16)])
+    after = plan_base_model(
+        spec, [AdapterDemand("a", 16), AdapterDemand("big", 64)], running_rank=32
+    )
+    old, new = (build_deployment(owner, spec, p, Images()) for p in (before, after))
+    changes = plan_changes(old, new)
+    assert "--max-lora-rank 32 -> 128" in changes
+    message = replan_message(changes, after)
+    assert "because maxLoraRank 128: one step above 64" in message
+    # Within the headroom: same flags, no rollout, no event.
+    within = plan_base_model(
+        spec, [AdapterDemand("a", 16), AdapterDemand("b", 32)], running_rank=32
+    )
+    assert plan_changes(old, build_deployment(owner, spec, within, Images())) == []

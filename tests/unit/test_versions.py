@@ -12,6 +12,9 @@ from pathlib import Path
 import yaml
 
 from loraplex import versions
+from loraplex.api.basemodel import BaseModelSpec
+from loraplex.planner import plan_base_model
+from loraplex.planner.calibration import DEFAULT_CALIBRATION
 from loraplex.render import Images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,3 +45,12 @@ def test_chart_default_engine_image_is_the_pinned_release() -> None:
     values = yaml.safe_load((ROOT / "charts/loraplex/values.yaml").read_text())
     image = values["engineImage"]
     assert f"{image['repository']}:{image['tag']}" == versions.DEFAULT_ENGINE_IMAGE
+
+
+def test_planner_calibration_is_keyed_on_the_pinned_release() -> None:
+    assert DEFAULT_CALIBRATION.vllm_version == versions.VLLM_VERSION
+    spec = BaseModelSpec.model_validate(
+        {"model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct"}, "gpu": {"product": "L40S"}}
+    )
+    plan = plan_base_model(spec, [])
+    assert f"vLLM {versions.VLLM_VERSION} calibration" in plan.reasons[0]

@@ -150,13 +150,20 @@ class MemorySpec(Wire):
         default=None,
         gt=0,
         le=1,
-        description="--gpu-memory-utilization; omit for the planner to compute it.",
+        description="--gpu-memory-utilization; omit for the highest safe value on this GPU "
+        "(set it, or gpu.memoryGiB, to share the GPU).",
     )
     headroom_gi_b: float = Field(
-        default=1.0, alias="headroomGiB", ge=0, description="GiB per GPU left free."
+        default=1.0,
+        alias="headroomGiB",
+        ge=0,
+        description="GiB per GPU left free beyond the CUDA context and graphs (auto utilization).",
     )
     min_kv_sequences: int = Field(
-        default=4, ge=1, description="Full-length sequences the KV cache must hold at least."
+        default=4,
+        ge=1,
+        description="Full-length sequences expected at once: LoRA slots shrink to keep them, "
+        "and fewer is a warning (vLLM itself needs one).",
     )
 
 

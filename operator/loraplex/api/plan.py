@@ -18,8 +18,20 @@ class PlanBreakdown(Wire):
     lora_slots: float = Field(description="Preallocated LoRA A/B buffers for all GPU slots.")
     activations: float = Field(description="Peak activation estimate for one profiling batch.")
     kv_cache: float = Field(description="KV cache left for sequences.")
-    other: float = Field(default=0.0, description="CUDA graphs, allocator and runtime overhead.")
-    headroom: float = Field(description="Left free on the GPU for other processes and spikes.")
+    other: float = Field(
+        default=0.0, description="Non-torch memory inside vLLM's budget (cuBLAS, NCCL buffers)."
+    )
+    cuda_graphs: float = Field(default=0.0, description="CUDA graph pool (estimated).")
+    cuda_graphs_in_budget: bool = Field(
+        default=True,
+        description="Whether the vLLM release counts CUDA graphs inside its budget (>= 0.21).",
+    )
+    cuda_context: float = Field(
+        default=0.0, description="CUDA context and NCCL communicators, outside vLLM's budget."
+    )
+    headroom: float = Field(
+        description="Left unused: outside vLLM's budget, beyond the CUDA context and graphs."
+    )
     total: float = Field(description="GPU memory per device.")
 
 
@@ -41,3 +53,8 @@ class PlanStatus(Wire):
         default=0.0, description="Full-length (maxModelLen) sequences the KV cache can hold."
     )
     reasons: list[str] = Field(default_factory=list, description="Why each value was chosen.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What vLLM survives but users should know (e.g. fewer full-length "
+        "sequences fit than minKvSequences); also in the Planned condition's message.",
+    )

@@ -9,14 +9,8 @@ from loraplex.planner.architecture import ModelShape, shape_from_config, weight_
 from loraplex.planner.catalog import GPUS, MODELS, find_gpu, find_model
 from loraplex.planner.cli import PlanInputs, add_plan_parser, plan_cli_inputs, run_plan
 from loraplex.planner.lora_memory import lora_slot_bytes
-from loraplex.planner.plan import (
-    AdapterDemand,
-    Breakdown,
-    Plan,
-    allowed_rank_at_least,
-    plan_base_model,
-    vllm_flags,
-)
+from loraplex.planner.plan import allowed_rank_at_least, plan_base_model
+from loraplex.planner.result import AdapterDemand, Breakdown, Plan, vllm_flags
 
 __all__ = [
     "GPUS",

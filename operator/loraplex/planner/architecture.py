@@ -17,8 +17,9 @@ from loraplex.api.basemodel import Architecture
 
 # vLLM wraps the embedding and lm_head with LoRA only for models whose class declares
 # `embedding_modules` (vllm/model_executor/models/*.py, vLLM 0.32): Llama and the classes that
-# inherit from it without clearing it (Phi-3). Mistral clears it; Qwen2 and Gemma 2 never set it.
-_LORA_EMBEDDING_TYPES = frozenset({"llama", "phi3"})
+# inherit from it without clearing it (Phi-3), and Qwen3. Mistral clears it; Qwen2 and Gemma 2
+# never set it.
+_LORA_EMBEDDING_TYPES = frozenset({"llama", "phi3", "qwen3"})
 # Checkpoints with qkv_proj / gate_up_proj already fused: vLLM's packed_modules_mapping maps
 # each to itself, so the LoRA A buffer has one slice instead of three (qkv) or two (gate_up).
 _FUSED_TYPES = frozenset({"phi3"})
@@ -26,6 +27,8 @@ _FUSED_TYPES = frozenset({"phi3"})
 _QKV_BIAS_TYPES = frozenset({"qwen2"})
 # RMSNorm weights per decoder layer: Gemma 2 adds pre/post feed-forward norms.
 _NORMS_PER_LAYER = {"gemma2": 4, "gemma3": 4}
+# Per-head q/k RMSNorm (head_dim weights each): Qwen3 (vllm/model_executor/models/qwen3.py).
+_QK_NORM_TYPES = frozenset({"qwen3", "gemma3"})
 # vLLM pads the vocabulary of VocabParallelEmbedding / ParallelLMHead to a multiple of 64.
 VOCAB_PADDING = 64
 
@@ -179,6 +182,8 @@ def weight_elements(shape: ModelShape, tp: int) -> int:
     )
     if shape.qkv_bias:
         per_layer += q_out + 2 * kv_out
+    if shape.model_type in _QK_NORM_TYPES:
+        per_layer += 2 * d
     embed = shape.padded_vocab // tp * h
     lm_head = 0 if shape.tie_word_embeddings else embed
     return shape.num_layers * per_layer + embed + lm_head + h

@@ -52,6 +52,8 @@ _QWEN25_7B = _m("qwen2", 3584, 18944, 28, 28, 4, 128, 152064, False, 32768)
 _QWEN25_14B = _m("qwen2", 5120, 13824, 48, 40, 8, 128, 152064, False, 32768)
 _QWEN25_32B = _m("qwen2", 5120, 27648, 64, 40, 8, 128, 152064, False, 32768)
 _QWEN25_72B = _m("qwen2", 8192, 29568, 80, 64, 8, 128, 152064, False, 32768)
+_R1_DISTILL_QWEN_14B = _m("qwen2", 5120, 13824, 48, 40, 8, 128, 152064, False, 131072)
+_QWEN3_32B = _m("qwen3", 5120, 25600, 64, 64, 8, 128, 151936, False, 40960)
 
 # Keys are lower-case "org/repo"; instruct and base variants share a shape.
 MODELS: dict[str, ModelShape] = {
@@ -85,6 +87,8 @@ MODELS: dict[str, ModelShape] = {
     "qwen/qwen2.5-32b-instruct": _QWEN25_32B,
     "qwen/qwen2.5-72b": _QWEN25_72B,
     "qwen/qwen2.5-72b-instruct": _QWEN25_72B,
+    "deepseek-ai/deepseek-r1-distill-qwen-14b": _R1_DISTILL_QWEN_14B,
+    "qwen/qwen3-32b": _QWEN3_32B,
     "mistralai/mistral-7b-instruct-v0.3": _m(
         "mistral", 4096, 14336, 32, 32, 8, 128, 32768, False, 32768
     ),
@@ -107,19 +111,18 @@ MODELS: dict[str, ModelShape] = {
 
 @dataclass(frozen=True)
 class GPU:
-    """A GPU product: memory per device as CUDA reports it, and whether vLLM treats it as
-    H100-class (larger default batch, hence larger activation peaks)."""
+    """A GPU product: memory per device as CUDA reports it (vLLM's batch defaults follow from
+    it and the name, see calibration.default_batch)."""
 
     name: str
     memory_gib: float
-    large_batch_defaults: bool = False
 
 
 GPUS: dict[str, GPU] = {
     g.name.lower(): g
     for g in [
-        GPU("H100-80GB", 79.19, True),
-        GPU("H200", 139.8, True),
+        GPU("H100-80GB", 79.19),
+        GPU("H200", 139.8),
         GPU("A100-40GB", 39.39),
         GPU("A100-80GB", 79.15),
         GPU("L40S", 44.52),

@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.planner.catalog import GPUS, MODELS, find_gpu
-from loraplex.planner.plan import AdapterDemand, Plan, plan_base_model, vllm_flags
+from loraplex.planner.plan import plan_base_model
+from loraplex.planner.result import AdapterDemand, Plan, vllm_flags
 
 _GIB = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g)?\s*$", re.IGNORECASE)
 
@@ -153,7 +154,13 @@ def format_table(plan: Plan, model: str) -> str:
             ("  LoRA slots", f"{b.lora_slots:8.2f}"),
             ("  activations (est.)", f"{b.activations:8.2f}"),
             ("  other (est.)", f"{b.other:8.2f}"),
+            (
+                "  CUDA graphs (est.)",
+                f"{b.cuda_graphs:8.2f}  {'inside' if b.cuda_graphs_in_budget else 'outside'} "
+                "vLLM's budget",
+            ),
             ("  KV cache", f"{b.kv_cache:8.2f}"),
+            ("  CUDA context (est.)", f"{b.cuda_context:8.2f}  outside vLLM's budget"),
             ("  headroom (free)", f"{b.headroom:8.2f}"),
             ("  total", f"{b.total:8.2f}"),
             (
@@ -168,6 +175,7 @@ def format_table(plan: Plan, model: str) -> str:
     lines.append(plan.message)
     if plan.rank_exceeded:
         lines.append(f"adapters above maxLoraRank: {', '.join(plan.rank_exceeded)}")
+    lines += [f"warning: {w}" for w in plan.warnings]
     lines += [f"  - {r}" for r in plan.reasons]
     lines.append("vllm " + " ".join(vllm_flags(plan)))
     return "\n".join(lines) + "\n"

@@ -1,57 +1,90 @@
-"""The approximate terms of the memory plan: activation peak and runtime overhead.
+"""The estimated terms of the memory plan: activation peak, non-torch, CUDA graphs, context.
 
 Weights, LoRA slot buffers and KV cache per token are exact (checked against vLLM). What vLLM
-measures at start-up by profiling (the activation peak of one maximal batch) and what lives
-outside PyTorch (CUDA context, CUDA graphs, NCCL buffers) can only be estimated before the pod
-runs. The estimates lean high, because an underestimate makes vLLM fail at start while an
-overestimate costs a little KV cache.
+measures at start-up (the activation peak of its profiling run, memory outside PyTorch, the
+CUDA graph pool) can only be estimated before the pod runs. The constants and their sources
+are in calibration.py; this module is the arithmetic.
 """
 
 from __future__ import annotations
 
 from loraplex.planner.architecture import ModelShape
+from loraplex.planner.calibration import (
+    CONTEXT_TP1_GIB,
+    CONTEXT_TP_GIB,
+    GIB,
+    GRAPH_BASE_GIB,
+    GRAPH_PER_LAYER_GIB,
+    OTHER_TP1_GIB,
+    OTHER_TP_GIB,
+    SAMPLER_LOGIT_COPIES,
+    Batch,
+    Calibration,
+)
 
-GIB = 1024**3
-
-# vLLM's OpenAI-server defaults (vllm/engine/arg_utils.py, 0.32): max_num_batched_tokens 2048 and
-# max_num_seqs 256, or 8192 and 1024 on >= 70 GB GPUs other than A100 (H100/H200 class).
-BATCHED_TOKENS = 2048
-BATCHED_TOKENS_LARGE = 8192
-MAX_NUM_SEQS = 256
-MAX_NUM_SEQS_LARGE = 1024
-
-# CUDA context, allocator reserve and CUDA graphs (vLLM captures graphs for batch sizes up to
-# 512, typically 0.3-1 GiB); NCCL / custom all-reduce buffers when tensor parallel.
-OTHER_BASE_GIB = 1.0
-OTHER_TP_GIB = 0.5
+__all__ = [
+    "GIB",
+    "activation_bytes",
+    "context_bytes",
+    "forward_peak_bytes",
+    "graph_bytes",
+    "other_bytes",
+    "sampler_peak_bytes",
+]
 
 
-def activation_bytes(
-    shape: ModelShape,
-    dtype_bytes: int,
-    tp: int,
-    max_lora_rank: int,
-    *,
-    large_batch: bool = False,
+def forward_peak_bytes(
+    shape: ModelShape, dtype_bytes: int, tp: int, max_lora_rank: int, batch: Batch
 ) -> int:
-    """Peak activation memory of vLLM's profiling run, on one GPU.
+    """One decoder layer's live tensors for the whole profiling batch, on one GPU.
 
-    One decoder layer's live tensors for a full batch of tokens (residual and normed hidden
-    states, qkv output, attention output, gate_up output and its activation), plus LoRA's fp32
-    shrink buffers, plus the sampler's fp32 logits and probabilities for max_num_seqs rows
-    over the whole vocabulary (gathered on every rank).
+    Residual and normed hidden states, qkv output, attention output, gate_up output and its
+    activation, plus LoRA's fp32 shrink buffers. This peak shrinks with tensor parallel; it
+    sets the activation term only when the sampler's peak is smaller (small max_num_seqs with
+    many batched tokens, e.g. the offline LLM class on an A100 [B2]).
     """
-    tokens = BATCHED_TOKENS_LARGE if large_batch else BATCHED_TOKENS
-    seqs = MAX_NUM_SEQS_LARGE if large_batch else MAX_NUM_SEQS
     h = shape.hidden_size
     qkv = (shape.num_heads // tp + 2 * shape.kv_heads_per_rank(tp)) * shape.head_dim
     inter = shape.intermediate_size // tp
     per_token = (3 * h + qkv + 3 * inter) * dtype_bytes + 3 * max_lora_rank * 4
-    sampler = seqs * shape.padded_vocab * 4 * 2
-    return tokens * per_token + sampler
+    return batch.tokens * per_token
 
 
-def other_bytes(tp: int) -> int:
-    """Memory vLLM uses outside its weights, activations and KV cache."""
-    gib = OTHER_BASE_GIB + (OTHER_TP_GIB if tp > 1 else 0.0)
+def sampler_peak_bytes(shape: ModelShape, dtype_bytes: int, batch: Batch) -> int:
+    """The sampler step of the profiling run, on every GPU alike (logits are gathered whole
+    on each rank, so this does not shrink with tensor parallel, as the logs show: 1.89 GiB
+    for Llama-3.1-8B at TP 1 and TP 2 [A1, A2])."""
+    logits = batch.seqs * shape.padded_vocab * 4
+    hidden = batch.tokens * shape.hidden_size * dtype_bytes
+    return int(SAMPLER_LOGIT_COPIES * logits) + hidden
+
+
+def activation_bytes(
+    shape: ModelShape, dtype_bytes: int, tp: int, max_lora_rank: int, batch: Batch
+) -> int:
+    """vLLM's "torch peak memory increase": the larger of the forward and sampler peaks."""
+    return max(
+        forward_peak_bytes(shape, dtype_bytes, tp, max_lora_rank, batch),
+        sampler_peak_bytes(shape, dtype_bytes, batch),
+    )
+
+
+def other_bytes(tp: int, cal: Calibration) -> int:
+    """Non-torch memory inside the budget; in V0 the budget also held the CUDA context."""
+    gib = OTHER_TP1_GIB if tp == 1 else OTHER_TP_GIB
+    if cal.context_in_budget:
+        gib += CONTEXT_TP1_GIB if tp == 1 else CONTEXT_TP_GIB
     return int(gib * GIB)
+
+
+def context_bytes(tp: int) -> int:
+    """The CUDA context and NCCL communicators present before vLLM's memory snapshot."""
+    return int((CONTEXT_TP1_GIB if tp == 1 else CONTEXT_TP_GIB) * GIB)
+
+
+def graph_bytes(shape: ModelShape, *, lora: bool, eager: bool = False) -> int:
+    """The CUDA graph pool vLLM captures after sizing the KV cache (0 with enforce_eager)."""
+    if eager:
+        return 0
+    per_layer = GRAPH_PER_LAYER_GIB * (2 if lora else 1)
+    return int((GRAPH_BASE_GIB + per_layer * shape.num_layers) * GIB)

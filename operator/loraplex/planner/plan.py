@@ -1,48 +1,61 @@
 """Choose vLLM's LoRA and memory flags for one BaseModel, or explain why it cannot fit.
 
 Pure: the inputs are the BaseModel spec, what is known about its adapters, and (when the
-operator can read it) the model's config.json. The memory model per GPU is
+operator can read it) the model's config.json. The memory model per GPU follows vLLM's
+(sizing.py, calibration.py for each term's source):
 
-    utilization x total = weights + LoRA slot buffers + activations + other + KV cache
+    utilization x total = weights + LoRA slots + activations + other [+ CUDA graphs] + KV cache
+    (1 - utilization) x total >= CUDA context [+ CUDA graphs] + headroomGiB
 
-with `headroom` GiB kept free outside vLLM's share. Rules (each has a unit test):
+(CUDA graphs are inside the budget from vLLM 0.21.0, outside before). Rules (each has a test):
+- gpuMemoryUtilization auto: the highest safe value (a pod that owns its GPUs should use
+  them: the KV cache sets batch size and throughput), at most 0.95; a user who wants a smaller
+  footprint sets a number, or memoryGiB for a shared GPU.
+- feasible: what vLLM starts with, one full-length sequence in the KV cache; fewer than
+  minKvSequences (the expected concurrency) is a warning with the numbers.
 - maxLoraRank auto: the smallest vLLM-allowed value >= the largest adapter rank (unknown ranks
-  count as 16, vLLM's default); a user-fixed rank is kept and larger adapters are reported.
+  count as 16, vLLM's default), one allowed step higher when the KV cache still holds
+  minKvSequences, and the rank the pods run with while it covers every adapter; a user-fixed
+  rank is kept and larger adapters are reported.
 - maxLoras auto: room for the pinned adapters plus a working set, in steps of 4 slots, reduced
-  while the KV cache would hold fewer than `minKvSequences` full-length sequences.
+  while the KV cache would hold fewer than minKvSequences full-length sequences.
 - maxCpuLoras auto: as many max-rank adapters as a host-memory budget holds (at most 64), never
   below maxLoras.
-- gpuMemoryUtilization auto: what the plan needs, with a KV target of twice the KV floor,
-  capped so `headroomGiB` stays free. Asking only for what is needed (not the whole GPU) is
-  deliberate: vLLM refuses to start when less than utilization x total is free, which is what
-  users hit when another process still holds memory.
 
 The flags must not move when an unpinned adapter is added or removed: a flag change rewrites
 the pod template, and the rollout reloads the base model, which is what loraplex exists to
-avoid. So maxLoras and maxCpuLoras do not follow the adapter count; only an adapter of a
-larger rank, or more pinned adapters than the slots hold, change the flags (set maxLoraRank
-to avoid the first).
+avoid. So maxLoras and maxCpuLoras do not follow the adapter count, and maxLoraRank keeps a
+step of headroom; only an adapter above it, or more pinned adapters than the slots hold,
+change the flags (set maxLoraRank to avoid the first).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 from loraplex.api.basemodel import BaseModelSpec
-from loraplex.api.plan import PlanBreakdown, PlanStatus
 from loraplex.planner.architecture import (
     ArchitectureError,
     ModelShape,
     shape_from_architecture,
     shape_from_config,
-    weight_bytes,
+)
+from loraplex.planner.calibration import (
+    DEFAULT_CALIBRATION,
+    GIB,
+    MAX_AUTO_UTILIZATION,
+    Calibration,
+    calibration_for,
+    version_from_image,
 )
 from loraplex.planner.catalog import find_gpu, find_model
-from loraplex.planner.estimates import GIB, activation_bytes, other_bytes
+from loraplex.planner.fixes import Limits, cheapest_fix
 from loraplex.planner.lora_memory import lora_slot_bytes
+from loraplex.planner.result import AdapterDemand, Breakdown, Plan
+from loraplex.planner.sizing import Costs, Sizing
 from loraplex_server.manifest import ALLOWED_MAX_LORA_RANKS
 
 DEFAULT_RANK = 16  # vLLM's --max-lora-rank default, assumed for adapters of unknown rank
@@ -50,109 +63,9 @@ MAX_RANK = ALLOWED_MAX_LORA_RANKS[-1]
 DEFAULT_MAX_MODEL_LEN = 4096
 SLOT_STEP = 4  # auto maxLoras: pinned + at least one free slot, rounded up to this step
 MAX_AUTO_CPU_LORAS = 64  # auto maxCpuLoras ceiling (vLLM's host LRU cache of adapters)
-KV_TARGET_FACTOR = 2  # auto utilization sizes the KV cache for this many times the floor
 HOST_LORA_BUDGET_GIB = 8.0  # host RAM assumed available for vLLM's CPU LoRA cache
 UNKNOWN_UTILIZATION = 0.9  # vLLM's default, used when memory cannot be checked
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
-@dataclass(frozen=True)
-class AdapterDemand:
-    """What the planner needs to know about one adapter of the base model.
-
-    `target_modules` does not change the plan: vLLM preallocates slot buffers for every
-    LoRA-capable module whatever modules an adapter targets. It is carried so callers can pass
-    what they know without filtering it.
-    """
-
-    name: str
-    rank: int | None  # None = unknown yet
-    pinned: bool = False
-    target_modules: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Breakdown:
-    """GiB per GPU, by use."""
-
-    weights: float
-    lora_slots: float
-    activations: float
-    kv_cache: float
-    other: float
-    headroom: float
-    total: float
-
-    def to_status(self) -> PlanBreakdown:
-        return PlanBreakdown(
-            weights=round(self.weights, 3),
-            lora_slots=round(self.lora_slots, 3),
-            activations=round(self.activations, 3),
-            kv_cache=round(self.kv_cache, 3),
-            other=round(self.other, 3),
-            headroom=round(self.headroom, 3),
-            total=round(self.total, 3),
-        )
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The flags chosen for vLLM, the memory they imply, and why."""
-
-    feasible: bool
-    max_loras: int
-    max_lora_rank: int
-    max_cpu_loras: int
-    gpu_memory_utilization: float
-    tensor_parallel_size: int
-    max_model_len: int
-    dtype: str
-    breakdown: Breakdown | None
-    kv_cache_tokens: int
-    kv_cache_sequences: float
-    message: str
-    architecture_known: bool
-    reasons: list[str] = field(default_factory=list)
-    fix: str | None = None
-    rank_exceeded: tuple[str, ...] = ()
-
-    def to_status(self) -> PlanStatus:
-        return PlanStatus(
-            feasible=self.feasible,
-            max_loras=self.max_loras,
-            max_lora_rank=self.max_lora_rank,
-            max_cpu_loras=self.max_cpu_loras,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            tensor_parallel_size=self.tensor_parallel_size,
-            max_model_len=self.max_model_len,
-            breakdown_gi_b=self.breakdown.to_status() if self.breakdown else None,
-            kv_cache_tokens=self.kv_cache_tokens,
-            kv_cache_sequences=round(self.kv_cache_sequences, 2),
-            reasons=[self.message, *self.reasons],
-        )
-
-
-def vllm_flags(plan: Plan) -> list[str]:
-    """vLLM command-line flags for a plan: the one definition the renderer and CLI share.
-
-    Only what the plan decides; `--enable-lora`, the model and the port are the renderer's.
-    """
-    return [
-        "--max-loras",
-        str(plan.max_loras),
-        "--max-lora-rank",
-        str(plan.max_lora_rank),
-        "--max-cpu-loras",
-        str(plan.max_cpu_loras),
-        "--gpu-memory-utilization",
-        f"{plan.gpu_memory_utilization:.4f}",
-        "--tensor-parallel-size",
-        str(plan.tensor_parallel_size),
-        "--max-model-len",
-        str(plan.max_model_len),
-        "--dtype",
-        plan.dtype,
-    ]
 
 
 def allowed_rank_at_least(rank: int) -> int | None:
@@ -197,15 +110,11 @@ def _resolve_dtype(spec: BaseModelSpec, shape: ModelShape | None) -> str:
     return "bfloat16"
 
 
-def _gpu_total_gib(spec: BaseModelSpec) -> tuple[float | None, bool]:
+def _gpu_total_gib(spec: BaseModelSpec) -> float | None:
     if spec.gpu.memory_gi_b is not None:
-        large = spec.gpu.memory_gi_b >= 70 and "a100" not in (spec.gpu.product or "").lower()
-        return spec.gpu.memory_gi_b, large
-    if spec.gpu.product:
-        gpu = find_gpu(spec.gpu.product)
-        if gpu is not None:
-            return gpu.memory_gib, gpu.large_batch_defaults
-    return None, False
+        return spec.gpu.memory_gi_b
+    gpu = find_gpu(spec.gpu.product) if spec.gpu.product else None
+    return gpu.memory_gib if gpu is not None else None
 
 
 @dataclass(frozen=True)
@@ -274,46 +183,7 @@ def _cpu_loras(
     return value, why
 
 
-# --- the plan -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Costs:
-    """Bytes per GPU for one candidate configuration."""
-
-    weights: int
-    lora: int
-    activations: int
-    other: int
-    kv_per_token: int
-    max_model_len: int
-
-    @property
-    def fixed(self) -> int:
-        return self.weights + self.lora + self.activations + self.other
-
-    @property
-    def sequence(self) -> int:
-        return self.kv_per_token * self.max_model_len
-
-
-def _costs(
-    shape: ModelShape,
-    dtype_bytes: int,
-    tp: int,
-    max_loras: int,
-    rank: int,
-    max_model_len: int,
-    large: bool,
-) -> _Costs:
-    return _Costs(
-        weights=weight_bytes(shape, dtype_bytes, tp),
-        lora=lora_slot_bytes(shape, max_loras, rank, dtype_bytes, tp),
-        activations=activation_bytes(shape, dtype_bytes, tp, rank, large_batch=large),
-        other=other_bytes(tp),
-        kv_per_token=shape.kv_bytes_per_token(dtype_bytes, tp),
-        max_model_len=max_model_len,
-    )
+# --- the plan: named steps over one Sizing ----------------------------------------------------
 
 
 def plan_base_model(
@@ -321,220 +191,279 @@ def plan_base_model(
     adapters: Sequence[AdapterDemand],
     *,
     config_json: Mapping[str, Any] | None = None,
+    running_rank: int | None = None,
+    vllm_version: str | None = None,
 ) -> Plan:
-    """The plan for `spec` serving `adapters`; never raises for a valid spec."""
+    """The plan for `spec` serving `adapters`; never raises for a valid spec.
+
+    `running_rank` is the maxLoraRank the pods run with now (from the published manifest):
+    kept while it still covers every adapter, so adapter changes do not roll the pods.
+    `vllm_version` picks the calibration; by default the release in the engine image tag, or
+    loraplex.versions.VLLM_VERSION.
+    """
     resolved = _resolve_shape(spec, config_json)
     shape = resolved.shape
     dtype = _resolve_dtype(spec, shape)
-    dtype_bytes = _DTYPE_BYTES[dtype]
-    tp = spec.gpu.count
     rank = _choose_rank(spec, adapters)
-    reasons = [rank.reason]
-    max_pos = shape.max_position_embeddings if shape else None
-    if spec.max_model_len is not None:
-        max_model_len = spec.max_model_len
-    else:
-        max_model_len = min(max_pos or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
-        reasons.append(f"maxModelLen {max_model_len}: min(model context, {DEFAULT_MAX_MODEL_LEN})")
-    total_gib, large = _gpu_total_gib(spec)
-    adapter_bytes = (
-        lora_slot_bytes(shape, 1, rank.value, dtype_bytes, 1) if shape is not None else None
-    )
+    max_model_len, length_reason = _choose_max_model_len(spec, shape)
+    reasons = [rank.reason, *length_reason]
+    total_gib = _gpu_total_gib(spec)
     if shape is None or total_gib is None:
         return _unchecked(spec, adapters, shape, resolved, dtype, rank, max_model_len, reasons)
+    sizing = Sizing(
+        shape=shape,
+        dtype_bytes=_DTYPE_BYTES[dtype],
+        tp=spec.gpu.count,
+        max_model_len=max_model_len,
+        total_gib=total_gib,
+        product=spec.gpu.product,
+        cal=_calibration(spec, vllm_version),
+        headroom_gib=spec.memory.headroom_gi_b,
+        fixed_utilization=spec.memory.gpu_memory_utilization,
+        min_seqs=spec.memory.min_kv_sequences,
+    )
+    slots = _choose_slots(spec, adapters, sizing, rank.value)
+    rank = _rank_headroom(spec, sizing, slots.value, rank, running_rank)
+    reasons = [
+        f"architecture from {resolved.origin}; {sizing.cal.label}",
+        rank.reason,
+        *length_reason,
+        slots.reason,
+        _utilization_reason(sizing),
+    ]
+    return _assemble(spec, adapters, sizing, slots, rank, dtype, reasons)
 
-    reasons.insert(0, f"architecture from {resolved.origin}")
-    structural: list[str] = []  # problems no amount of memory fixes
-    if shape.num_heads % tp:
-        structural.append(
-            f"tensor parallel {tp} does not divide the model's {shape.num_heads} attention heads"
-        )
-    if max_pos is not None and max_model_len > max_pos:
-        structural.append(
-            f"maxModelLen {max_model_len} exceeds the model's context of {max_pos} tokens"
-        )
-    total = int(total_gib * GIB)
-    headroom = int(spec.memory.headroom_gi_b * GIB)
-    budget = total - headroom
-    fixed_util = spec.memory.gpu_memory_utilization
-    usable = int(fixed_util * total) if fixed_util is not None else budget
-    min_seqs = spec.memory.min_kv_sequences
 
-    def costs(
-        m: int, r: int = rank.value, length: int = max_model_len, t: int = tp, db: int = dtype_bytes
-    ) -> _Costs:
-        return _costs(shape, db, t, m, r, length, large)
+def _choose_max_model_len(spec: BaseModelSpec, shape: ModelShape | None) -> tuple[int, list[str]]:
+    if spec.max_model_len is not None:
+        return spec.max_model_len, []
+    max_pos = shape.max_position_embeddings if shape else None
+    length = min(max_pos or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+    return length, [f"maxModelLen {length}: min(model context, {DEFAULT_MAX_MODEL_LEN})"]
 
+
+def _calibration(spec: BaseModelSpec, vllm_version: str | None) -> Calibration:
+    version = vllm_version or version_from_image(spec.engine.image)
+    return calibration_for(version) if version else DEFAULT_CALIBRATION
+
+
+@dataclass(frozen=True)
+class _Slots:
+    value: int
+    floor: int  # pinned adapters need a slot each
+    reason: str
+
+
+def _choose_slots(
+    spec: BaseModelSpec, adapters: Sequence[AdapterDemand], sizing: Sizing, rank: int
+) -> _Slots:
+    """maxLoras: pinned + a working set in steps, fewer while the KV cache would hold fewer
+    than minKvSequences full-length sequences (the expected concurrency)."""
     pinned = sum(a.pinned for a in adapters)
-    floor_loras = max(1, pinned)
+    floor = max(1, pinned)
     desired = _desired_loras(spec, adapters)
-    max_loras = desired
-    if not isinstance(spec.lora.max_loras, int):
-        while max_loras > floor_loras:
-            c = costs(max_loras)
-            if c.fixed + min_seqs * c.sequence <= usable:
-                break
-            max_loras -= 1
-        c = costs(max_loras)
-        if c.fixed + min_seqs * c.sequence > usable:
-            max_loras = desired  # fewer slots do not make it fit; report the real demand
-        if max_loras < desired:
-            reasons.append(
-                f"maxLoras {max_loras}: reduced from {desired} so the KV cache holds "
-                f"{min_seqs} sequences of {max_model_len} tokens"
-            )
-        else:
-            reasons.append(
-                f"maxLoras {max_loras}: room for {pinned} pinned adapter(s) and a working set, "
-                f"in steps of {SLOT_STEP} so adding adapters does not change the flags"
-            )
+    if isinstance(spec.lora.max_loras, int):
+        why = f"maxLoras {desired} set by the user"
+        if desired < pinned:
+            why += f"; below the {pinned} pinned adapters: they cannot all stay resident"
+        return _Slots(desired, floor, why)
+    value, seqs = desired, sizing.min_seqs
+    for seqs in dict.fromkeys((sizing.min_seqs, 1)):  # the concurrency, else what vLLM needs
+        value = desired
+        while value > floor and not sizing.fits(sizing.costs(value, rank), seqs):
+            value -= 1
+        if sizing.fits(sizing.costs(value, rank), seqs):
+            break
     else:
-        reasons.append(f"maxLoras {max_loras} set by the user")
-        if max_loras < pinned:
-            reasons.append(
-                f"maxLoras {max_loras} is below the {pinned} pinned adapters: they cannot all "
-                "stay resident"
-            )
-    c = costs(max_loras)
-    floor_bytes = min_seqs * c.sequence
-    if fixed_util is None:
-        need = c.fixed + KV_TARGET_FACTOR * floor_bytes
-        cap = math.floor(budget / total * 10_000) / 10_000
-        utilization = min(math.ceil(need / total * 10_000) / 10_000, cap)
-        fits_memory = c.fixed + floor_bytes <= budget
-        reasons.append(
-            f"gpuMemoryUtilization {utilization:.4f}: weights + LoRA slots + activations + "
-            f"other + KV for {KV_TARGET_FACTOR * min_seqs} sequences, capped to leave "
-            f"{spec.memory.headroom_gi_b:g} GiB free"
+        value = desired  # fewer slots do not make it fit; report the real demand
+    if value < desired:
+        why = (
+            f"maxLoras {value}: reduced from {desired} so the KV cache holds "
+            f"{seqs} sequence(s) of {sizing.max_model_len} tokens"
         )
     else:
-        utilization = fixed_util
-        if usable > budget:
-            reasons.append(
-                f"gpuMemoryUtilization {fixed_util} leaves {_gib(total - usable):.2f} GiB free, "
-                f"less than headroomGiB {spec.memory.headroom_gi_b:g}"
-            )
-        # vLLM refuses to start below one full-length sequence; below the floor it only warns.
-        fits_memory = c.fixed + c.sequence <= usable
-        if fits_memory and c.fixed + floor_bytes > usable:
-            reasons.append(
-                f"KV cache holds fewer than minKvSequences {min_seqs} full-length sequences"
-            )
-    kv = max(0, int(utilization * total) - c.fixed)
-    kv_tokens = kv // c.kv_per_token
-    breakdown = Breakdown(
+        why = (
+            f"maxLoras {value}: room for {pinned} pinned adapter(s) and a working set, "
+            f"in steps of {SLOT_STEP} so adding adapters does not change the flags"
+        )
+    return _Slots(value, floor, why)
+
+
+def _rank_headroom(
+    spec: BaseModelSpec, sizing: Sizing, slots: int, rank: _Rank, running: int | None
+) -> _Rank:
+    """Auto maxLoraRank one allowed step above what the adapters need, when the KV cache
+    still holds minKvSequences: one larger adapter then loads without restarting vLLM. The
+    rank the pods already run with is kept while it covers every adapter and fits."""
+    if isinstance(spec.lora.max_lora_rank, int) or rank.exceeded:
+        return rank
+
+    def fits(r: int) -> bool:
+        return sizing.fits(sizing.costs(slots, r), sizing.min_seqs)
+
+    covers = running in ALLOWED_MAX_LORA_RANKS and running is not None and running >= rank.needed
+    if covers and running is not None and (running == rank.value or fits(running)):
+        why = f"maxLoraRank {running}: the rank the pods run with covers every adapter"
+        return replace(rank, value=running, reason=why)
+    bigger = next((r for r in ALLOWED_MAX_LORA_RANKS if r > rank.value), None)
+    if bigger is None or not fits(bigger):
+        return rank
+    why = (
+        f"maxLoraRank {bigger}: one step above {rank.value} (what the adapters need), so one "
+        "larger adapter does not restart vLLM"
+    )
+    return replace(rank, value=bigger, reason=why)
+
+
+def _utilization_reason(sizing: Sizing) -> str:
+    if sizing.fixed_utilization is not None:
+        return f"gpuMemoryUtilization {sizing.fixed_utilization} set by the user"
+    c = sizing.costs(1, 1)
+    graphs = "" if c.graphs_in_budget else f" + CUDA graphs {_gib(c.graphs):.2f}"
+    net = " net of CUDA graphs" if c.graphs_in_budget else ""
+    return (
+        f"gpuMemoryUtilization {sizing.auto_utilization():.4f}: the highest safe value, at "
+        f"most {MAX_AUTO_UTILIZATION}{net}, leaving CUDA context {_gib(c.context):.2f}"
+        f"{graphs} + headroomGiB {sizing.headroom_gib:g} outside vLLM's budget"
+    )
+
+
+def _warnings(sizing: Sizing, c: Costs, kv_tokens: int) -> list[str]:
+    """What vLLM would survive but the user should know, with the numbers."""
+    out: list[str] = []
+    seqs = kv_tokens / sizing.max_model_len
+    if 1 <= seqs < sizing.min_seqs:
+        out.append(
+            f"the KV cache holds {seqs:.1f} full-length sequences of {sizing.max_model_len} "
+            f"tokens, fewer than minKvSequences {sizing.min_seqs}: concurrent long requests "
+            "will queue"
+        )
+    util = sizing.fixed_utilization
+    if util is None:
+        return out
+    start_limit = (sizing.total - c.context) / sizing.total
+    if util > start_limit:
+        out.append(
+            f"gpuMemoryUtilization {util} asks for {_gib(sizing.budget()):.2f} GiB but about "
+            f"{_gib(sizing.total - c.context):.2f} GiB is free once the CUDA context is up: "
+            f"vLLM refuses to start above {start_limit:.4f}"
+        )
+    elif sizing.budget() + c.outside_budget > sizing.total:
+        out.append(
+            f"gpuMemoryUtilization {util} leaves {_gib(sizing.total - sizing.budget()):.2f} GiB "
+            f"outside vLLM, less than the CUDA context and graph pool "
+            f"({_gib(c.outside_budget):.2f} GiB): graph capture may run out of memory"
+        )
+    elif _gib(sizing.idle(c)) < sizing.headroom_gib:
+        out.append(
+            f"gpuMemoryUtilization {util} leaves {_gib(sizing.idle(c)):.2f} GiB free, less "
+            f"than headroomGiB {sizing.headroom_gib:g}"
+        )
+    return out
+
+
+def _structural(spec: BaseModelSpec, sizing: Sizing) -> tuple[list[str], str | None]:
+    """Problems no amount of memory fixes, and the fix."""
+    shape, tp = sizing.shape, sizing.tp
+    if shape.num_heads % tp:
+        why = f"tensor parallel {tp} does not divide the model's {shape.num_heads} attention heads"
+        return [why], "set spec.gpu.count to a divisor of the attention heads"
+    max_pos = shape.max_position_embeddings
+    if max_pos is not None and sizing.max_model_len > max_pos:
+        why = f"maxModelLen {sizing.max_model_len} exceeds the model's context of {max_pos} tokens"
+        return [why], f"set spec.maxModelLen <= {max_pos}"
+    return [], None
+
+
+def _breakdown(sizing: Sizing, c: Costs) -> Breakdown:
+    return Breakdown(
         weights=_gib(c.weights),
         lora_slots=_gib(c.lora),
         activations=_gib(c.activations),
-        kv_cache=_gib(kv),
+        kv_cache=_gib(sizing.kv_bytes(c)),
         other=_gib(c.other),
-        headroom=_gib(headroom),
-        total=total_gib,
-    )
-    max_cpu, cpu_reason = _cpu_loras(spec, adapters, max_loras, adapter_bytes)
-    reasons.append(cpu_reason)
-    feasible = fits_memory and not structural
-    fix = None
-    if feasible:
-        message = (
-            f"fits: {breakdown.weights:.1f} GiB weights + {breakdown.lora_slots:.2f} GiB for "
-            f"{max_loras} LoRA slot(s) of rank {rank.value} + {breakdown.kv_cache:.1f} GiB KV "
-            f"({kv_tokens} tokens, {kv_tokens / max_model_len:.1f} x {max_model_len}) at "
-            f"utilization {utilization:.4f} of {total_gib:g} GiB per GPU"
-        )
-    else:
-        fix_cost = _gib(c.fixed + floor_bytes)
-        if structural:
-            message = "; ".join(structural)
-            fix = (
-                "set spec.gpu.count to a divisor of the attention heads"
-                if shape.num_heads % tp
-                else f"set spec.maxModelLen <= {max_pos}"
-            )
-        else:
-            fix = _cheapest_fix(
-                spec,
-                shape,
-                costs,
-                _Limits(max_loras, floor_loras, rank.value, rank.needed),
-                usable,
-                budget,
-                min_seqs,
-            )
-            message = (
-                f"does not fit: needs {fix_cost:.1f} GiB per GPU (weights "
-                f"{breakdown.weights:.1f} + LoRA slots {breakdown.lora_slots:.2f} + activations "
-                f"{breakdown.activations:.1f} + other {breakdown.other:.1f} + KV for {min_seqs} x "
-                f"{max_model_len} tokens {_gib(floor_bytes):.1f}) but {_gib(usable):.1f} of "
-                f"{total_gib:g} GiB is usable"
-            )
-        message += f"; cheapest fix: {fix}"
-    return Plan(
-        feasible=feasible,
-        max_loras=max_loras,
-        max_lora_rank=rank.value,
-        max_cpu_loras=max_cpu,
-        gpu_memory_utilization=utilization,
-        tensor_parallel_size=tp,
-        max_model_len=max_model_len,
-        dtype=dtype,
-        breakdown=breakdown,
-        kv_cache_tokens=kv_tokens,
-        kv_cache_sequences=kv_tokens / max_model_len,
-        message=message,
-        architecture_known=True,
-        reasons=reasons,
-        fix=fix,
-        rank_exceeded=rank.exceeded,
+        cuda_graphs=_gib(c.graphs),
+        cuda_graphs_in_budget=c.graphs_in_budget,
+        cuda_context=_gib(c.context),
+        headroom=_gib(sizing.idle(c)),
+        total=sizing.total_gib,
     )
 
 
 @dataclass(frozen=True)
-class _Limits:
-    max_loras: int
-    floor_loras: int  # pinned adapters need a slot each
-    rank: int
-    needed_rank: int  # what the adapters require
+class _Verdict:
+    feasible: bool
+    message: str
+    fix: str | None
 
 
-def _cheapest_fix(
+def _verdict(
+    spec: BaseModelSpec, sizing: Sizing, slots: _Slots, rank: _Rank, c: Costs, b: Breakdown
+) -> _Verdict:
+    """Feasible is vLLM's own rule (one full-length sequence); the message has the numbers,
+    and when it does not fit, the cheapest fix."""
+    util, length = sizing.utilization(), sizing.max_model_len
+    structural, fix = _structural(spec, sizing)
+    if structural:
+        return _Verdict(False, "; ".join(structural) + f"; cheapest fix: {fix}", fix)
+    if sizing.fits(c, 1):
+        tokens = sizing.kv_tokens(c)
+        return _Verdict(
+            True,
+            f"fits: {b.weights:.1f} GiB weights + {b.lora_slots:.2f} GiB for {slots.value} "
+            f"LoRA slot(s) of rank {rank.value} + {b.kv_cache:.1f} GiB KV ({tokens} tokens, "
+            f"{tokens / length:.1f} x {length}) at utilization {util:.4f} of "
+            f"{sizing.total_gib:g} GiB per GPU",
+            None,
+        )
+    limits = Limits(slots.value, slots.floor, rank.value, rank.needed, spec.model.dtype)
+    fix = cheapest_fix(sizing, limits)
+    graphs = f" + CUDA graphs {b.cuda_graphs:.1f}" if c.graphs_in_budget else ""
+    return _Verdict(
+        False,
+        f"does not fit: needs {_gib(c.in_budget + c.sequence):.1f} GiB per GPU (weights "
+        f"{b.weights:.1f} + LoRA slots {b.lora_slots:.2f} + activations "
+        f"{b.activations:.1f} + other {b.other:.1f}{graphs} + KV for one sequence of "
+        f"{length} tokens {_gib(c.sequence):.1f}) but {_gib(sizing.budget()):.1f} of "
+        f"{sizing.total_gib:g} GiB is usable at utilization {util:.4f}; cheapest fix: {fix}",
+        fix,
+    )
+
+
+def _assemble(
     spec: BaseModelSpec,
-    shape: ModelShape,
-    costs: Any,
-    limits: _Limits,
-    usable: int,
-    budget: int,
-    min_seqs: int,
-) -> str:
-    """The first change, in order of what it costs the user, that makes the plan fit.
-
-    Settings come first (utilization, slots, rank, context, dtype), hardware last.
-    """
-
-    def fits(c: _Costs, room: int = usable) -> bool:
-        return bool(c.fixed + min_seqs * c.sequence <= room)
-
-    m, rank = limits.max_loras, limits.rank
-    if usable < budget and fits(costs(m), budget):
-        return "raise spec.memory.gpuMemoryUtilization, or omit it for the planner to choose"
-    if m > limits.floor_loras and fits(costs(limits.floor_loras)):
-        best = max(k for k in range(limits.floor_loras, m) if fits(costs(k)))
-        return f"fewer LoRA slots: set spec.lora.maxLoras to {best}"
-    for r in reversed(ALLOWED_MAX_LORA_RANKS):  # the largest rank that fits
-        if limits.needed_rank <= r < rank and fits(costs(m, r)):
-            return f"lower rank: set spec.lora.maxLoraRank to {r}"
-    length = costs(m).max_model_len
-    while length > 512:
-        length //= 2
-        if fits(costs(m, rank, length)):
-            return f"shorter context: set spec.maxModelLen to {length}"
-    if spec.model.dtype == "float32" and fits(costs(m, db=2)):
-        return "smaller dtype: set spec.model.dtype to bfloat16"
-    tp = spec.gpu.count
-    for more in (2, 4, 8, 16):
-        if more > tp and shape.num_heads % more == 0 and fits(costs(m, rank, t=more)):
-            return f"{more} GPUs per replica: set spec.gpu.count to {more} (tensor parallel {more})"
-    return "a GPU with more memory, or a smaller model or quantized weights"
+    adapters: Sequence[AdapterDemand],
+    sizing: Sizing,
+    slots: _Slots,
+    rank: _Rank,
+    dtype: str,
+    reasons: list[str],
+) -> Plan:
+    c = sizing.costs(slots.value, rank.value)
+    b = _breakdown(sizing, c)
+    kv_tokens = sizing.kv_tokens(c)
+    verdict = _verdict(spec, sizing, slots, rank, c, b)
+    adapter_bytes = lora_slot_bytes(sizing.shape, 1, rank.value, sizing.dtype_bytes, 1)
+    max_cpu, cpu_reason = _cpu_loras(spec, adapters, slots.value, adapter_bytes)
+    return Plan(
+        feasible=verdict.feasible,
+        max_loras=slots.value,
+        max_lora_rank=rank.value,
+        max_cpu_loras=max_cpu,
+        gpu_memory_utilization=sizing.utilization(),
+        tensor_parallel_size=sizing.tp,
+        max_model_len=sizing.max_model_len,
+        dtype=dtype,
+        breakdown=b,
+        kv_cache_tokens=kv_tokens,
+        kv_cache_sequences=kv_tokens / sizing.max_model_len,
+        message=verdict.message,
+        architecture_known=True,
+        reasons=[*reasons, cpu_reason],
+        fix=verdict.fix,
+        rank_exceeded=rank.exceeded,
+        warnings=tuple(_warnings(sizing, c, kv_tokens)) if verdict.feasible else (),
+    )
 
 
 def _unchecked(

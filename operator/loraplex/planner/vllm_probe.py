@@ -80,9 +80,10 @@ def measure_worker(worker: Any) -> dict[str, Any]:
 
 
 def run_probe(
-    model: str, max_loras: int, max_lora_rank: int, max_model_len: int = 256
-) -> dict[str, Any]:
-    """Start a CPU vLLM with LoRA enabled and measure its worker (about 30 s on 2 cores).
+    model: str, max_loras: int, max_lora_rank: int, max_model_len: int = 256, tp: int = 1
+) -> list[dict[str, Any]]:
+    """Start a CPU vLLM with LoRA enabled and measure each worker (about 30 s on 2 cores);
+    one result per tensor-parallel rank.
 
     Call it in a fresh process (see `main`): vLLM's engine processes and its global state are
     torn down most reliably by process exit.
@@ -92,6 +93,14 @@ def run_probe(
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # vllm-cpu binds each tensor-parallel worker to its own NUMA node and refuses
+        # ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers") on a one-node
+        # machine; binding each rank to its own core by hand is what the message suggests.
+        cpus = sorted(os.sched_getaffinity(0))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            str(cpus[i % len(cpus)]) for i in range(tp)
+        )
     from vllm import LLM
 
     llm = LLM(
@@ -102,20 +111,22 @@ def run_probe(
         dtype="bfloat16",
         max_model_len=max_model_len,
         enforce_eager=True,
+        tensor_parallel_size=tp,
     )
-    result: dict[str, Any] = llm.collective_rpc(measure_worker)[0]
-    return result
+    results: list[dict[str, Any]] = llm.collective_rpc(measure_worker)
+    return results
 
 
 def main() -> None:
-    """`python -m loraplex.planner.vllm_probe MODEL MAX_LORAS MAX_LORA_RANK` -> JSON on the
-    last stdout line."""
+    """`python -m loraplex.planner.vllm_probe MODEL MAX_LORAS MAX_LORA_RANK [TP]` -> JSON on
+    the last stdout line: rank 0's measurement, with every rank's under `ranks`."""
     import json
     import sys
 
     model, loras, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    result = run_probe(model, loras, rank)
-    print("\nPROBE " + json.dumps(result), flush=True)
+    tp = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    results = run_probe(model, loras, rank, tp=tp)
+    print("\nPROBE " + json.dumps({**results[0], "ranks": results}), flush=True)
 
 
 if __name__ == "__main__":
