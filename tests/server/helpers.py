@@ -22,6 +22,13 @@ from loraplex_server.server import Server
 from loraplex_server.settings import Settings
 
 TOKEN = "t0ken-for-tests"
+# The stand-in origins listen on loopback over plain http, which a pod refuses by default;
+# tests opt in the way a BaseModel would (spec.adapterLimits), and test_netguard checks the
+# refusal without this.
+LOOPBACK_LIMITS: dict[str, Any] = {
+    "plainHttpHosts": ["127.0.0.1"],
+    "privateNetworks": ["127.0.0.0/8"],
+}
 
 
 def free_port() -> int:
@@ -123,16 +130,18 @@ def manifest_doc(
     generation: int = 1,
     max_loras: int = 2,
     max_cpu_loras: int | None = None,
+    limits: dict[str, Any] | None = None,
     **kw: Any,
 ) -> dict[str, Any]:
     """A manifest; `max_cpu_loras` (the server's cap on resident adapters) defaults to
-    `max_loras` so eviction is exercised with few adapters."""
+    `max_loras` so eviction is exercised with few adapters; `limits` to LOOPBACK_LIMITS."""
     return {
         "generation": generation,
         "baseServedName": "tiny",
         "maxLoras": max_loras,
         "maxLoraRank": 8,
         "maxCpuLoras": max_cpu_loras or max_loras,
+        "limits": LOOPBACK_LIMITS if limits is None else limits,
         "adapters": adapters,
         **kw,
     }

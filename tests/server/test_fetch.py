@@ -17,15 +17,20 @@ import pytest
 
 from loraplex_server import errors
 from loraplex_server.fetch import TMP_PREFIX, Fetcher, cache_path, resolve_pvc
-from loraplex_server.manifest import AdapterManifest, ManifestAdapter
+from loraplex_server.manifest import AdapterLimits, AdapterManifest, ManifestAdapter
 from loraplex_server.metrics import Metrics
 from loraplex_server.source_uri import parse_source_uri
 from loraplex_server.verify import digest_dir
 
-from .helpers import FileServer, make_settings, tar_bytes, wait_for
+from .helpers import LOOPBACK_LIMITS, FileServer, make_settings, tar_bytes, wait_for
 
 MANIFEST = AdapterManifest(
-    generation=1, base_served_name="tiny", max_loras=2, max_lora_rank=8, max_cpu_loras=4
+    generation=1,
+    base_served_name="tiny",
+    max_loras=2,
+    max_lora_rank=8,
+    max_cpu_loras=4,
+    limits=AdapterLimits.model_validate(LOOPBACK_LIMITS),
 )
 
 
@@ -49,12 +54,14 @@ def pvc_root(tiny_adapters: dict[str, Path]) -> Path:
     return tiny_adapters["ad0"].parent.parent
 
 
-async def test_pvc_is_read_in_place(tmp_path: Path, pvc_root: Path) -> None:
+async def test_pvc_is_copied_then_verified(tmp_path: Path, pvc_root: Path) -> None:
+    """vLLM loads a verified copy: what happens in the claim afterwards cannot reach it."""
     f = fetcher(tmp_path, pvc_root)
     path, info = await f.fetch(spec("pvc://adapters/ad0"), MANIFEST)
-    assert path == (pvc_root / "adapters" / "ad0").resolve()
-    assert info.rank == 8 and info.digest == digest_dir(path)[0]
-    assert cache_entries(f) == []  # never copied
+    assert path == f.cache_dir.resolve() / "x"
+    assert info.rank == 8 and info.digest == digest_dir(pvc_root / "adapters" / "ad0")[0]
+    assert cache_entries(f) == ["x"]
+    assert f.cache_size() == info.size_bytes
 
 
 def test_pvc_symlink_escape_and_undeclared_claim(tmp_path: Path, pvc_root: Path) -> None:

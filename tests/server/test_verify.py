@@ -88,7 +88,7 @@ def test_missing_files_are_unsupported(tmp_path: Path) -> None:
     with pytest.raises(errors.AdapterError, match=r"adapter_config\.json is missing"):
         verify_dir(tmp_path, SPEC, manifest())
     (tmp_path / "adapter_config.json").write_text('{"r": 8}')
-    with pytest.raises(errors.AdapterError, match="no weights file"):
+    with pytest.raises(errors.AdapterError, match="only safetensors adapters"):
         verify_dir(tmp_path, SPEC, manifest())
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(errors.AdapterError, match="not valid JSON"):
