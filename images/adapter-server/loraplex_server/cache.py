@@ -3,8 +3,8 @@
 The cache is usually an emptyDir with a sizeLimit, and the kubelet evicts a pod that goes
 over it; the restarted pod would fetch the same adapters again and be evicted again. So every
 byte written into the cache is charged here first: against the attempt's own quota (one
-adapter may not exceed spec.adapterLimits.maxAdapterBytes / maxAdapterFiles) and against the
-whole-cache budget (cacheBytes), which makes room by evicting least-recently-used, unpinned,
+adapter may not exceed spec.adapterLimits.maxAdapterSize / maxAdapterFiles) and against the
+whole-cache budget (cacheSize), which makes room by evicting least-recently-used, unpinned,
 idle adapters from disk. The running total also answers `cache_size()` without walking the
 cache on the event loop.
 
@@ -29,7 +29,7 @@ Evictor = Callable[[int], Awaitable[int]]
 def too_many_bytes(limit: int) -> errors.AdapterError:
     return errors.AdapterError(
         errors.ADAPTER_TOO_LARGE,
-        f"the adapter is larger than {limit} bytes (spec.adapterLimits.maxAdapterBytes); "
+        f"the adapter is larger than {limit} bytes (spec.adapterLimits.maxAdapterSize); "
         "raise that field on the BaseModel if this adapter is meant to be this big",
     )
 
@@ -98,7 +98,7 @@ class CacheBudget:
                     raise errors.AdapterError(
                         errors.CACHE_FULL,
                         f"the adapter cache budget of {self.limit} bytes "
-                        "(spec.adapterLimits.cacheBytes) is taken by pinned, loaded or "
+                        "(spec.adapterLimits.cacheSize) is taken by pinned, loaded or "
                         "downloading adapters; raise it together with "
                         "spec.adapterCache.sizeLimit, or unpin adapters",
                     )

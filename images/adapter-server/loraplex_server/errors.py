@@ -24,6 +24,23 @@ ADAPTER_TOO_LARGE = "AdapterTooLarge"
 CACHE_FULL = "CacheFull"
 SOURCE_NOT_ALLOWED = "SourceNotAllowed"
 DOWNLOAD_TIMEOUT = "DownloadTimeout"
+# Every reason above: the operator copies these onto LoRAAdapter conditions as they are.
+FAILURE_REASONS = frozenset(
+    {
+        INVALID_SOURCE,
+        DOWNLOAD_FAILED,
+        CHECKSUM_MISMATCH,
+        RANK_EXCEEDS_MAX,
+        RANK_MISMATCH,
+        UNSUPPORTED_ADAPTER,
+        INCOMPATIBLE_BASE_MODEL,
+        LOAD_FAILED,
+        ADAPTER_TOO_LARGE,
+        CACHE_FULL,
+        SOURCE_NOT_ALLOWED,
+        DOWNLOAD_TIMEOUT,
+    }
+)
 
 
 class AdapterError(Exception):
