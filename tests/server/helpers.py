@@ -300,3 +300,82 @@ def tar_bytes(
             info.linkname = symlink
             tf.addfile(info)
     return buf.getvalue()
+
+
+@dataclass
+class Origin:
+    """A loopback adapter origin built on aiohttp, for the bounds and forgery tests.
+
+    `routes` maps a path to bytes (served with a Content-Length) or to a behaviour:
+    ("stream", n) sends n bytes chunked without a length (n=-1: forever); ("drip", n) promises
+    n bytes and sends one every `drip_every` seconds; ("redirect", url) answers 302; ("slow",
+    blob) waits `slow_for` seconds, then serves. It records the raw path and query of every
+    request, how many were served at once at most, and how many body bytes it sent.
+    """
+
+    routes: dict[str, Any] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    drip_every: float = 0.3
+    slow_for: float = 0.3
+    seen: list[str] = field(default_factory=list)
+    sent: int = 0
+    active: int = 0
+    max_active: int = 0
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> Origin:
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://{self.host}:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(request.raw_path)
+        route = self.routes.get(request.raw_path.split("?", 1)[0])
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            return await self._answer(request, route)
+        finally:
+            self.active -= 1
+
+    async def _answer(self, request: web.Request, route: Any) -> web.StreamResponse:
+        if route is None:
+            return web.Response(status=404)
+        if isinstance(route, bytes):
+            self.sent += len(route)
+            return web.Response(body=route)
+        kind, arg = route
+        if kind == "redirect":
+            raise web.HTTPFound(arg)
+        if kind == "slow":
+            await asyncio.sleep(self.slow_for)
+            self.sent += len(arg)
+            return web.Response(body=arg)
+        resp = web.StreamResponse()
+        if kind == "drip":
+            resp.content_length = arg
+        else:
+            resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        chunk = b"\0" * (1 if kind == "drip" else 1 << 16)
+        done = 0
+        while arg < 0 or done < arg:
+            piece = chunk if arg < 0 else chunk[: arg - done]
+            await resp.write(piece)
+            done += len(piece)
+            self.sent += len(piece)
+            if kind == "drip":
+                await asyncio.sleep(self.drip_every)
+        await resp.write_eof()
+        return resp
