@@ -308,7 +308,8 @@ class Origin:
 
     `routes` maps a path to bytes (served with a Content-Length) or to a behaviour:
     ("stream", n) sends n bytes chunked without a length (n=-1: forever); ("drip", n) promises
-    n bytes and sends one every `drip_every` seconds; ("redirect", url) answers 302; ("slow",
+    n bytes and sends one every `drip_every` seconds; ("redirect", url) answers 302; ("status",
+    code) answers with that status; ("slow",
     blob) waits `slow_for` seconds, then serves. It records the raw path and query of every
     request, how many were served at once at most, and how many body bytes it sent.
     """
@@ -358,6 +359,8 @@ class Origin:
         kind, arg = route
         if kind == "redirect":
             raise web.HTTPFound(arg)
+        if kind == "status":
+            return web.Response(status=arg)
         if kind == "slow":
             await asyncio.sleep(self.slow_for)
             self.sent += len(arg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,27 @@ def test_pvc_symlink_escape_and_undeclared_claim(tmp_path: Path, pvc_root: Path)
     with pytest.raises(errors.AdapterError) as exc:
         resolve_pvc(pvc_root, parse_source_uri("pvc://other-claim/ad0"))
     assert exc.value.reason == errors.INVALID_SOURCE
+
+
+async def test_pvc_symlinked_file_is_refused_and_claim_changes_do_not_reach_the_copy(
+    tmp_path: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    claim = tmp_path / "pvc" / "adapters"
+    shutil.copytree(tiny_adapters["ad0"], claim / "a")
+    outside = tmp_path / "node-secret"
+    outside.write_text("s")
+    f = fetcher(tmp_path, tmp_path / "pvc")
+    path, info = await f.fetch(spec("pvc://adapters/a"), MANIFEST)
+    # After the check, the claim changes: the copy vLLM loads does not.
+    weights = claim / "a" / "adapter_model.safetensors"
+    weights.unlink()
+    weights.symlink_to(outside)
+    assert digest_dir(path)[0] == info.digest
+    assert not (path / "adapter_model.safetensors").is_symlink()
+    with pytest.raises(errors.AdapterError, match="symlink") as exc:
+        await f.fetch(spec("pvc://adapters/a", name="y"), MANIFEST)
+    assert exc.value.reason == errors.UNSUPPORTED_ADAPTER
+    assert cache_entries(f) == ["x"]
 
 
 @pytest.mark.parametrize("name", ["../x", "/abs", "%2e%2e", "a/b", "..", "", "A"])
