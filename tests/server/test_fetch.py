@@ -298,3 +298,34 @@ async def test_hf_offline_fails_cleanly(tmp_path: Path, pvc_root: Path) -> None:
     assert exc.value.reason == errors.DOWNLOAD_FAILED
     assert attempts == [1, 2, 3]
     assert cache_entries(f) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "kept"),
+    [
+        ("hf://org/repo", ["adapter_config.json", "adapter_model.safetensors"]),
+        ("hf://org/repo/sub", ["sub/adapter_config.json", "sub/adapter_model.safetensors"]),
+    ],
+    ids=["root", "subfolder"],
+)
+def test_hf_fetches_only_the_adapter_files(source: str, kept: list[str]) -> None:
+    """Our allow_patterns through huggingface_hub's own filter (what snapshot_download uses)
+    against a repository that holds much more than one adapter."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from loraplex_server.fetch import hf_patterns
+
+    repo = [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "adapter_model.bin",
+        "optimizer.pt",
+        "model-00001-of-00030.safetensors",
+        "sub/adapter_config.json",
+        "sub/adapter_model.safetensors",
+        "sub/checkpoint-500/adapter_model.safetensors",
+        "other/adapter_config.json",
+    ]
+    patterns = hf_patterns(parse_source_uri(source))
+    assert sorted(filter_repo_objects(repo, allow_patterns=patterns)) == kept
