@@ -382,3 +382,30 @@ async def test_cache_full_of_pinned_adapters_fails_only_the_newcomer(
             served = [n for n in rep if n not in failed]
             for n in served:
                 assert await completion(srv.url, n) == 200
+
+
+async def test_eviction_asked_from_every_worker_thread_completes(
+    tmp_path: Path, pvc_root: Path
+) -> None:
+    """Tar, s3 and pvc copies charge the budget from worker threads; when every thread of the
+    default pool waits for eviction at once, eviction must still run (no deadlock)."""
+    f = fetcher(tmp_path, pvc_root)
+    threads = min(32, (os.cpu_count() or 1) + 4) + 1  # one more than the default pool
+    infos = [
+        (await f.fetch(spec("pvc://adapters/ad1", f"a{i}"), manifest()))[1] for i in range(threads)
+    ]
+    size = infos[0].size_bytes
+    f.budget.limit = f.budget.used
+
+    async def evict(need: int) -> int:
+        freed = 0
+        for name in sorted(f.installed()):
+            if freed >= need:
+                break
+            freed += await f.remove(name)
+        return freed
+
+    f.budget.evictor = evict
+    takes = [asyncio.to_thread(f.budget.take_sync, size) for _ in range(threads)]
+    await asyncio.wait_for(asyncio.gather(*takes), 20)
+    assert f.installed() == {} and f.budget.used == threads * size

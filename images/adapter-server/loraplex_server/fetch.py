@@ -21,6 +21,7 @@ import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
@@ -242,6 +243,9 @@ class Fetcher:
         self._installed: dict[str, int] = {}
         self._active = 0
         self._slots = asyncio.Condition()
+        # Removals get their own thread: eviction runs while worker threads of the default
+        # pool may all be waiting for it (CacheBudget.take_sync), so it must not need one.
+        self._remover = ThreadPoolExecutor(1, thread_name_prefix="cache-remove")
 
     def clean_temp(self) -> None:
         """Remove leftovers of unfinished downloads and count what the cache already holds.
@@ -273,7 +277,8 @@ class Fetcher:
         path = cache_path(self.cache_dir, name)
         freed = self._installed.pop(name, 0)
         if path.exists():
-            await asyncio.to_thread(shutil.rmtree, path, True)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._remover, shutil.rmtree, path, True)
         self.budget.release(freed)
         return freed
 
