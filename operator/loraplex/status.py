@@ -133,7 +133,13 @@ def adapter_status(
             ("Ready", False, verdict.reason, verdict.message),
         )
         return st
-    ready_states = {AdapterState.LOADED, AdapterState.CACHED, AdapterState.EVICTED}
+    # UNCACHED: removed from the pod's cache to make room, fetched again on the next request.
+    ready_states = {
+        AdapterState.LOADED,
+        AdapterState.CACHED,
+        AdapterState.EVICTED,
+        AdapterState.UNCACHED,
+    }
     views = []
     ready = 0
     failed: AdapterReport | None = None

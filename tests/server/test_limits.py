@@ -353,7 +353,7 @@ async def test_cache_budget_evicts_lru_unpinned_and_refetches(
                 assert srv.server.fetcher.cache_size() <= size * 3.5
             states = {n: e["state"] for n, e in (await adapters(srv.url)).items()}
             # ad3 loaded, ad2 unloaded from vLLM but cached, ad1 (used longest ago) out.
-            assert states == {"ad0": "loaded", "ad1": "declared", "ad2": "evicted", "ad3": "loaded"}
+            assert states == {"ad0": "loaded", "ad1": "uncached", "ad2": "evicted", "ad3": "loaded"}
             assert sorted(p.name for p in s.cache_dir.iterdir()) == ["ad0", "ad2", "ad3"]
             assert await completion(srv.url, "ad1") == 200  # fetched again on request
             assert sorted(p.name for p in s.cache_dir.iterdir()) == ["ad0", "ad1", "ad3"]

@@ -194,3 +194,13 @@ def test_crd_has_the_limits_group() -> None:
         "plainHttpHosts",
         "privateNetworks",
     }
+
+
+def test_an_adapter_removed_from_the_cache_still_counts_as_ready() -> None:
+    from loraplex.adapters import ACCEPTED
+
+    report = AdapterReport(name="a", served_name="a", state=AdapterState.UNCACHED)
+    st = adapter_status(
+        LoRAAdapterStatus(), 1, ACCEPTED, served_name="a", pods=[PodView("p", report, True)]
+    )
+    assert st.phase == "Ready"

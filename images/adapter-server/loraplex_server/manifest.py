@@ -182,6 +182,7 @@ class AdapterState(StrEnum):
     LOADING = "loading"
     LOADED = "loaded"
     EVICTED = "evicted"
+    UNCACHED = "uncached"  # checked before, files removed to make room; fetched on demand
     FAILED = "failed"
 
 

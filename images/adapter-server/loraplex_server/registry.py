@@ -7,6 +7,7 @@ An adapter is not evicted while a request that chose it has not yet been accepte
 
     declared -> downloading -> cached -> loading -> loaded -> evicted (-> loading ...)
                      \\-> failed (reason, message, attempts)
+    cached or evicted -> uncached (files removed for cache room) -> downloading ... on demand
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ class Registry:
 
         Folders no longer declared go first, then cached adapters that are not pinned, not
         loaded and not in use, least recently used first. An evicted adapter goes back to
-        `declared` and is fetched again when a request or a pin needs it.
+        `uncached` and is fetched again when a request needs it.
         """
         freed = 0
         for name in set(self.fetcher.installed()) - set(self.entries):
@@ -247,7 +248,7 @@ class Registry:
             if not self._evictable(e):  # re-checked here: earlier removals awaited
                 continue
             e.path = None
-            self._set(e, S.DECLARED)
+            self._set(e, S.UNCACHED)
             freed += await self.fetcher.remove(e.spec.name)
             log.info("adapter %s removed from the cache to make room", e.spec.name)
         self.metrics.cache_size.set(self.fetcher.cache_size())
@@ -282,7 +283,7 @@ class Registry:
         await asyncio.wait_for(asyncio.shield(e.load_task), wait)
 
     async def _bring_up(self, e: Entry) -> None:
-        if e.state == S.DECLARED and e.fetch_task is not None and e.fetch_task.done():
+        if e.state == S.UNCACHED and e.fetch_task is not None and e.fetch_task.done():
             e.fetch_task = self._spawn(self._fetch(e))  # its files were evicted from the cache
         if e.fetch_task is not None:
             try:
