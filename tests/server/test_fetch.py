@@ -1,9 +1,10 @@
 """Getting adapters onto disk, against loopback sources that misbehave on purpose.
 
-Matrix: pvc in place / symlink escape / undeclared claim; cache names with traversal;
-https tar.gz with right, wrong and no sha256; plain folder URL; hostile archives (`..`,
-symlink); source 404 (no retry), 500 (retries, then failed), flaky (retry succeeds), hanging,
-truncated, cancelled mid-download (nothing installed, no temp left); cache reuse; s3 via moto.
+Matrix: pvc copied into the cache / symlink escape / undeclared claim / symlinked file;
+cache names with traversal; https tar.gz with right, wrong and no sha256; plain folder URL;
+hostile archives (`..`, symlink); source 404 (no retry), 500 (retries, then failed), flaky
+(retry succeeds), hanging, truncated, cancelled mid-download (nothing installed, no temp
+left); cache reuse; s3 via moto; hf:// allow_patterns.
 """
 
 from __future__ import annotations

@@ -29,9 +29,10 @@ import pytest
 
 from loraplex_server import errors
 from loraplex_server.cache import CacheBudget, Quota
-from loraplex_server.fetch import Fetcher, extract_tar
+from loraplex_server.fetch import Fetcher
 from loraplex_server.manifest import AdapterLimits, AdapterManifest, ManifestAdapter
 from loraplex_server.metrics import Metrics
+from loraplex_server.unpack import extract_tar
 from loraplex_server.verify import digest_dir
 
 from .helpers import (

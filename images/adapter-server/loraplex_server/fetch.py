@@ -1,4 +1,4 @@
-"""Getting an adapter's files onto local disk: pvc in place, https/http, s3 and hf downloads.
+"""Getting an adapter's files into the cache: https/http, s3 and hf downloads, pvc copies.
 
 Downloads go to a temp dir inside the cache dir, are verified there, and are renamed into
 `cache/<name>/` only when complete, so a half-written adapter can never be loaded: vLLM is only
@@ -15,15 +15,12 @@ import json
 import logging
 import os
 import shutil
-import stat
-import tarfile
 import time
 import uuid
-import zlib
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 from yarl import URL
@@ -47,6 +44,7 @@ from loraplex_server.netguard import (
 )
 from loraplex_server.settings import Settings
 from loraplex_server.source_uri import SourceError, SourceURI, parse_source_uri, sha256_problem
+from loraplex_server.unpack import CHUNK, copy_regular_tree, extract_tar, safe_member
 from loraplex_server.verify import (
     CONFIG_FILE,
     MARKER_FILE,
@@ -60,7 +58,6 @@ log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
 MAX_BACKOFF = 30.0
 MAX_REDIRECTS = 5
-CHUNK = 1 << 16
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -95,99 +92,6 @@ def resolve_pvc(pvc_root: Path, src: SourceURI) -> Path:
     if not path.is_dir():
         raise errors.AdapterError(errors.DOWNLOAD_FAILED, f"{src.raw}: no such directory")
     return path
-
-
-def _safe_member(name: str) -> PurePosixPath:
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts or "\\" in name or "\x00" in name:
-        raise errors.AdapterError(
-            errors.UNSUPPORTED_ADAPTER, f"archive member {name!r} would escape the adapter folder"
-        )
-    return PurePosixPath(*[x for x in p.parts if x != "."])
-
-
-def _copy_stream(src: IO[bytes], target: Path, quota: Quota) -> None:
-    with target.open("wb") as out:
-        while chunk := src.read(CHUNK):
-            quota.charge_sync(len(chunk))
-            out.write(chunk)
-
-
-def extract_tar(archive: Path, dest: Path, quota: Quota) -> Path:
-    """Extract regular files and folders only; return the folder holding adapter_config.json.
-
-    Members are read one by one and each is checked (count, header size) before anything of
-    it is written, so a bomb stops at the first member over a limit, without inflating it.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        with tarfile.open(archive) as tf:
-            for m in tf:
-                quota.add_file()
-                rel = _safe_member(m.name)
-                if not rel.parts:
-                    continue
-                if m.isdir():
-                    (dest / rel).mkdir(parents=True, exist_ok=True)
-                elif m.isfile():
-                    quota.expect(m.size)
-                    target = dest / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    src = tf.extractfile(m)
-                    if src is None:
-                        continue
-                    with src:
-                        _copy_stream(src, target, quota)
-                else:
-                    raise errors.AdapterError(
-                        errors.UNSUPPORTED_ADAPTER,
-                        f"archive member {m.name!r} is a link or device; only files are allowed",
-                    )
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise errors.AdapterError(
-            errors.UNSUPPORTED_ADAPTER, "the archive is not a readable tar archive", str(exc)
-        ) from exc
-    if (dest / "adapter_config.json").is_file():
-        return dest
-    subdirs = [p for p in dest.iterdir() if p.is_dir()]
-    if len(subdirs) == 1 and (subdirs[0] / "adapter_config.json").is_file():
-        return subdirs[0]
-    raise errors.AdapterError(
-        errors.UNSUPPORTED_ADAPTER, "archive holds no adapter_config.json at its top level"
-    )
-
-
-def copy_regular_tree(src: Path, dest: Path, quota: Quota) -> None:
-    """Copy a pvc adapter folder into the cache; refuse anything but regular files and folders.
-
-    vLLM then loads the verified copy, so nothing done to the claim after the check (a file
-    swapped for a symlink, new weights) reaches vLLM; symlinks are refused outright, since
-    inside a claim they may point anywhere on the node's view of the pod.
-    """
-    for dirpath, dirnames, filenames in os.walk(src):
-        here = Path(dirpath)
-        rel_dir = here.relative_to(src)
-        (dest / rel_dir).mkdir(parents=True, exist_ok=True)
-        for n in [*dirnames, *filenames]:
-            st = os.lstat(here / n)
-            if stat.S_ISDIR(st.st_mode):
-                quota.add_file()
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                raise errors.AdapterError(
-                    errors.UNSUPPORTED_ADAPTER,
-                    f"{(rel_dir / n).as_posix()} is a symlink or special file; an adapter folder "
-                    "may hold only regular files",
-                )
-            quota.add_file()
-            quota.expect(st.st_size)
-            fd = os.open(here / n, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                    raise errors.AdapterError(
-                        errors.UNSUPPORTED_ADAPTER, f"{n} changed into a special file"
-                    )
-                _copy_stream(f, dest / rel_dir / n, quota)
 
 
 def hf_patterns(src: SourceURI) -> list[str]:
@@ -466,7 +370,7 @@ class Fetcher:
             for page in pages:
                 for obj in page.get("Contents", []):
                     key = obj["Key"]
-                    rel = _safe_member(key[len(prefix) :])
+                    rel = safe_member(key[len(prefix) :])
                     if not rel.parts or key.endswith("/"):
                         continue
                     quota.add_file()
