@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -330,3 +331,80 @@ def test_hf_fetches_only_the_adapter_files(source: str, kept: list[str]) -> None
     ]
     patterns = hf_patterns(parse_source_uri(source))
     assert sorted(filter_repo_objects(repo, allow_patterns=patterns)) == kept
+
+
+class StandInHub:
+    """The Hub at huggingface_hub's boundary (no Hub is reachable here): a repo of files,
+    snapshot_download's dry run (sizes) and download, filtered by huggingface_hub's own
+    filter_repo_objects, and a record of every call."""
+
+    def __init__(self, files: dict[str, bytes], sizes: dict[str, int] | None = None) -> None:
+        self.files = files
+        self.sizes = sizes or {}
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, **kw: Any) -> Any:
+        from huggingface_hub.file_download import DryRunFileInfo
+        from huggingface_hub.utils import filter_repo_objects
+
+        self.calls.append(kw)
+        names = list(filter_repo_objects(list(self.files), allow_patterns=kw["allow_patterns"]))
+        if kw.get("dry_run"):
+            return [
+                DryRunFileInfo(
+                    commit_hash="c0ffee",
+                    file_size=self.sizes.get(n, len(self.files[n])),
+                    filename=n,
+                    local_path=str(Path(kw["local_dir"]) / n),
+                    is_cached=False,
+                    will_download=True,
+                )
+                for n in names
+            ]
+        for n in names:
+            target = Path(kw["local_dir"]) / n
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.files[n])
+        return kw["local_dir"]
+
+
+def hub_repo(adapter: Path, prefix: str = "") -> dict[str, bytes]:
+    files = {f"{prefix}{p.name}": p.read_bytes() for p in adapter.iterdir()}
+    files["model-00001-of-00002.safetensors"] = b"\0" * 4096
+    files["adapter_model.bin"] = b"\x80\x04K\x01."
+    return files
+
+
+async def test_hf_downloads_two_files_pinned_to_the_checked_commit(
+    tmp_path: Path, pvc_root: Path, tiny_adapters: dict[str, Path], monkeypatch: Any
+) -> None:
+    import huggingface_hub
+
+    hub = StandInHub(hub_repo(tiny_adapters["ad2"], "sub/"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    f = fetcher(tmp_path, pvc_root)
+    path, info = await f.fetch(spec("hf://org/repo/sub"), MANIFEST)
+    assert sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert info.rank == 8
+    assert [c.get("dry_run", False) for c in hub.calls] == [True, False]
+    assert hub.calls[1]["revision"] == "c0ffee"
+
+
+async def test_hf_adapter_over_the_cap_is_refused_before_download(
+    tmp_path: Path, pvc_root: Path, tiny_adapters: dict[str, Path], monkeypatch: Any
+) -> None:
+    import huggingface_hub
+
+    hub = StandInHub(
+        hub_repo(tiny_adapters["ad2"]), sizes={"adapter_model.safetensors": 3 * 1024**3}
+    )
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    f = fetcher(tmp_path, pvc_root)
+    with pytest.raises(errors.AdapterError) as exc:
+        await f.fetch(spec("hf://org/repo"), MANIFEST)
+    assert exc.value.reason == errors.ADAPTER_TOO_LARGE
+    assert [c.get("dry_run", False) for c in hub.calls] == [True]  # nothing downloaded
+    assert cache_entries(f) == [] and f.cache_size() == 0

@@ -402,6 +402,9 @@ class Fetcher:
     # -- hf --------------------------------------------------------------------------------
 
     def _hf(self, src: SourceURI, spec: ManifestAdapter, tmp: Path, quota: Quota) -> Path:
+        """The adapter's two files only; their sizes (a dry run asks the Hub) are checked
+        and reserved before anything is written, and the download is pinned to the commit
+        that was checked."""
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
             GatedRepoError,
@@ -410,12 +413,26 @@ class Fetcher:
         )
 
         local = tmp / "hf"
+        patterns = hf_patterns(src)
         try:
-            snapshot_download(
+            planned = snapshot_download(
                 repo_id=src.authority,
                 revision=spec.revision,
                 local_dir=str(local),
-                allow_patterns=hf_patterns(src),
+                allow_patterns=patterns,
+                dry_run=True,
+            )
+            announced = 0
+            for file in planned:
+                quota.add_file()
+                announced += file.file_size or 0
+                quota.expect(announced)
+            quota.charge_sync(announced)
+            snapshot_download(
+                repo_id=src.authority,
+                revision=planned[0].commit_hash if planned else spec.revision,
+                local_dir=str(local),
+                allow_patterns=patterns,
             )
         except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
             raise errors.AdapterError(
@@ -423,18 +440,18 @@ class Fetcher:
                 f"{src.raw}: the repository or revision does not exist or is gated",
                 str(exc),
             ) from exc
+        except (errors.AdapterError, errors.TransientError):
+            raise
         except Exception as exc:  # network, offline mode, 5xx: all worth another try
             raise errors.TransientError(
                 f"{src.raw}: the Hub could not be reached", f"{type(exc).__name__}: {exc}"
             ) from exc
         shutil.rmtree(local / ".cache", ignore_errors=True)
         root = local / src.path if src.path else local
-        for dirpath, _d, names in os.walk(root):
-            for n in names:
-                size = (Path(dirpath) / n).stat().st_size
-                quota.add_file()
-                quota.charge_sync(size)
-                self.metrics.download_bytes.labels(spec.name).inc(size)
+        written = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        if written > announced:  # a size the Hub did not announce: count it now
+            quota.charge_sync(written - announced)
+        self.metrics.download_bytes.labels(spec.name).inc(written)
         return root
 
 
