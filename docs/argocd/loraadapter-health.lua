@@ -17,6 +17,10 @@ local failure_reasons = {
   ChecksumMismatch = true,
   LoadFailed = true,
   RankMismatch = true,
+  AdapterTooLarge = true,
+  CacheFull = true,
+  SourceNotAllowed = true,
+  DownloadTimeout = true,
 }
 
 local function condition(status, ctype)

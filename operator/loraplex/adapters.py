@@ -6,16 +6,31 @@ reason (the `Accepted` condition's reason) and a message that names the field an
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.api.loraadapter import LoRAAdapterSpec
 from loraplex.errors import InvalidSpec
 from loraplex.validation import parse_spec
-from loraplex_server.manifest import AdapterManifest, ManifestAdapter
-from loraplex_server.source_uri import parse_source_uri
+from loraplex_server.manifest import (
+    DEFAULT_CACHE_BYTES,
+    AdapterLimits,
+    AdapterManifest,
+    ManifestAdapter,
+)
+from loraplex_server.source_uri import parse_source_uri, sha256_problem
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_FACTORS: dict[str | None, int] = {
+    None: 1,
+    **{s: 1024 ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{s: 1000 ** (i + 1) for i, s in enumerate(("k", "M", "G", "T", "P", "E"))},
+}
+CACHE_SHARE = Decimal("0.9")  # of the cache volume's sizeLimit: headroom for temp files
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,9 @@ def judge(
             verdicts[cand.name] = cand.error or Verdict(False, "InvalidSpec", "spec is missing")
             continue
         src = parse_source_uri(cand.spec.source)
+        if (refused := source_verdict(base_name, base, cand.spec)) is not None:
+            verdicts[cand.name] = refused
+            continue
         if src.scheme == "pvc" and src.authority not in claims:
             verdicts[cand.name] = Verdict(
                 False,
@@ -119,6 +137,56 @@ def judge(
     return verdicts
 
 
+def parse_quantity(value: str) -> int | None:
+    """Bytes of a Kubernetes quantity such as 20Gi or 500M; None when it is not one."""
+    m = _QUANTITY.fullmatch(value.strip())
+    if m is None:
+        return None
+    try:
+        return int(Decimal(m.group(1)) * _FACTORS[m.group(2)])
+    except InvalidOperation:
+        return None
+
+
+def manifest_limits(spec: BaseModelSpec) -> AdapterLimits:
+    """spec.adapterLimits with every default filled in, as pods read it from the manifest."""
+    lim = spec.adapter_limits
+    cache = parse_quantity(lim.cache_size) if lim.cache_size else None
+    if cache is None:
+        volume = parse_quantity(spec.adapter_cache.size_limit)
+        cache = int(volume * CACHE_SHARE) if volume else DEFAULT_CACHE_BYTES
+    given: dict[str, Any] = {
+        "max_adapter_bytes": parse_quantity(lim.max_adapter_size) if lim.max_adapter_size else None,
+        "max_adapter_files": lim.max_adapter_files,
+        "max_concurrent_downloads": lim.max_concurrent_downloads,
+        "download_timeout_seconds": lim.download_timeout_seconds,
+    }
+    return AdapterLimits(
+        cache_bytes=max(1, cache),
+        plain_http_hosts=lim.plain_http_hosts,
+        private_networks=lim.private_networks,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+
+
+def source_verdict(base_name: str, base: BaseModelSpec, spec: LoRAAdapterSpec) -> Verdict | None:
+    """Refusals a pod would make anyway, given early with the field to change."""
+    src = parse_source_uri(spec.source)
+    if src.scheme == "http":
+        host = src.authority.split(":", 1)[0]
+        allowed = base.adapter_limits.plain_http_hosts
+        if src.authority not in allowed and host not in allowed:
+            return Verdict(
+                False,
+                "SourceNotAllowed",
+                f"spec.source: plain http:// is refused; use https://, or add {host!r} to "
+                f"BaseModel {base_name!r} spec.adapterLimits.plainHttpHosts",
+            )
+    if spec.sha256 is not None and (problem := sha256_problem(src)) is not None:
+        return Verdict(False, "InvalidSource", problem)
+    return None
+
+
 def rank_verdict(name: str, rank: int | None, max_rank: int) -> Verdict:
     return Verdict(
         False,
@@ -137,6 +205,7 @@ def build_manifest(
     max_lora_rank: int,
     max_cpu_loras: int,
     accepted: Iterable[Candidate],
+    limits: AdapterLimits | None = None,
 ) -> AdapterManifest:
     """The manifest for the accepted adapters, sorted by name so equal inputs give equal JSON."""
     adapters = []
@@ -162,6 +231,7 @@ def build_manifest(
         max_loras=max_loras,
         max_lora_rank=max_lora_rank,
         max_cpu_loras=max_cpu_loras,
+        limits=limits or AdapterLimits(),
         adapters=adapters,
     )
 

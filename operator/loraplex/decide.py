@@ -15,6 +15,7 @@ from loraplex.adapters import (
     Verdict,
     build_manifest,
     judge,
+    manifest_limits,
     rank_verdict,
     read_candidate,
     same_content,
@@ -113,6 +114,7 @@ def next_manifest(
         max_lora_rank=plan.max_lora_rank,
         max_cpu_loras=plan.max_cpu_loras,
         accepted=accepted,
+        limits=manifest_limits(spec),
     )
     if previous is None or not same_content(manifest, previous) or previous.generation < prev:
         manifest = manifest.model_copy(update={"generation": prev + 1})

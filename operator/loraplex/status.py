@@ -17,19 +17,8 @@ from loraplex.api.loraadapter import LoRAAdapterStatus, PodAdapterState, Replica
 from loraplex.conditions import set_condition
 from loraplex.errors import InvalidSpec
 from loraplex.planner import Plan
+from loraplex_server.errors import FAILURE_REASONS
 from loraplex_server.manifest import AdapterReport, AdapterState
-
-# Server-side failure reasons that map straight onto LoRAAdapter condition reasons.
-_FAILURE_REASONS = {
-    "DownloadFailed",
-    "ChecksumMismatch",
-    "RankExceedsMax",
-    "UnsupportedAdapter",
-    "IncompatibleBaseModel",
-    "LoadFailed",
-    "InvalidSource",
-    "RankMismatch",
-}
 
 
 def _conds(
@@ -148,7 +137,13 @@ def adapter_status(
             ("Ready", False, verdict.reason, verdict.message),
         )
         return st
-    ready_states = {AdapterState.LOADED, AdapterState.CACHED, AdapterState.EVICTED}
+    # UNCACHED: removed from the pod's cache to make room, fetched again on the next request.
+    ready_states = {
+        AdapterState.LOADED,
+        AdapterState.CACHED,
+        AdapterState.EVICTED,
+        AdapterState.UNCACHED,
+    }
     views = []
     ready = 0
     failed: AdapterReport | None = None
@@ -186,7 +181,7 @@ def adapter_status(
     st.ready = f"{ready}/{total}"
     accepted = ("Accepted", True, verdict.reason, verdict.message)
     if failed is not None:
-        reason = failed.reason if failed.reason in _FAILURE_REASONS else "LoadFailed"
+        reason = failed.reason if failed.reason in FAILURE_REASONS else "LoadFailed"
         msg = f"{failed.message or reason} (on {ready}/{total} pods ready)"
         st.phase = "Failed"
         st.conditions = _conds(st.conditions, generation, accepted, ("Ready", False, reason, msg))

@@ -3,8 +3,9 @@ Argo CD health checks treat every failure reason as Degraded.
 
 Matrix:
 - reasons: the conditions' reasons named in DESIGN (BaseModel and LoRAAdapter), the operator's
-  pod-failure reasons (`loraplex.status._FAILURE_REASONS`) and the adapter-server's reason
-  constants (`loraplex_server.errors`) x "has a `### \\`Reason\\`` heading";
+  pod-failure reasons (`loraplex_server.errors.FAILURE_REASONS`, copied by the operator) and
+  the adapter-server's reason constants (`loraplex_server.errors`)
+  x "has a `### \\`Reason\\`` heading";
 - every failure reason x "is in the LoRAAdapter Lua check's failure list";
 - the doc's links to sibling docs resolve.
 """
@@ -47,7 +48,7 @@ ADAPTER_REASONS = {
 def code_failure_reasons() -> set[str]:
     from loraplex import status
 
-    return set(status._FAILURE_REASONS)
+    return set(status.FAILURE_REASONS)
 
 
 def server_reasons() -> set[str]:

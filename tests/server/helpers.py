@@ -22,6 +22,13 @@ from loraplex_server.server import Server
 from loraplex_server.settings import Settings
 
 TOKEN = "t0ken-for-tests"
+# The stand-in origins listen on loopback over plain http, which a pod refuses by default;
+# tests opt in the way a BaseModel would (spec.adapterLimits), and test_netguard checks the
+# refusal without this.
+LOOPBACK_LIMITS: dict[str, Any] = {
+    "plainHttpHosts": ["127.0.0.1"],
+    "privateNetworks": ["127.0.0.0/8"],
+}
 
 
 def free_port() -> int:
@@ -123,16 +130,18 @@ def manifest_doc(
     generation: int = 1,
     max_loras: int = 2,
     max_cpu_loras: int | None = None,
+    limits: dict[str, Any] | None = None,
     **kw: Any,
 ) -> dict[str, Any]:
     """A manifest; `max_cpu_loras` (the server's cap on resident adapters) defaults to
-    `max_loras` so eviction is exercised with few adapters."""
+    `max_loras` so eviction is exercised with few adapters; `limits` to LOOPBACK_LIMITS."""
     return {
         "generation": generation,
         "baseServedName": "tiny",
         "maxLoras": max_loras,
         "maxLoraRank": 8,
         "maxCpuLoras": max_cpu_loras or max_loras,
+        "limits": LOOPBACK_LIMITS if limits is None else limits,
         "adapters": adapters,
         **kw,
     }
@@ -291,3 +300,85 @@ def tar_bytes(
             info.linkname = symlink
             tf.addfile(info)
     return buf.getvalue()
+
+
+@dataclass
+class Origin:
+    """A loopback adapter origin built on aiohttp, for the bounds and forgery tests.
+
+    `routes` maps a path to bytes (served with a Content-Length) or to a behaviour:
+    ("stream", n) sends n bytes chunked without a length (n=-1: forever); ("drip", n) promises
+    n bytes and sends one every `drip_every` seconds; ("redirect", url) answers 302; ("status",
+    code) answers with that status; ("slow",
+    blob) waits `slow_for` seconds, then serves. It records the raw path and query of every
+    request, how many were served at once at most, and how many body bytes it sent.
+    """
+
+    routes: dict[str, Any] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    drip_every: float = 0.3
+    slow_for: float = 0.3
+    seen: list[str] = field(default_factory=list)
+    sent: int = 0
+    active: int = 0
+    max_active: int = 0
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> Origin:
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://{self.host}:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(request.raw_path)
+        route = self.routes.get(request.raw_path.split("?", 1)[0])
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            return await self._answer(request, route)
+        finally:
+            self.active -= 1
+
+    async def _answer(self, request: web.Request, route: Any) -> web.StreamResponse:
+        if route is None:
+            return web.Response(status=404)
+        if isinstance(route, bytes):
+            self.sent += len(route)
+            return web.Response(body=route)
+        kind, arg = route
+        if kind == "redirect":
+            raise web.HTTPFound(arg)
+        if kind == "status":
+            return web.Response(status=arg)
+        if kind == "slow":
+            await asyncio.sleep(self.slow_for)
+            self.sent += len(arg)
+            return web.Response(body=arg)
+        resp = web.StreamResponse()
+        if kind == "drip":
+            resp.content_length = arg
+        else:
+            resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        chunk = b"\0" * (1 if kind == "drip" else 1 << 16)
+        done = 0
+        while arg < 0 or done < arg:
+            piece = chunk if arg < 0 else chunk[: arg - done]
+            await resp.write(piece)
+            done += len(piece)
+            self.sent += len(piece)
+            if kind == "drip":
+                await asyncio.sleep(self.drip_every)
+        await resp.write_eof()
+        return resp

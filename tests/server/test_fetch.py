@@ -1,9 +1,10 @@
 """Getting adapters onto disk, against loopback sources that misbehave on purpose.
 
-Matrix: pvc in place / symlink escape / undeclared claim; cache names with traversal;
-https tar.gz with right, wrong and no sha256; plain folder URL; hostile archives (`..`,
-symlink); source 404 (no retry), 500 (retries, then failed), flaky (retry succeeds), hanging,
-truncated, cancelled mid-download (nothing installed, no temp left); cache reuse; s3 via moto.
+Matrix: pvc copied into the cache / symlink escape / undeclared claim / symlinked file;
+cache names with traversal; https tar.gz with right, wrong and no sha256; plain folder URL;
+hostile archives (`..`, symlink); source 404 (no retry), 500 (retries, then failed), flaky
+(retry succeeds), hanging, truncated, cancelled mid-download (nothing installed, no temp
+left); cache reuse; s3 via moto; hf:// allow_patterns.
 """
 
 from __future__ import annotations
@@ -11,21 +12,28 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from loraplex_server import errors
 from loraplex_server.fetch import TMP_PREFIX, Fetcher, cache_path, resolve_pvc
-from loraplex_server.manifest import AdapterManifest, ManifestAdapter
+from loraplex_server.manifest import AdapterLimits, AdapterManifest, ManifestAdapter
 from loraplex_server.metrics import Metrics
 from loraplex_server.source_uri import parse_source_uri
 from loraplex_server.verify import digest_dir
 
-from .helpers import FileServer, make_settings, tar_bytes, wait_for
+from .helpers import LOOPBACK_LIMITS, FileServer, make_settings, tar_bytes, wait_for
 
 MANIFEST = AdapterManifest(
-    generation=1, base_served_name="tiny", max_loras=2, max_lora_rank=8, max_cpu_loras=4
+    generation=1,
+    base_served_name="tiny",
+    max_loras=2,
+    max_lora_rank=8,
+    max_cpu_loras=4,
+    limits=AdapterLimits.model_validate(LOOPBACK_LIMITS),
 )
 
 
@@ -49,12 +57,14 @@ def pvc_root(tiny_adapters: dict[str, Path]) -> Path:
     return tiny_adapters["ad0"].parent.parent
 
 
-async def test_pvc_is_read_in_place(tmp_path: Path, pvc_root: Path) -> None:
+async def test_pvc_is_copied_then_verified(tmp_path: Path, pvc_root: Path) -> None:
+    """vLLM loads a verified copy: what happens in the claim afterwards cannot reach it."""
     f = fetcher(tmp_path, pvc_root)
     path, info = await f.fetch(spec("pvc://adapters/ad0"), MANIFEST)
-    assert path == (pvc_root / "adapters" / "ad0").resolve()
-    assert info.rank == 8 and info.digest == digest_dir(path)[0]
-    assert cache_entries(f) == []  # never copied
+    assert path == f.cache_dir.resolve() / "x"
+    assert info.rank == 8 and info.digest == digest_dir(pvc_root / "adapters" / "ad0")[0]
+    assert cache_entries(f) == ["x"]
+    assert f.cache_size() == info.size_bytes
 
 
 def test_pvc_symlink_escape_and_undeclared_claim(tmp_path: Path, pvc_root: Path) -> None:
@@ -69,6 +79,27 @@ def test_pvc_symlink_escape_and_undeclared_claim(tmp_path: Path, pvc_root: Path)
     with pytest.raises(errors.AdapterError) as exc:
         resolve_pvc(pvc_root, parse_source_uri("pvc://other-claim/ad0"))
     assert exc.value.reason == errors.INVALID_SOURCE
+
+
+async def test_pvc_symlinked_file_is_refused_and_claim_changes_do_not_reach_the_copy(
+    tmp_path: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    claim = tmp_path / "pvc" / "adapters"
+    shutil.copytree(tiny_adapters["ad0"], claim / "a")
+    outside = tmp_path / "node-secret"
+    outside.write_text("s")
+    f = fetcher(tmp_path, tmp_path / "pvc")
+    path, info = await f.fetch(spec("pvc://adapters/a"), MANIFEST)
+    # After the check, the claim changes: the copy vLLM loads does not.
+    weights = claim / "a" / "adapter_model.safetensors"
+    weights.unlink()
+    weights.symlink_to(outside)
+    assert digest_dir(path)[0] == info.digest
+    assert not (path / "adapter_model.safetensors").is_symlink()
+    with pytest.raises(errors.AdapterError, match="symlink") as exc:
+        await f.fetch(spec("pvc://adapters/a", name="y"), MANIFEST)
+    assert exc.value.reason == errors.UNSUPPORTED_ADAPTER
+    assert cache_entries(f) == ["x"]
 
 
 @pytest.mark.parametrize("name", ["../x", "/abs", "%2e%2e", "a/b", "..", "", "A"])
@@ -269,3 +300,111 @@ async def test_hf_offline_fails_cleanly(tmp_path: Path, pvc_root: Path) -> None:
     assert exc.value.reason == errors.DOWNLOAD_FAILED
     assert attempts == [1, 2, 3]
     assert cache_entries(f) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "kept"),
+    [
+        ("hf://org/repo", ["adapter_config.json", "adapter_model.safetensors"]),
+        ("hf://org/repo/sub", ["sub/adapter_config.json", "sub/adapter_model.safetensors"]),
+    ],
+    ids=["root", "subfolder"],
+)
+def test_hf_fetches_only_the_adapter_files(source: str, kept: list[str]) -> None:
+    """Our allow_patterns through huggingface_hub's own filter (what snapshot_download uses)
+    against a repository that holds much more than one adapter."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from loraplex_server.fetch import hf_patterns
+
+    repo = [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "adapter_model.bin",
+        "optimizer.pt",
+        "model-00001-of-00030.safetensors",
+        "sub/adapter_config.json",
+        "sub/adapter_model.safetensors",
+        "sub/checkpoint-500/adapter_model.safetensors",
+        "other/adapter_config.json",
+    ]
+    patterns = hf_patterns(parse_source_uri(source))
+    assert sorted(filter_repo_objects(repo, allow_patterns=patterns)) == kept
+
+
+class StandInHub:
+    """The Hub at huggingface_hub's boundary (no Hub is reachable here): a repo of files,
+    snapshot_download's dry run (sizes) and download, filtered by huggingface_hub's own
+    filter_repo_objects, and a record of every call."""
+
+    def __init__(self, files: dict[str, bytes], sizes: dict[str, int] | None = None) -> None:
+        self.files = files
+        self.sizes = sizes or {}
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, **kw: Any) -> Any:
+        from huggingface_hub.file_download import DryRunFileInfo
+        from huggingface_hub.utils import filter_repo_objects
+
+        self.calls.append(kw)
+        names = list(filter_repo_objects(list(self.files), allow_patterns=kw["allow_patterns"]))
+        if kw.get("dry_run"):
+            return [
+                DryRunFileInfo(
+                    commit_hash="c0ffee",
+                    file_size=self.sizes.get(n, len(self.files[n])),
+                    filename=n,
+                    local_path=str(Path(kw["local_dir"]) / n),
+                    is_cached=False,
+                    will_download=True,
+                )
+                for n in names
+            ]
+        for n in names:
+            target = Path(kw["local_dir"]) / n
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.files[n])
+        return kw["local_dir"]
+
+
+def hub_repo(adapter: Path, prefix: str = "") -> dict[str, bytes]:
+    files = {f"{prefix}{p.name}": p.read_bytes() for p in adapter.iterdir()}
+    files["model-00001-of-00002.safetensors"] = b"\0" * 4096
+    files["adapter_model.bin"] = b"\x80\x04K\x01."
+    return files
+
+
+async def test_hf_downloads_two_files_pinned_to_the_checked_commit(
+    tmp_path: Path, pvc_root: Path, tiny_adapters: dict[str, Path], monkeypatch: Any
+) -> None:
+    import huggingface_hub
+
+    hub = StandInHub(hub_repo(tiny_adapters["ad2"], "sub/"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    f = fetcher(tmp_path, pvc_root)
+    path, info = await f.fetch(spec("hf://org/repo/sub"), MANIFEST)
+    assert sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert info.rank == 8
+    assert [c.get("dry_run", False) for c in hub.calls] == [True, False]
+    assert hub.calls[1]["revision"] == "c0ffee"
+
+
+async def test_hf_adapter_over_the_cap_is_refused_before_download(
+    tmp_path: Path, pvc_root: Path, tiny_adapters: dict[str, Path], monkeypatch: Any
+) -> None:
+    import huggingface_hub
+
+    hub = StandInHub(
+        hub_repo(tiny_adapters["ad2"]), sizes={"adapter_model.safetensors": 3 * 1024**3}
+    )
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    f = fetcher(tmp_path, pvc_root)
+    with pytest.raises(errors.AdapterError) as exc:
+        await f.fetch(spec("hf://org/repo"), MANIFEST)
+    assert exc.value.reason == errors.ADAPTER_TOO_LARGE
+    assert [c.get("dry_run", False) for c in hub.calls] == [True]  # nothing downloaded
+    assert cache_entries(f) == [] and f.cache_size() == 0

@@ -66,6 +66,13 @@ CASES: list[tuple[str, dict[str, Any], str, ManifestAdapter, str | None]] = [
         SPEC,
         None,
     ),
+    ("rank-pattern-ok", {"r": 8, "rank_pattern": {"q_proj": 4}}, "", SPEC, None),
+    ("rank-pattern-too-big", {"r": 8, "rank_pattern": {"q_proj": 64}}, "", SPEC, "RankExceedsMax"),
+    ("rank-pattern-not-int", {"r": 8, "rank_pattern": {"q": 2.5}}, "", SPEC, "RankExceedsMax"),
+    ("rank-pattern-zero", {"r": 8, "rank_pattern": {"q": 0}}, "", SPEC, "UnsupportedAdapter"),
+    ("rank-pattern-not-dict", {"r": 8, "rank_pattern": [8]}, "", SPEC, "UnsupportedAdapter"),
+    ("alpha-pattern-ok", {"r": 8, "alpha_pattern": {"q": 32.0}}, "", SPEC, None),
+    ("alpha-pattern-bad", {"r": 8, "alpha_pattern": {"q": "x"}}, "", SPEC, "UnsupportedAdapter"),
 ]
 
 
@@ -88,11 +95,69 @@ def test_missing_files_are_unsupported(tmp_path: Path) -> None:
     with pytest.raises(errors.AdapterError, match=r"adapter_config\.json is missing"):
         verify_dir(tmp_path, SPEC, manifest())
     (tmp_path / "adapter_config.json").write_text('{"r": 8}')
-    with pytest.raises(errors.AdapterError, match="no weights file"):
+    with pytest.raises(errors.AdapterError, match="only safetensors adapters"):
         verify_dir(tmp_path, SPEC, manifest())
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(errors.AdapterError, match="not valid JSON"):
         verify_dir(tmp_path, SPEC, manifest())
+
+
+def adapter_folder(root: Path, tiny_adapters: dict[str, Path]) -> Path:
+    shutil.copytree(tiny_adapters["ad0"], root)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ("adapter_model.bin", "pickled"),
+        ("new_embeddings.bin", "pickled"),
+        ("extra/weights.PT", "pickled"),
+        ("training_args.pkl", "pickled"),
+    ],
+)
+def test_pickled_files_are_refused(
+    tmp_path: Path, tiny_adapters: dict[str, Path], extra: str, words: str
+) -> None:
+    root = adapter_folder(tmp_path / "a", tiny_adapters)
+    assert verify_dir(root, SPEC, manifest()).rank == 8
+    (root / extra).parent.mkdir(exist_ok=True)
+    (root / extra).write_bytes(b"\x80\x04K\x01.")  # pickle of the int 1
+    with pytest.raises(errors.AdapterError, match=words) as exc:
+        verify_dir(root, SPEC, manifest())
+    assert exc.value.reason == errors.UNSUPPORTED_ADAPTER
+
+
+def test_bin_only_adapter_is_refused(tmp_path: Path, tiny_adapters: dict[str, Path]) -> None:
+    root = adapter_folder(tmp_path / "a", tiny_adapters)
+    (root / "adapter_model.safetensors").rename(root / "adapter_model.bin")
+    with pytest.raises(errors.AdapterError) as exc:
+        verify_dir(root, SPEC, manifest())
+    assert exc.value.reason == errors.UNSUPPORTED_ADAPTER
+
+
+@pytest.mark.parametrize("target", ["file", "dir"])
+def test_symlinks_are_refused(tmp_path: Path, tiny_adapters: dict[str, Path], target: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("s")
+    root = adapter_folder(tmp_path / "a", tiny_adapters)
+    if target == "file":
+        (root / "notes.txt").symlink_to(outside / "secret")
+    else:
+        (root / "more").symlink_to(outside)
+    with pytest.raises(errors.AdapterError, match="symlink") as exc:
+        verify_dir(root, SPEC, manifest())
+    assert exc.value.reason == errors.UNSUPPORTED_ADAPTER
+
+
+def test_huge_config_is_refused_unread(tmp_path: Path) -> None:
+    cfg = tmp_path / "adapter_config.json"
+    with cfg.open("wb") as f:
+        f.truncate(300 * 1024 * 1024)  # sparse: 300 MB on paper, nothing on disk
+    with pytest.raises(errors.AdapterError, match="larger than") as exc:
+        verify_dir(tmp_path, SPEC, manifest())
+    assert exc.value.reason == errors.UNSUPPORTED_ADAPTER
 
 
 def test_digest_is_stable_and_content_sensitive(

@@ -141,6 +141,20 @@ async def load(request: web.Request) -> web.StreamResponse:
     return web.json_response(e.report().model_dump(mode="json", by_alias=True))
 
 
+async def detail(request: web.Request) -> web.StreamResponse:
+    """One adapter's report plus its full error (URL, address, exception), for operators only.
+
+    The public `GET /v1/adapters` and LoRAAdapter status carry only the sanitized message:
+    the full one would tell anyone on the public port which internal hosts and ports answer.
+    """
+    e = _entry(request)
+    if isinstance(e, web.Response):
+        return e
+    body = e.report().model_dump(mode="json", by_alias=True)
+    body["detail"] = e.detail
+    return web.json_response(body)
+
+
 async def unload(request: web.Request) -> web.StreamResponse:
     e = _entry(request)
     if isinstance(e, web.Response):
@@ -157,5 +171,6 @@ async def unload(request: web.Request) -> web.StreamResponse:
 def add_routes(app: web.Application) -> None:
     app.router.add_put("/admin/manifest", put_manifest)
     app.router.add_get("/admin/manifest", get_manifest)
+    app.router.add_get("/admin/adapters/{name}", detail)
     app.router.add_post("/admin/adapters/{name}/load", load)
     app.router.add_post("/admin/adapters/{name}/unload", unload)

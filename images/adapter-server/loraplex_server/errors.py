@@ -20,19 +20,54 @@ RANK_MISMATCH = "RankMismatch"
 UNSUPPORTED_ADAPTER = "UnsupportedAdapter"
 INCOMPATIBLE_BASE_MODEL = "IncompatibleBaseModel"
 LOAD_FAILED = "LoadFailed"
+ADAPTER_TOO_LARGE = "AdapterTooLarge"
+CACHE_FULL = "CacheFull"
+SOURCE_NOT_ALLOWED = "SourceNotAllowed"
+DOWNLOAD_TIMEOUT = "DownloadTimeout"
+# Every reason above: the operator copies these onto LoRAAdapter conditions as they are.
+FAILURE_REASONS = frozenset(
+    {
+        INVALID_SOURCE,
+        DOWNLOAD_FAILED,
+        CHECKSUM_MISMATCH,
+        RANK_EXCEEDS_MAX,
+        RANK_MISMATCH,
+        UNSUPPORTED_ADAPTER,
+        INCOMPATIBLE_BASE_MODEL,
+        LOAD_FAILED,
+        ADAPTER_TOO_LARGE,
+        CACHE_FULL,
+        SOURCE_NOT_ALLOWED,
+        DOWNLOAD_TIMEOUT,
+    }
+)
 
 
 class AdapterError(Exception):
-    """Something wrong with one adapter that retrying will not fix."""
+    """Something wrong with one adapter that retrying will not fix.
 
-    def __init__(self, reason: str, message: str) -> None:
+    `message` goes to the public adapter report and the LoRAAdapter status, so it says what
+    failed without URLs, addresses, ports or exception class names; `detail` (for logs and the
+    admin port only) may carry them.
+    """
+
+    def __init__(self, reason: str, message: str, detail: str = "") -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.detail = detail or message
 
 
 class TransientError(Exception):
-    """A failure worth retrying: 5xx, connection errors, timeouts, truncated bodies."""
+    """A failure worth retrying: 5xx, connection errors, timeouts, truncated bodies.
+
+    Same split as AdapterError: `str(exc)` is the public message, `detail` the full story.
+    """
+
+    def __init__(self, message: str, detail: str = "", reason: str = DOWNLOAD_FAILED) -> None:
+        super().__init__(message)
+        self.detail = detail or message
+        self.reason = reason
 
 
 class VLLMUnavailable(Exception):

@@ -7,6 +7,7 @@ it is derived from; Python code uses snake_case attributes.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import datetime
 from enum import StrEnum
@@ -25,6 +26,16 @@ ADAPTER_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 # What clients may send as OpenAI `model`: no slashes, no "..", printable and short.
 SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 SHA256_RE = re.compile(r"^[a-f0-9]{64}$")
+_HOST_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?(:[0-9]{1,5})?$")
+
+GiB = 1024**3
+# Defaults of every bound on what an adapter source can make a pod take. The BaseModel's
+# spec.adapterLimits overrides them (same names); docs/security.md lists them.
+DEFAULT_MAX_ADAPTER_BYTES = 2 * GiB
+DEFAULT_MAX_ADAPTER_FILES = 1000
+DEFAULT_CACHE_BYTES = 18 * GiB  # 90% of the default 20Gi emptyDir sizeLimit
+DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4
+DEFAULT_DOWNLOAD_TIMEOUT_SECONDS = 900
 
 
 class _Wire(BaseModel):
@@ -43,6 +54,47 @@ def check_served_name(value: str) -> str:
             "'-', starting with a letter or digit, with no '..' and no '/'"
         )
     return value
+
+
+class AdapterLimits(_Wire):
+    """What one adapter source may make a pod take, and which origins it may reach.
+
+    Carried in the manifest (not in server flags) so a BaseModel can change a limit without
+    a rollout; the BaseModel's spec.adapterLimits fills it.
+    """
+
+    max_adapter_bytes: int = Field(default=DEFAULT_MAX_ADAPTER_BYTES, ge=1)
+    max_adapter_files: int = Field(default=DEFAULT_MAX_ADAPTER_FILES, ge=2)
+    cache_bytes: int = Field(default=DEFAULT_CACHE_BYTES, ge=1)
+    max_concurrent_downloads: int = Field(default=DEFAULT_MAX_CONCURRENT_DOWNLOADS, ge=1)
+    download_timeout_seconds: float = Field(default=DEFAULT_DOWNLOAD_TIMEOUT_SECONDS, gt=0)
+    plain_http_hosts: list[str] = Field(default_factory=list)
+    private_networks: list[str] = Field(default_factory=list)
+
+    @field_validator("plain_http_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        return [check_host(h) for h in value]
+
+    @field_validator("private_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return [check_network(n) for n in value]
+
+
+def check_host(value: str) -> str:
+    """A host name or IP, optionally with a port, as it appears in a URL's authority."""
+    if not _HOST_RE.fullmatch(value.lower()):
+        raise ValueError(f"{value!r} is not a host name (like files.example.com or 10.0.0.5:8080)")
+    return value.lower()
+
+
+def check_network(value: str) -> str:
+    """A CIDR such as 10.1.2.0/24 or fd00::/8."""
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a CIDR (like 10.1.2.0/24)") from exc
 
 
 class ManifestAdapter(_Wire):
@@ -93,6 +145,7 @@ class AdapterManifest(_Wire):
     max_loras: int = Field(ge=1, description="GPU slots: adapters loaded at once.")
     max_lora_rank: int = Field(description="The largest rank vLLM was started with.")
     max_cpu_loras: int = Field(ge=1)
+    limits: AdapterLimits = Field(default_factory=AdapterLimits)
     adapters: list[ManifestAdapter] = Field(default_factory=list)
 
     @field_validator("max_lora_rank")
@@ -129,6 +182,7 @@ class AdapterState(StrEnum):
     LOADING = "loading"
     LOADED = "loaded"
     EVICTED = "evicted"
+    UNCACHED = "uncached"  # checked before, files removed to make room; fetched on demand
     FAILED = "failed"
 
 

@@ -7,6 +7,7 @@ An adapter is not evicted while a request that chose it has not yet been accepte
 
     declared -> downloading -> cached -> loading -> loaded -> evicted (-> loading ...)
                      \\-> failed (reason, message, attempts)
+    cached or evicted -> uncached (files removed for cache room) -> downloading ... on demand
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Entry:
     attempts: int = 0
     reason: str | None = None
     message: str | None = None
+    detail: str | None = None  # the full error, for logs and the admin port only
     inflight: int = 0
     reload_wanted: bool = False
     removed: bool = False
@@ -104,6 +106,7 @@ class Registry:
         self._cond = asyncio.Condition()
         self._apply_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
+        fetcher.budget.evictor = self._evict_from_cache
         metrics.generation.set(manifest.generation)
 
     # -- lookups and reports ---------------------------------------------------------------
@@ -182,8 +185,7 @@ class Registry:
                     await self.vllm.unload(e.spec.served_name)
             e.state = S.EVICTED
             self._cond.notify_all()
-        if not e.spec.source.startswith("pvc://"):
-            await self.fetcher.remove(e.spec.name)
+        await self.fetcher.remove(e.spec.name)
         self.metrics.cache_size.set(self.fetcher.cache_size())
         log.info("adapter %s removed", e.spec.name)
 
@@ -202,7 +204,14 @@ class Registry:
             return
         except Exception as exc:  # a bug or an odd source must fail one adapter, not the pod
             log.exception("adapter %s: unexpected fetch error", e.spec.name)
-            self._fail(e, errors.AdapterError(errors.DOWNLOAD_FAILED, f"{type(exc).__name__}"))
+            self._fail(
+                e,
+                errors.AdapterError(
+                    errors.DOWNLOAD_FAILED,
+                    "unexpected error while fetching; the server log has the details",
+                    f"{type(exc).__name__}: {exc}",
+                ),
+            )
             return
         if e.removed:
             return
@@ -212,12 +221,45 @@ class Registry:
         if e.spec.pinned and self.vllm_healthy:
             self._spawn(self.ensure_loaded(e, None))
 
+    def _evictable(self, e: Entry) -> bool:
+        return (
+            e.state in _LOADABLE
+            and not e.spec.pinned
+            and not e.removed
+            and e.inflight == 0
+            and (e.load_task is None or e.load_task.done())
+        )
+
+    async def _evict_from_cache(self, need: int) -> int:
+        """Free at least `need` bytes of the cache (the budget's evictor); return bytes freed.
+
+        Folders no longer declared go first, then cached adapters that are not pinned, not
+        loaded and not in use, least recently used first. An evicted adapter goes back to
+        `uncached` and is fetched again when a request needs it.
+        """
+        freed = 0
+        for name in set(self.fetcher.installed()) - set(self.entries):
+            if freed >= need:
+                return freed
+            freed += await self.fetcher.remove(name)
+        for e in sorted(self.entries.values(), key=lambda x: x.last_used_mono):
+            if freed >= need:
+                break
+            if not self._evictable(e):  # re-checked here: earlier removals awaited
+                continue
+            e.path = None
+            self._set(e, S.UNCACHED)
+            freed += await self.fetcher.remove(e.spec.name)
+            log.info("adapter %s removed from the cache to make room", e.spec.name)
+        self.metrics.cache_size.set(self.fetcher.cache_size())
+        return freed
+
     async def refetch(self, e: Entry) -> None:
         """Give a failed adapter another go (admin load); requests alone never retry a failure."""
         if e.state != S.FAILED or (e.fetch_task is not None and not e.fetch_task.done()):
             return
         retry_load = e.reason == errors.LOAD_FAILED and e.path is not None
-        e.reason = e.message = None
+        e.reason = e.message = e.detail = None
         if retry_load:
             self._set(e, S.CACHED)
         else:
@@ -241,6 +283,8 @@ class Registry:
         await asyncio.wait_for(asyncio.shield(e.load_task), wait)
 
     async def _bring_up(self, e: Entry) -> None:
+        if e.state == S.UNCACHED and e.fetch_task is not None and e.fetch_task.done():
+            e.fetch_task = self._spawn(self._fetch(e))  # its files were evicted from the cache
         if e.fetch_task is not None:
             try:
                 await asyncio.shield(e.fetch_task)
@@ -270,7 +314,7 @@ class Registry:
                 self._cond.notify_all()
         e.load_seconds = time.monotonic() - t0
         e.reload_wanted = False
-        e.reason = e.message = None
+        e.reason = e.message = e.detail = None
         e.touch()
         self._set(e, S.LOADED)
         self.metrics.loads.labels(e.spec.served_name).inc()
@@ -378,10 +422,10 @@ class Registry:
         self._update_gauges()
 
     def _fail(self, e: Entry, exc: errors.AdapterError) -> None:
-        e.reason, e.message = exc.reason, exc.message
+        e.reason, e.message, e.detail = exc.reason, exc.message, exc.detail
         self._set(e, S.FAILED)
         self.metrics.failures.labels(e.spec.served_name, exc.reason).inc()
-        log.error("adapter %s failed: %s: %s", e.spec.name, exc.reason, exc.message)
+        log.error("adapter %s failed: %s: %s", e.spec.name, exc.reason, exc.detail)
 
     def _update_gauges(self) -> None:
         for s in S:

@@ -71,7 +71,7 @@ class Server:
         """Read the mounted manifest (a bad one stops the process: the operator wrote it)."""
         digest, manifest = self.read_manifest()
         self._manifest_digest = digest
-        self.fetcher.clean_temp()
+        await asyncio.to_thread(self.fetcher.clean_temp)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
         )

@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 Scheme = Literal["hf", "s3", "https", "http", "pvc"]
 SCHEMES: tuple[str, ...] = ("hf", "s3", "https", "http", "pvc")
 MAX_URI_LENGTH = 2048
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 _CLAIM_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -38,6 +39,26 @@ class SourceURI:
     authority: str  # hf: "org/repo"; s3: bucket; https: host[:port]; pvc: claim name
     path: str
     raw: str
+    # http(s) only: the path exactly as written (still percent-encoded, so `%3F` stays part
+    # of a file name) and the query (presigned URLs carry their signature there).
+    encoded_path: str = ""
+    query: str = ""
+
+    @property
+    def is_archive(self) -> bool:
+        return self.path.endswith(ARCHIVE_SUFFIXES)
+
+    def url(self, file: str | None = None) -> str:
+        """The http(s) URL to request, optionally for one file under a folder URL."""
+        path = self.encoded_path
+        if file is not None:
+            path = path.rstrip("/") + "/" + file
+        return f"{self.scheme}://{self.authority}{path}" + (f"?{self.query}" if self.query else "")
+
+    def shown(self, file: str | None = None) -> str:
+        """The URL for logs: a query may hold a signature, so only its presence shows."""
+        url = self.url(file)
+        return url.split("?", 1)[0] + ("?<redacted>" if self.query else "")
 
 
 def _shown(raw: str) -> str:
@@ -48,6 +69,8 @@ def _shown(raw: str) -> str:
     parts = urlsplit(raw)
     if parts.username or parts.password:
         raw = raw.replace(parts.netloc, "***@" + (parts.hostname or ""), 1)
+    if parts.query:
+        raw = raw.split("?", 1)[0] + "?<redacted>"
     return raw if len(raw) <= 200 else raw[:200] + "..."
 
 
@@ -102,7 +125,25 @@ def parse_source_uri(raw: str) -> SourceURI:
         )
     return SourceURI(
         "https" if scheme == "https" else "http",
-        parts.netloc,
+        parts.netloc.lower(),
         _safe_relative(parts.path, raw),
         raw,
+        encoded_path="/" + parts.path.lstrip("/"),
+        query=parts.query,
+    )
+
+
+def sha256_problem(src: SourceURI) -> str | None:
+    """Why spec.sha256 cannot be checked for this source, or None when it can.
+
+    A sha256 is checked against one downloaded file, so it fits an https archive only. For a
+    folder URL, s3:// or hf:// it would cover some files and not others: refusing it is
+    better than a checksum that silently protects nothing.
+    """
+    if src.scheme in ("http", "https") and src.is_archive:
+        return None
+    return (
+        "spec.sha256 can only be checked for an https:// archive (.tar, .tar.gz, .tgz, "
+        ".tar.bz2, .tar.xz); remove it, package the adapter as one archive, or for hf:// pin "
+        "spec.revision to a commit"
     )

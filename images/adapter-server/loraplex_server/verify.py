@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,12 @@ from loraplex_server.manifest import AdapterManifest, ManifestAdapter
 from loraplex_server.source_uri import parse_source_uri
 
 CONFIG_FILE = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+SAFETENSORS_FILE = "adapter_model.safetensors"
 MARKER_FILE = ".loraplex-source.json"  # our own record in the cache; not part of the digest
+MAX_CONFIG_BYTES = 1024 * 1024  # real adapter_config.json files are a few kB
+# Files torch would unpickle (vLLM falls back to adapter_model.bin, new_embeddings.bin, .pt):
+# unpickling runs code, so an adapter carrying any of them is refused.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -35,11 +40,21 @@ class AdapterInfo:
 
 
 def _files(root: Path) -> list[Path]:
+    """Every file under `root`; anything that is not a regular file or folder is refused."""
     out = []
-    for dirpath, _dirs, names in os.walk(root):
-        for n in names:
+    for dirpath, dirs, names in os.walk(root):
+        for n in [*dirs, *names]:
             p = Path(dirpath) / n
-            if p.name != MARKER_FILE and p.is_file():
+            mode = p.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                raise errors.AdapterError(
+                    errors.UNSUPPORTED_ADAPTER,
+                    f"{p.relative_to(root).as_posix()} is a symlink or special file; an adapter "
+                    "may hold only regular files",
+                )
+            if n != MARKER_FILE:
                 out.append(p)
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
@@ -60,9 +75,14 @@ def digest_dir(root: Path) -> tuple[str, int]:
 
 def read_config(root: Path) -> dict[str, Any]:
     cfg_path = root / CONFIG_FILE
-    if not cfg_path.is_file():
+    if not cfg_path.is_file() or cfg_path.is_symlink():
         raise errors.AdapterError(
             errors.UNSUPPORTED_ADAPTER, f"{CONFIG_FILE} is missing: not a PEFT LoRA adapter"
+        )
+    if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise errors.AdapterError(
+            errors.UNSUPPORTED_ADAPTER,
+            f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes; real ones are a few kB",
         )
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -87,6 +107,27 @@ def _repo_id(value: str) -> str | None:
     return value.lower()
 
 
+def _check_patterns(cfg: dict[str, Any], max_rank: int) -> None:
+    """Per-module ranks (rank_pattern) are ranks too, and vLLM sizes its slots by the largest."""
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise errors.AdapterError(errors.UNSUPPORTED_ADAPTER, f"{key} is not an object")
+        for module, value in pattern.items():
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or value <= 0:
+                raise errors.AdapterError(
+                    errors.UNSUPPORTED_ADAPTER,
+                    f"{key}[{str(module)[:64]!r}] is {str(value)[:32]!r}, not a positive number",
+                )
+            if key == "rank_pattern" and (not isinstance(value, int) or value > max_rank):
+                raise errors.AdapterError(
+                    errors.RANK_EXCEEDS_MAX,
+                    f"rank_pattern gives {str(module)[:64]!r} rank {value}, above the base "
+                    f"model's maxLoraRank {max_rank}",
+                )
+
+
 def check_config(
     cfg: dict[str, Any], spec: ManifestAdapter, manifest: AdapterManifest
 ) -> AdapterInfo:
@@ -106,6 +147,7 @@ def check_config(
             errors.RANK_EXCEEDS_MAX,
             f"adapter rank {rank} exceeds the base model's maxLoraRank {manifest.max_lora_rank}",
         )
+    _check_patterns(cfg, manifest.max_lora_rank)
     if spec.rank is not None and spec.rank != rank:
         raise errors.AdapterError(
             errors.RANK_MISMATCH, f"spec.rank is {spec.rank} but adapter_config.json says r={rank}"
@@ -135,10 +177,18 @@ def check_config(
 def verify_dir(root: Path, spec: ManifestAdapter, manifest: AdapterManifest) -> AdapterInfo:
     """Full check of an adapter directory; returns what the report shows about it."""
     info = check_config(read_config(root), spec, manifest)
-    if not any((root / w).is_file() for w in WEIGHT_FILES):
+    files = _files(root)
+    pickled = [p.name for p in files if p.name.lower().endswith(PICKLE_SUFFIXES)]
+    if pickled:
         raise errors.AdapterError(
             errors.UNSUPPORTED_ADAPTER,
-            f"no weights file: expected one of {', '.join(WEIGHT_FILES)}",
+            f"{pickled[0]} is a pickled file, which runs code when loaded; only safetensors "
+            f"adapters are accepted (convert it to {SAFETENSORS_FILE})",
+        )
+    if not (root / SAFETENSORS_FILE).is_file():
+        raise errors.AdapterError(
+            errors.UNSUPPORTED_ADAPTER,
+            f"no {SAFETENSORS_FILE}: only safetensors adapters are accepted",
         )
     digest, size = digest_dir(root)
     return AdapterInfo(info.rank, info.target_modules, info.base_model, size, digest)

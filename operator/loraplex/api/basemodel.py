@@ -10,7 +10,16 @@ from pydantic.config import JsonDict
 from loraplex.api.common import CEL, Conditions, IntOrAuto, ObjectRef, Wire
 from loraplex.api.plan import PlanStatus
 from loraplex.api.routing import AutoscalingSpec, RoutingSpec
-from loraplex_server.manifest import ALLOWED_MAX_LORA_RANKS, check_served_name
+from loraplex_server.manifest import (
+    ALLOWED_MAX_LORA_RANKS,
+    DEFAULT_DOWNLOAD_TIMEOUT_SECONDS,
+    DEFAULT_MAX_ADAPTER_BYTES,
+    DEFAULT_MAX_ADAPTER_FILES,
+    DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+    check_host,
+    check_network,
+    check_served_name,
+)
 from loraplex_server.source_uri import SourceError, parse_source_uri
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -176,6 +185,80 @@ class AdapterCacheSpec(Wire):
     )
 
 
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+
+
+class AdapterLimitsSpec(Wire):
+    """Bounds on what adapter sources may make a pod take, and which origins they may reach.
+
+    Every field is optional: an unset one keeps the default named in its description. A
+    refusal fails only the adapter concerned, with a reason (AdapterTooLarge, CacheFull,
+    DownloadTimeout, SourceNotAllowed) and a message that names the field to raise.
+    """
+
+    max_adapter_size: str | None = Field(
+        default=None,
+        max_length=32,
+        pattern=QUANTITY_PATTERN,
+        description=f"Largest adapter, downloaded or extracted, as a quantity (default "
+        f"{DEFAULT_MAX_ADAPTER_BYTES // 2**30}Gi). Larger: AdapterTooLarge.",
+    )
+    max_adapter_files: int | None = Field(
+        default=None,
+        ge=2,
+        le=100_000,
+        description=f"Most files (archive members, s3 objects) one adapter may have (default "
+        f"{DEFAULT_MAX_ADAPTER_FILES}). More: AdapterTooLarge.",
+    )
+    cache_size: str | None = Field(
+        default=None,
+        max_length=32,
+        pattern=QUANTITY_PATTERN,
+        description="Budget of the pod's adapter cache, as a quantity (default 90% of "
+        "spec.adapterCache.sizeLimit). Least-recently-used unpinned adapters leave the cache "
+        "to make room; CacheFull when pinned and loaded ones fill it.",
+    )
+    max_concurrent_downloads: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description=f"Adapter downloads one pod runs at once (default "
+        f"{DEFAULT_MAX_CONCURRENT_DOWNLOADS}).",
+    )
+    download_timeout_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=86_400,
+        description=f"Deadline of one download attempt, retries apart (default "
+        f"{DEFAULT_DOWNLOAD_TIMEOUT_SECONDS}). Over it on every attempt: DownloadTimeout.",
+    )
+    plain_http_hosts: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        json_schema_extra={"items": {"type": "string", "maxLength": 260}},
+        description="Hosts (host or host:port) adapter sources may reach over plain http://; "
+        "every other source must be https://.",
+    )
+    private_networks: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        json_schema_extra={"items": {"type": "string", "maxLength": 64}},
+        description="CIDRs downloads may reach although they are loopback, link-local, "
+        "private or cluster-internal (refused by default, checked on every resolved address "
+        "and redirect), e.g. an in-cluster mirror's 10.0.12.0/24.",
+    )
+
+    @field_validator("plain_http_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        return [check_host(h) for h in value]
+
+    @field_validator("private_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return [check_network(n) for n in value]
+
+
 class EnvVar(Wire):
     """A container environment variable (name/value or valueFrom)."""
 
@@ -287,6 +370,7 @@ class BaseModelSpec(Wire):
     memory: MemorySpec = Field(default_factory=MemorySpec)
     adapter_cache: AdapterCacheSpec = Field(default_factory=AdapterCacheSpec)
     adapter_volumes: list[AdapterVolume] = Field(default_factory=list, max_length=16)
+    adapter_limits: AdapterLimitsSpec = Field(default_factory=AdapterLimitsSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     server: ServerSpec = Field(default_factory=ServerSpec)
     credentials: CredentialsSpec = Field(default_factory=CredentialsSpec)
