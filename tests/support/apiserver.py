@@ -432,10 +432,8 @@ class ControlPlane:
                     str(pki.ca_cert),
                     "--service-account-private-key-file",
                     str(pki.sa_key),
-                    # No cloud, no nodes' IPAM, no cluster-signing: the rest (garbage
-                    # collector, deployment, replicaset, namespace, serviceaccount, ...) runs.
-                    "--controllers",
-                    "*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route",
+                    # The default controllers: garbage collector, deployment, replicaset,
+                    # namespace, serviceaccount, ...; the cloud ones idle without a provider.
                     "--concurrent-gc-syncs",
                     "5",
                     "--v",
@@ -584,6 +582,7 @@ class ControlPlane:
         if self._session is None:
             assert self.pki is not None
             s = requests.Session()
+            s.trust_env = False  # REQUESTS_CA_BUNDLE would replace our CA; no proxy on loopback
             s.verify = str(self.pki.ca_cert)
             s.cert = (str(self.pki.admin_cert), str(self.pki.admin_key))
             s.headers["User-Agent"] = "loraplex-tests"

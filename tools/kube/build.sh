@@ -8,6 +8,10 @@ set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 GO=${GO:-go}
 command -v "$GO" >/dev/null 2>&1 || GO=/usr/local/go/bin/go
+command -v "$GO" >/dev/null 2>&1 || {
+    echo "build.sh: needs Go >= 1.25 on PATH or in /usr/local/go (and the Go module proxy)" >&2
+    exit 1
+}
 KUBE_VERSION=$(sed -n 's/^[[:space:]]*k8s.io\/kubernetes \(v[0-9.]*\)$/\1/p' "$here/go.mod")
 [ -n "$KUBE_VERSION" ] || { echo "build.sh: no k8s.io/kubernetes version in go.mod" >&2; exit 1; }
 OUT=${1:-$here/../../.cache/kube/$KUBE_VERSION/bin}
