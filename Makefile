@@ -70,3 +70,11 @@ kind-e2e: setup
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
+
+# A real Kubernetes control plane for the operator tier: kube-apiserver, kube-controller-manager,
+# kube-scheduler and etcd built from Go modules (tools/kube, the release in its go.mod) into
+# .cache/kube/<version>/bin, once: build.sh skips while go.mod/go.sum are unchanged.
+.PHONY: kube-bins
+kube-bins:
+	tools/kube/build.sh
+test: kube-bins

@@ -8,9 +8,14 @@ anything imports huggingface_hub.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.support.apiserver import ControlPlane
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -42,3 +47,38 @@ def tiny_adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
         name: make_adapter(tiny_model, claim / name, seed=seed)
         for name, seed in TINY_ADAPTER_SEEDS.items()
     }
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--kube",
+        choices=("auto", "real", "emulator"),
+        default="auto",
+        help="Kubernetes API for the operator tier: a real kube-apiserver built by `make "
+        "kube-bins` (real), the kmock emulator (emulator), or real when built (auto)",
+    )
+
+
+@pytest.fixture(scope="session")
+def kube_backend(request: pytest.FixtureRequest) -> str:
+    """'real' or 'emulator': which Kubernetes API the operator tier runs against."""
+    from tests.support.apiserver import binaries_built, binaries_dir
+
+    choice = str(request.config.getoption("--kube"))
+    if choice == "auto":
+        return "real" if binaries_built() else "emulator"
+    if choice == "real" and not binaries_built():
+        pytest.fail(f"--kube=real but no Kubernetes binaries in {binaries_dir()}: make kube-bins")
+    return choice
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """One real control plane per session (etcd, kube-apiserver, kube-controller-manager,
+    kube-scheduler) with our CRDs and the chart's RBAC installed; tests reset namespaces."""
+    from tests.support.apiserver import binaries_built, binaries_dir, control_plane
+
+    if not binaries_built():
+        pytest.fail(f"no Kubernetes binaries in {binaries_dir()}: run `make kube-bins`")
+    with control_plane(tmp_path_factory.mktemp("kube"), with_scheduler=True) as cp:
+        yield cp

@@ -100,7 +100,6 @@ def exported(declared: Any, registry: Any) -> dict[str, frozenset[str]]:
 def catalogue() -> dict[str, frozenset[str]]:
     from loraplex import metrics as operator_metrics
     from loraplex_server import metrics as server_metrics
-
     from loraplex_server.epp_metrics import VLLM_GAUGES
 
     return {

@@ -1,37 +1,139 @@
-"""Fixtures for the operator tier: the kmock API stand-in and a real operator process."""
+"""Fixtures for the operator tier: a Kubernetes API (real or emulated) and a real operator.
+
+`cluster` is a real kube-apiserver (tests/support/apiserver.py, one per session, namespace
+`default` emptied after each test) when `make kube-bins` has built it, else the kmock
+emulator; `--kube=real|emulator` chooses. Both look the same to a test: `objects_of` reads
+what the API holds, `operator_calls` is every request the operator made (the real server's
+audit log, or the emulator's request log), `kubeconfig` is the operator's, and `enforces`
+says whether the API refuses what the CRD schema, CEL and RBAC refuse (only the real one).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
 from loraplex.devtools.emulator import RunningEmulator, running_emulator
 from loraplex.devtools.operator_proc import OperatorProcess
-from loraplex.kube import Connection, KubeClient
+from loraplex.errors import KubeError
+from loraplex.kube import KIND_OF, Connection, KubeClient
+from tests.support.apiserver import ApiCall, ControlPlane
 
 T = TypeVar("T")
+TEST_AGENT = "loraplex-tests"
+RESOURCE_OF = {
+    kind: "/".join(p for p in (k.group, k.version, k.plural) if p) for kind, k in KIND_OF.items()
+}
+
+
+class Cluster(Protocol):
+    kubeconfig: Path
+    enforces: bool
+
+    def objects_of(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]: ...
+
+    def operator_calls(self) -> list[ApiCall]: ...
+
+    def connection(self) -> Connection: ...
+
+    async def create_strict(self, obj: dict[str, Any]) -> tuple[int, str]: ...
+
+
+@dataclass
+class EmulatedCluster:
+    """The kmock emulator: no schema, CEL, RBAC or garbage collection."""
+
+    running: RunningEmulator
+    enforces: bool = False
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.running.kubeconfig
+
+    def objects_of(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        return self.running.emulator.objects_of(resource, namespace)
+
+    def operator_calls(self) -> list[ApiCall]:
+        return [
+            ApiCall(
+                group=r.group,
+                resource=r.plural + (f"/{r.subresource}" if r.subresource else ""),
+                verb=r.verb,
+                code=0,
+                uri="",
+            )
+            for r in self.running.requests(exclude_agent=TEST_AGENT)
+        ]
+
+    def connection(self) -> Connection:
+        return Connection(server=self.running.url)
+
+    async def create_strict(self, obj: dict[str, Any]) -> tuple[int, str]:
+        """Create; the emulator accepts anything that is JSON."""
+        client = KubeClient(self.connection(), user_agent=TEST_AGENT)
+        try:
+            await client.create(KIND_OF[obj["kind"]], obj["metadata"]["namespace"], obj)
+        except KubeError as exc:
+            return exc.status, str(exc)
+        finally:
+            await client.close()
+        return 201, ""
+
+
+@dataclass
+class RealCluster:
+    """A real kube-apiserver; the operator authenticates as the chart's service account."""
+
+    plane: ControlPlane
+    kubeconfig: Path
+    audit_from: int
+    enforces: bool = True
+
+    def objects_of(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        return self.plane.objects_of(resource, namespace)
+
+    def operator_calls(self) -> list[ApiCall]:
+        return self.plane.operator_calls(self.audit_from)
+
+    def connection(self) -> Connection:
+        return self.plane.admin_connection()
+
+    async def create_strict(self, obj: dict[str, Any]) -> tuple[int, str]:
+        """Create as `kubectl create` does: schema, CEL and unknown fields checked."""
+        resource = RESOURCE_OF[obj["kind"]]
+        return await asyncio.to_thread(self.plane.create_strict, resource, obj)
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[RunningEmulator]:
-    async with running_emulator(tmp_path) as emu:
-        yield emu
+async def cluster(
+    request: pytest.FixtureRequest, kube_backend: str, tmp_path: Path
+) -> AsyncIterator[Cluster]:
+    if kube_backend == "emulator":
+        async with running_emulator(tmp_path) as emu:
+            yield EmulatedCluster(emu)
+        return
+    plane: ControlPlane = request.getfixturevalue("control_plane")
+    kubeconfig = plane.operator_kubeconfig(tmp_path / "operator.kubeconfig")
+    yield RealCluster(plane, kubeconfig, plane.audit_offset())
+    await asyncio.to_thread(plane.reset_namespace, "default")
 
 
 @pytest.fixture
-async def kube(cluster: RunningEmulator) -> AsyncIterator[KubeClient]:
-    client = KubeClient(Connection(server=cluster.url), user_agent="loraplex-tests")
+async def kube(cluster: Cluster) -> AsyncIterator[KubeClient]:
+    """The test's own client (the admin on a real server)."""
+    client = KubeClient(cluster.connection(), user_agent=TEST_AGENT)
     yield client
     await client.close()
 
 
 @pytest.fixture
-async def operator(cluster: RunningEmulator, tmp_path: Path) -> AsyncIterator[OperatorProcess]:
+async def operator(cluster: Cluster, tmp_path: Path) -> AsyncIterator[OperatorProcess]:
     proc = OperatorProcess(cluster.kubeconfig, tmp_path).start()
     yield proc
     # Stop in a thread so the emulator (on this loop) keeps answering while kopf shuts down.

@@ -1,16 +1,19 @@
-"""The operator as it runs in production (a process running kopf) against the API stand-in.
+"""The operator as it runs in production (a process running kopf) against a Kubernetes API.
 
 Matrix: apply examples -> Deployment/Service/ConfigMap/Secret with the right content and
 owners; add/change/delete adapters -> only the manifest changes (no rollout); hand-edited or
 deleted Deployment -> restored; BaseModel deleted -> adapters BaseModelNotFound, re-created ->
 recovered; operator restarted mid-way -> same state, no duplicates; every API call the
-operator made is covered by loraplex.rbac; the NetworkPolicy is owned, corrected, and deleted
-when spec.networkPolicy.enabled turns false (a foreign one of the same name is left alone).
+operator made is covered by loraplex.rbac. Against the real API server (tests/operator/conftest
+`cluster`) the operator runs as the chart's service account, so RBAC is enforced, and its calls
+come from the server's audit log. The NetworkPolicy is owned, corrected, and deleted when
+spec.networkPolicy.enabled turns false (a foreign one of the same name is left alone).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 from pathlib import Path
@@ -21,7 +24,6 @@ import pytest
 import yaml
 
 from loraplex import naming, rbac
-from loraplex.devtools.emulator import RunningEmulator
 from loraplex.devtools.operator_proc import OperatorProcess
 from loraplex.kube import (
     BASEMODELS,
@@ -31,7 +33,7 @@ from loraplex.kube import (
     SERVICES,
     KubeClient,
 )
-from tests.operator.conftest import eventually
+from tests.operator.conftest import Cluster, eventually
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(240)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,14 +48,14 @@ def examples() -> list[dict[str, Any]]:
     return docs
 
 
-def one(cluster: RunningEmulator, resource: str, name: str) -> dict[str, Any] | None:
+def one(cluster: Cluster, resource: str, name: str) -> dict[str, Any] | None:
     return next(
-        (o for o in cluster.emulator.objects_of(resource, NS) if o["metadata"]["name"] == name),
+        (o for o in cluster.objects_of(resource, NS) if o["metadata"]["name"] == name),
         None,
     )
 
 
-def manifest_of(cluster: RunningEmulator, base: str) -> dict[str, Any] | None:
+def manifest_of(cluster: Cluster, base: str) -> dict[str, Any] | None:
     cm = one(cluster, "v1/configmaps", naming.configmap_name(base))
     if cm is None:
         return None
@@ -61,7 +63,7 @@ def manifest_of(cluster: RunningEmulator, base: str) -> dict[str, Any] | None:
     return data
 
 
-def adapter_names(cluster: RunningEmulator, base: str) -> list[str] | None:
+def adapter_names(cluster: Cluster, base: str) -> list[str] | None:
     m = manifest_of(cluster, base)
     return None if m is None else [a["name"] for a in m["adapters"]]
 
@@ -83,7 +85,14 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
     return None
 
 
-def pod_template(cluster: RunningEmulator, base: str) -> Any:
+def secret_value(secret: dict[str, Any], key: str) -> str:
+    """A Secret's value as written (stringData) or as stored (data, base64: the real server)."""
+    if key in (secret.get("stringData") or {}):
+        return str(secret["stringData"][key])
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def pod_template(cluster: Cluster, base: str) -> Any:
     dep = one(cluster, "apps/v1/deployments", base)
     return None if dep is None else dep["spec"]["template"]
 
@@ -94,7 +103,7 @@ async def apply_all(kube: KubeClient, docs: list[dict[str, Any]]) -> None:
 
 
 async def test_examples_reconcile_into_owned_objects(
-    cluster: RunningEmulator, kube: KubeClient, operator: OperatorProcess
+    cluster: Cluster, kube: KubeClient, operator: OperatorProcess
 ) -> None:
     await apply_all(kube, examples())
     names = await eventually(
@@ -111,8 +120,8 @@ async def test_examples_reconcile_into_owned_objects(
         ("apps/v1/deployments", "qwen-14b"),
         (NETPOL, "qwen-14b"),
     ]:
-        obj = one(cluster, res, name)
-        assert obj is not None, name
+        # The manifest (ConfigMap) is written before the Service: wait for each object.
+        obj = await eventually(lambda r=res, n=name: one(cluster, r, n), what=f"{res} {name}")  # type: ignore[misc]
         owner = obj["metadata"]["ownerReferences"][0]
         assert (owner["kind"], owner["name"], owner["controller"]) == (
             "BaseModel",
@@ -128,7 +137,8 @@ async def test_examples_reconcile_into_owned_objects(
     assert flags["--model"] == "Qwen/Qwen2.5-14B-Instruct"
     assert flags["--max-lora-rank"] == "32"  # adapters of rank 16 and 8, one step of headroom
     assert 0.9 < float(flags["--gpu-memory-utilization"]) < 0.99
-    assert containers["vllm"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # A quantity: the real API server stores it as the string "1".
+    assert str(containers["vllm"]["resources"]["limits"]["nvidia.com/gpu"]) == "1"
     assert containers["adapter-server"]["args"] == [
         "--vllm-url",
         "http://127.0.0.1:8001",
@@ -152,7 +162,7 @@ async def test_examples_reconcile_into_owned_objects(
     pinned = {a["name"]: a["pinned"] for a in manifest["adapters"]}
     assert pinned == {"sql-expert": True, "support-bot": False}
     secret = one(cluster, "v1/secrets", "qwen-14b-admin")
-    assert secret is not None and len(secret["stringData"]["token"]) == 64
+    assert secret is not None and len(secret_value(secret, "token")) == 64
 
     bm = await eventually(
         lambda: (
@@ -177,7 +187,7 @@ async def test_examples_reconcile_into_owned_objects(
 
 
 async def test_adapter_changes_touch_only_the_manifest(
-    cluster: RunningEmulator, kube: KubeClient, operator: OperatorProcess
+    cluster: Cluster, kube: KubeClient, operator: OperatorProcess
 ) -> None:
     await apply_all(kube, examples())
     await eventually(
@@ -218,7 +228,7 @@ async def test_adapter_changes_touch_only_the_manifest(
 
 
 async def test_real_spec_change_rolls_and_drift_is_corrected(
-    cluster: RunningEmulator, kube: KubeClient, operator: OperatorProcess
+    cluster: Cluster, kube: KubeClient, operator: OperatorProcess
 ) -> None:
     await apply_all(kube, examples())
     await eventually(lambda: pod_template(cluster, "qwen-14b"), what="deployment")
@@ -249,7 +259,7 @@ async def test_real_spec_change_rolls_and_drift_is_corrected(
 
 
 async def test_base_model_deleted_and_recreated(
-    cluster: RunningEmulator, kube: KubeClient, operator: OperatorProcess
+    cluster: Cluster, kube: KubeClient, operator: OperatorProcess
 ) -> None:
     docs = examples()
     await apply_all(kube, docs)
@@ -277,7 +287,7 @@ async def test_base_model_deleted_and_recreated(
 
 
 async def test_restart_converges_without_duplicates(
-    cluster: RunningEmulator, kube: KubeClient, operator: OperatorProcess
+    cluster: Cluster, kube: KubeClient, operator: OperatorProcess
 ) -> None:
     await apply_all(kube, examples())
     await eventually(lambda: adapter_names(cluster, "qwen-14b"), what="manifest")
@@ -294,12 +304,18 @@ async def test_restart_converges_without_duplicates(
     after = manifest_of(cluster, "qwen-14b")
     assert after["generation"] == before["generation"] + 1  # type: ignore[index]
     for res in ("apps/v1/deployments", "v1/services", "v1/configmaps", "v1/secrets"):
-        assert len(cluster.emulator.objects_of(res, NS)) == 1, res
+        # Only ours: a real cluster also has the `kubernetes` Service and kube-root-ca.crt.
+        ours = [
+            o
+            for o in cluster.objects_of(res, NS)
+            if (o["metadata"].get("labels") or {}).get("app.kubernetes.io/managed-by") == "loraplex"
+        ]
+        assert len(ours) == 1, res
     await asyncio.sleep(3)  # a further timer tick changes nothing
     assert manifest_of(cluster, "qwen-14b")["generation"] == after["generation"]  # type: ignore[index]
 
 
-async def exercise_networkpolicy(cluster: RunningEmulator, kube: KubeClient) -> None:
+async def exercise_networkpolicy(cluster: Cluster, kube: KubeClient) -> None:
     """Open the admin port by hand (corrected), then turn the policy off (deleted)."""
     policy = await eventually(lambda: one(cluster, NETPOL, "qwen-14b"), what="NetworkPolicy")
     wanted = policy["spec"]["ingress"]
@@ -313,7 +329,7 @@ async def exercise_networkpolicy(cluster: RunningEmulator, kube: KubeClient) -> 
 
 
 async def test_networkpolicy_off_leaves_a_foreign_policy_alone(
-    cluster: RunningEmulator, kube: KubeClient, operator: OperatorProcess
+    cluster: Cluster, kube: KubeClient, operator: OperatorProcess
 ) -> None:
     foreign = {
         "apiVersion": "networking.k8s.io/v1",
@@ -333,7 +349,7 @@ async def test_networkpolicy_off_leaves_a_foreign_policy_alone(
 
 
 async def test_rbac_is_exactly_the_calls_the_operator_makes(
-    cluster: RunningEmulator, kube: KubeClient, operator: OperatorProcess
+    cluster: Cluster, kube: KubeClient, operator: OperatorProcess
 ) -> None:
     """Every request is allowed by loraplex.rbac, and every rule is used (peering aside)."""
     await apply_all(kube, examples())
@@ -347,9 +363,7 @@ async def test_rbac_is_exactly_the_calls_the_operator_makes(
     big = adapter_obj("big", "qwen-14b", "hf://org/big", rank=64)
     await kube.apply(big)
     await eventually(
-        lambda: any(
-            e.get("reason") == "Replanned" for e in cluster.emulator.objects_of("v1/events", NS)
-        ),
+        lambda: any(e.get("reason") == "Replanned" for e in cluster.objects_of("v1/events", NS)),
         what="Replanned event",
     )
     await kube.delete(LORAADAPTERS, NS, "support-bot")
@@ -365,10 +379,14 @@ async def test_rbac_is_exactly_the_calls_the_operator_makes(
         ),
         what="service corrected",
     )
-    seen = {
-        (r.group, r.plural + (f"/{r.subresource}" if r.subresource else ""), r.verb)
-        for r in cluster.requests(exclude_agent="loraplex-tests")
-    }
+    calls = cluster.operator_calls()
+    refused = [c for c in calls if c.code == 403]
+    assert refused == [], "the API server refused calls the chart's RBAC does not allow"
+    # Discovery (GET /api, /apis, /version) is open to every authenticated user
+    # (system:discovery); RBAC rules only name resources.
+    discovery = {c.uri.split("?")[0] for c in calls if not c.resource}
+    assert all(u.startswith(("/api", "/version")) for u in discovery), discovery
+    seen = {(c.group, c.resource, c.verb) for c in calls if c.resource}
     allowed = rbac.expand(rbac.RULES + rbac.CLUSTER_RULES)
     assert seen - allowed == set(), "API calls not covered by loraplex.rbac"
     unused = {a for a in allowed if a[0] != rbac.PEERING_GROUP} - seen
@@ -376,7 +394,7 @@ async def test_rbac_is_exactly_the_calls_the_operator_makes(
 
 
 async def test_larger_rank_replans_with_an_event_only_on_auto(
-    cluster: RunningEmulator, kube: KubeClient, operator: OperatorProcess
+    cluster: Cluster, kube: KubeClient, operator: OperatorProcess
 ) -> None:
     docs = examples()
     fixed = json.loads(json.dumps(docs[0]))
@@ -403,11 +421,7 @@ async def test_larger_rank_replans_with_an_event_only_on_auto(
     await eventually(lambda: rank_of("qwen-14b") == "128", what="re-plan to 64 + headroom")
     event = await eventually(
         lambda: next(
-            (
-                e
-                for e in cluster.emulator.objects_of("v1/events", NS)
-                if e.get("reason") == "Replanned"
-            ),
+            (e for e in cluster.objects_of("v1/events", NS) if e.get("reason") == "Replanned"),
             None,
         ),
         what="a Replanned event",
@@ -426,7 +440,7 @@ async def test_larger_rank_replans_with_an_event_only_on_auto(
 
 
 async def test_operator_serves_metrics_and_health(
-    cluster: RunningEmulator, kube: KubeClient, operator: OperatorProcess
+    cluster: Cluster, kube: KubeClient, operator: OperatorProcess
 ) -> None:
     await apply_all(kube, examples())
     await eventually(lambda: adapter_names(cluster, "qwen-14b"), what="manifest")

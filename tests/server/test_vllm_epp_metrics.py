@@ -19,7 +19,6 @@ from .conftest import INITIAL, Stack, wait_until
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
 
-
 def scrape(stack: Stack) -> dict[str, tuple[str, list[tuple[dict[str, str], float]]]]:
     with urllib.request.urlopen(f"{stack.url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
