@@ -13,7 +13,8 @@ import yaml
 
 from loraplex import __version__
 from loraplex.planner.cli import add_plan_parser
-from loraplex.render import DEFAULT_ENGINE_IMAGE, DEFAULT_SERVER_IMAGE, Images
+from loraplex.render import DEFAULT_SERVER_IMAGE, Images
+from loraplex.versions import DEFAULT_ENGINE_IMAGE
 
 
 def _operator(args: argparse.Namespace) -> int:

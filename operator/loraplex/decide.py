@@ -22,6 +22,7 @@ from loraplex.adapters import (
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.errors import InvalidSpec
 from loraplex.planner import AdapterDemand, Plan, plan_base_model
+from loraplex.planner.footprint import model_footprint
 from loraplex.render import DEFAULT_IMAGES, Images, Owner, render_all
 from loraplex.validation import parse_spec
 from loraplex_server.manifest import AdapterManifest
@@ -73,7 +74,10 @@ def decide(
     decision.manifest = next_manifest(
         owner.name, spec, plan, accepted, previous, previous_generation
     )
-    decision.objects = render_all(owner, spec, plan, decision.manifest, token, images)
+    footprint = model_footprint(spec, plan.max_lora_rank, config_json)
+    decision.objects = render_all(
+        owner, spec, plan, decision.manifest, token, images, footprint=footprint
+    )
     return decision
 
 

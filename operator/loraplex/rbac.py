@@ -33,6 +33,12 @@ RULES: tuple[Rule, ...] = (
     Rule("apps", ("deployments",), (*READ, "create", "patch")),
     Rule("", ("services", "configmaps"), (*READ, "create", "patch")),
     Rule("", ("secrets",), ("create", "patch")),
+    Rule("policy", ("poddisruptionbudgets",), ("get", "create", "patch")),
+    # The weights cache: its PVC and loader Job are created once and never patched (a Job's
+    # template is immutable; its name changes with the weights it loads). Jobs are watched so
+    # the Deployment follows a finished download at once.
+    Rule("", ("persistentvolumeclaims",), ("get", "create")),
+    Rule("batch", ("jobs",), (*READ, "create")),
     # Pods are listed to push manifests to, and poll adapter state from, each ready replica.
     Rule("", ("pods",), ("list",)),
     # Events (kopf's poster, e.g. `Replanned`).

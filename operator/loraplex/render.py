@@ -1,4 +1,5 @@
-"""Pure rendering of everything a BaseModel owns: Deployment, Service, ConfigMap, Secret.
+"""Pure rendering of everything a BaseModel owns: Deployment, Service, ConfigMap, Secret, and
+when asked for, the weights PVC and its loader Job, and a PodDisruptionBudget.
 
 Bulky static YAML lives in jinja2 templates (StrictUndefined, every value through `tojson`);
 this module decides the values. Equal inputs give byte-equal output: args and env are in a
@@ -11,16 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jinja2
 import yaml
 
-from loraplex import API_GROUP, API_VERSION, naming
+from loraplex import API_GROUP, API_VERSION, naming, weights_loader
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.planner import Plan, vllm_flags
+from loraplex.planner.catalog import GPU_PRODUCT_LABEL, gpu_product_label_values
+from loraplex.planner.footprint import Footprint
+from loraplex.sizing import PROBE_PERIOD_SECONDS, SCRATCH_LIMIT, PodSizing, pod_sizing
 from loraplex.versions import DEFAULT_ENGINE_IMAGE
+from loraplex.weights import WEIGHTS_MOUNT, WeightsCache, weights_cache
 from loraplex_server.manifest import AdapterManifest
 from loraplex_server.source_uri import parse_source_uri
 
@@ -81,15 +86,35 @@ class ModelLocation:
     extra_args: tuple[str, ...] = ()
 
 
-def model_location(spec: BaseModelSpec) -> ModelLocation:
-    """Map spec.model.source to what vLLM is started with."""
+def model_location(spec: BaseModelSpec, cache: WeightsCache | None = None) -> ModelLocation:
+    """Map spec.model.source to what vLLM is started with.
+
+    hf:// without a cache downloads into the `weights` emptyDir (HF_HOME points there); with a
+    cache, every source reads the loader Job's folder on the PVC, read-only.
+    """
     source = spec.model.source
+    if cache is not None:
+        return ModelLocation(
+            cache.model_path,
+            None,
+            volumes=(
+                {
+                    "name": "weights",
+                    "persistentVolumeClaim": {"claimName": cache.claim_name, "readOnly": True},
+                },
+            ),
+            mounts=({"name": "weights", "mountPath": WEIGHTS_MOUNT, "readOnly": True},),
+        )
     if source.startswith("/"):
         return ModelLocation(source, None)
     uri = parse_source_uri(source)
     if uri.scheme == "hf":
         repo = uri.authority if not uri.path else f"{uri.authority}/{uri.path}"
-        return ModelLocation(repo, spec.model.revision)
+        return ModelLocation(
+            repo,
+            spec.model.revision,
+            mounts=({"name": "weights", "mountPath": WEIGHTS_MOUNT},),
+        )
     if uri.scheme == "pvc":
         mount = f"{naming.MODEL_ROOT}/{uri.authority}"
         return ModelLocation(
@@ -103,7 +128,8 @@ def model_location(spec: BaseModelSpec) -> ModelLocation:
             ),
             mounts=({"name": "model", "mountPath": mount, "readOnly": True},),
         )
-    # s3:// and https:// base weights are streamed by vLLM's Run:ai model streamer.
+    # s3:// weights are streamed straight into GPU memory by vLLM's Run:ai model streamer
+    # (https:// is refused by the spec: no vLLM loader reads a plain URL).
     return ModelLocation(source, None, extra_args=("--load-format", "runai_streamer"))
 
 
@@ -113,7 +139,7 @@ def served_name(name: str, spec: BaseModelSpec) -> str:
 
 def vllm_args(name: str, spec: BaseModelSpec, plan: Plan) -> list[str]:
     """vLLM's arguments: fixed wiring, then the planner's flags, then the user's extras."""
-    loc = model_location(spec)
+    loc = model_location(spec, weights_cache(name, spec))
     args = [
         "--model",
         loc.model_arg,
@@ -153,31 +179,106 @@ def server_args() -> list[str]:
     ]
 
 
-def _vllm_env(spec: BaseModelSpec) -> list[dict[str, Any]]:
-    fixed = {
-        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-        "HOME": "/tmp",
-        # The adapter cache is read-only for vLLM; base weights from hf:// go to the writable
-        # scratch volume instead (use a pvc:// source to keep them across restarts).
-        "HF_HOME": "/tmp/hf",
-        "VLLM_NO_USAGE_STATS": "1",
+# Where each library writes when it runs, from its source (versions in the vLLM 0.32 image):
+# torch/_inductor/runtime/cache_dir_utils.py reads TORCHINDUCTOR_CACHE_DIR and otherwise calls
+# getpass.getuser(), which raises without a passwd entry unless USER/LOGNAME are set (pytorch
+# issue 140765); triton/knobs.py TRITON_HOME and TRITON_CACHE_DIR (default ~/.triton/cache);
+# vllm/envs.py VLLM_CACHE_ROOT and VLLM_CONFIG_ROOT (default under XDG_CACHE_HOME /
+# XDG_CONFIG_HOME, else ~); flashinfer/jit/env.py FLASHINFER_WORKSPACE_BASE (default ~, it adds
+# .cache/flashinfer); torch/utils/cpp_extension.py TORCH_EXTENSIONS_DIR; numba/core/config.py
+# NUMBA_CACHE_DIR; tiktoken/load.py TIKTOKEN_CACHE_DIR; huggingface_hub/constants.py HF_HOME;
+# CUDA's JIT cache CUDA_CACHE_PATH (default ~/.nv/ComputeCache, NVIDIA's CUDA environment
+# variables documentation). All of them go to the writable /tmp emptyDir.
+SCRATCH = "/tmp"
+USER_NAME = "loraplex"
+
+
+def _writable_env() -> dict[str, str]:
+    cache, config = f"{SCRATCH}/.cache", f"{SCRATCH}/.config"
+    return {
+        "HOME": SCRATCH,
+        "USER": USER_NAME,
+        "LOGNAME": USER_NAME,
+        "XDG_CACHE_HOME": cache,
+        "XDG_CONFIG_HOME": config,
+        "TORCHINDUCTOR_CACHE_DIR": f"{cache}/torchinductor",
+        "TRITON_HOME": SCRATCH,
+        "TRITON_CACHE_DIR": f"{cache}/triton",
+        "VLLM_CACHE_ROOT": f"{cache}/vllm",
+        "VLLM_CONFIG_ROOT": f"{config}/vllm",
+        "FLASHINFER_WORKSPACE_BASE": SCRATCH,
+        "TORCH_EXTENSIONS_DIR": f"{cache}/torch_extensions",
+        "NUMBA_CACHE_DIR": f"{cache}/numba",
+        "TIKTOKEN_CACHE_DIR": f"{cache}/tiktoken",
+        "CUDA_CACHE_PATH": f"{SCRATCH}/.nv/ComputeCache",
+        "HF_HOME": f"{cache}/huggingface",
     }
-    user = [e.dump() for e in spec.engine.env]
+
+
+def _env_list(fixed: dict[str, str], user: list[dict[str, Any]]) -> list[dict[str, Any]]:
     user_names = {e["name"] for e in user}
     env = [{"name": k, "value": v} for k, v in sorted(fixed.items()) if k not in user_names]
     return env + sorted(user, key=lambda e: e["name"])
 
 
-def _gpu_resources(spec: BaseModelSpec) -> dict[str, Any]:
-    res: dict[str, Any] = json.loads(json.dumps(spec.engine.resources or {}))
-    limits = res.setdefault("limits", {})
-    limits[spec.gpu.resource_name] = spec.gpu.count
-    requests = res.setdefault("requests", {})
-    requests[spec.gpu.resource_name] = spec.gpu.count
+def _vllm_env(spec: BaseModelSpec, loc: ModelLocation) -> list[dict[str, Any]]:
+    fixed = {
+        **_writable_env(),
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "VLLM_NO_USAGE_STATS": "1",
+    }
+    if any(m["name"] == "weights" and not m.get("readOnly") for m in loc.mounts):
+        # hf:// without a cache: the download goes to the sized `weights` emptyDir.
+        fixed["HF_HOME"] = f"{WEIGHTS_MOUNT}/hf"
+    return _env_list(fixed, [e.dump() for e in spec.engine.env])
+
+
+def _server_env() -> list[dict[str, Any]]:
+    """The adapter-server is plain Python: a home, a user name, and the hub cache for adapter
+    downloads beside the adapters (its root filesystem is read-only)."""
+    return _env_list(
+        {
+            "HOME": SCRATCH,
+            "USER": USER_NAME,
+            "LOGNAME": USER_NAME,
+            "XDG_CACHE_HOME": f"{SCRATCH}/.cache",
+            "HF_HOME": f"{naming.CACHE_DIR}/.hf",
+        },
+        [],
+    )
+
+
+def _merge(derived: dict[str, Any], user: dict[str, Any] | None) -> dict[str, Any]:
+    """`user` over `derived`, one level deep (requests/limits merge key by key)."""
+    out: dict[str, Any] = json.loads(json.dumps(derived))
+    for key, value in (user or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _vllm_resources(spec: BaseModelSpec, sizing: PodSizing) -> dict[str, Any]:
+    """Requests from the plan; no CPU limit (throttling stalls the engine's scheduling loop)
+    and no memory limit (weight loading peaks above the steady state; an OOM kill there is a
+    restart loop), only the GPU limit, which the device plugin needs."""
+    derived = {
+        "requests": {
+            "cpu": sizing.cpu_request,
+            "memory": sizing.memory_request,
+            "ephemeral-storage": sizing.ephemeral_request,
+        },
+    }
+    res = _merge(derived, spec.engine.resources)
+    res.setdefault("limits", {})[spec.gpu.resource_name] = spec.gpu.count
+    res.setdefault("requests", {})[spec.gpu.resource_name] = spec.gpu.count
     return res
 
 
-def _volumes(spec: BaseModelSpec, name: str, loc: ModelLocation) -> list[dict[str, Any]]:
+def _volumes(
+    spec: BaseModelSpec, name: str, loc: ModelLocation, sizing: PodSizing
+) -> list[dict[str, Any]]:
     cache: dict[str, Any]
     if spec.adapter_cache.claim_name:
         cache = {
@@ -193,8 +294,8 @@ def _volumes(spec: BaseModelSpec, name: str, loc: ModelLocation) -> list[dict[st
             "name": "admin-token",
             "secret": {"secretName": naming.secret_name(name), "defaultMode": 0o440},
         },
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": sizing.shm_size}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": SCRATCH_LIMIT}},
     ]
     for vol in spec.adapter_volumes:
         vols.append(
@@ -203,6 +304,8 @@ def _volumes(spec: BaseModelSpec, name: str, loc: ModelLocation) -> list[dict[st
                 "persistentVolumeClaim": {"claimName": vol.claim_name, "readOnly": True},
             }
         )
+    if loc.mounts and not loc.volumes:  # hf:// without a cache: a sized emptyDir
+        vols.append({"name": "weights", "emptyDir": {"sizeLimit": sizing.weights_volume}})
     return vols + list(loc.volumes)
 
 
@@ -227,11 +330,131 @@ def _render(template: str, **values: Any) -> dict[str, Any]:
     return out
 
 
+GPU_TOLERATION_EFFECT = "NoSchedule"
+POD_SECURITY_BASE = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+# vLLM's root stays writable: NVIDIA runtimes that inject the GPU through CDI hooks write
+# into it (KServe hit this and turned readOnlyRootFilesystem off for GPU containers).
+VLLM_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+SERVER_SECURITY = {**VLLM_SECURITY, "readOnlyRootFilesystem": True}
+VLLM_HEALTH_PROBE = [
+    "python3",
+    "-c",
+    "import urllib.request as u; "
+    f"u.urlopen('http://127.0.0.1:{naming.VLLM_PORT}/health', timeout=5)",
+]
+
+
+def _vllm_pre_stop(spec: BaseModelSpec) -> list[str]:
+    """Keep vLLM up while the adapter-server drains: wait for the preStop delay, then until
+    the adapter-server's port closes (it finishes in-flight streams first), within the grace
+    period less 5 s for the final SIGTERM."""
+    delay = spec.rollout.pre_stop_seconds
+    bound = spec.rollout.termination_grace_period_seconds - 5
+    return [
+        "python3",
+        "-c",
+        "import socket, time\n"
+        f"end = time.monotonic() + {bound}\n"
+        f"time.sleep({delay})\n"
+        "while time.monotonic() < end:\n"
+        "    try:\n"
+        f"        socket.create_connection(('127.0.0.1', {naming.PUBLIC_PORT}), 1).close()\n"
+        "    except OSError:\n"
+        "        break\n"
+        "    time.sleep(1)\n",
+    ]
+
+
+def _pod_security(spec: BaseModelSpec) -> dict[str, Any]:
+    sec = spec.security_context
+    return {
+        **POD_SECURITY_BASE,
+        "runAsUser": sec.run_as_user,
+        "runAsGroup": sec.run_as_group,
+        "fsGroup": sec.fs_group or sec.run_as_group,
+    }
+
+
+@dataclass(frozen=True)
+class Placement:
+    node_selector: dict[str, str]
+    tolerations: list[dict[str, Any]]
+    affinity: dict[str, Any] | None
+
+
+def placement(spec: BaseModelSpec) -> Placement:
+    """Where the pod may run: the user's choice, or the GPU product's GFD label.
+
+    A product with one label value becomes a nodeSelector, several an affinity `In` term; a
+    user nodeSelector or affinity replaces the derived one entirely (they know their labels).
+    GPU nodes are usually tainted with the GPU resource name, so that taint is tolerated.
+    """
+    selector = dict(sorted(spec.node_selector.items()))
+    affinity = spec.affinity
+    values = gpu_product_label_values(spec.gpu.product) if spec.gpu.product else ()
+    if not selector and not affinity and values:
+        if len(values) == 1:
+            selector = {GPU_PRODUCT_LABEL: values[0]}
+        else:
+            term = {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": list(values)}
+            affinity = {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [{"matchExpressions": [term]}]
+                    }
+                }
+            }
+    tolerations = list(spec.tolerations)
+    key = spec.gpu.resource_name
+    if not any(
+        t.get("key") == key or (not t.get("key") and t.get("operator") == "Exists")
+        for t in tolerations
+    ):
+        tolerations.append({"key": key, "operator": "Exists", "effect": GPU_TOLERATION_EFFECT})
+    return Placement(selector, tolerations, affinity)
+
+
+def _strategy(spec: BaseModelSpec) -> dict[str, Any]:
+    r = spec.rollout
+    if r.strategy == "Recreate":
+        return {"type": "Recreate"}
+    return {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": r.max_surge, "maxUnavailable": r.max_unavailable},
+    }
+
+
+def _image_pull_secrets(spec: BaseModelSpec) -> list[dict[str, str]]:
+    return [{"name": s.name} for s in spec.image_pull_secrets]
+
+
+def _credentials(spec: BaseModelSpec) -> str | None:
+    return spec.credentials.secret_ref.name if spec.credentials.secret_ref else None
+
+
+def sizing_for(
+    name: str, spec: BaseModelSpec, plan: Plan, footprint: Footprint | None
+) -> PodSizing:
+    cache = weights_cache(name, spec)
+    in_pod = cache is None and spec.model.source.startswith("hf://")
+    return pod_sizing(spec, plan, footprint or Footprint(None, None), downloads_in_pod=in_pod)
+
+
 def build_deployment(
-    owner: Owner, spec: BaseModelSpec, plan: Plan, images: Images
+    owner: Owner,
+    spec: BaseModelSpec,
+    plan: Plan,
+    images: Images,
+    footprint: Footprint | None = None,
 ) -> dict[str, Any]:
     """The Deployment: vLLM on localhost plus the adapter-server in front of it."""
-    loc = model_location(spec)
+    loc = model_location(spec, weights_cache(owner.name, spec))
+    sizing = sizing_for(owner.name, spec, plan, footprint)
+    place = placement(spec)
     cache_mount = {"name": "adapter-cache", "mountPath": naming.CACHE_DIR}
     deployment = _render(
         "deployment.yaml.j2",
@@ -241,44 +464,132 @@ def build_deployment(
         selector=naming.selector_labels(owner.name),
         owner_refs=owner.refs(),
         replicas=spec.replicas,
-        pod_annotations={},
-        node_selector=dict(sorted(spec.node_selector.items())),
-        tolerations=spec.tolerations,
-        affinity=spec.affinity,
+        progress_deadline_seconds=sizing.progress_deadline_seconds,
+        strategy=_strategy(spec),
+        pod_labels={**spec.pod_labels, **naming.labels(owner.name)},
+        pod_annotations=dict(sorted(spec.pod_annotations.items())),
+        service_account_name=spec.service_account_name,
+        termination_grace_period_seconds=spec.rollout.termination_grace_period_seconds,
+        pod_security=_pod_security(spec),
+        runtime_class_name=spec.runtime_class_name,
+        priority_class_name=spec.priority_class_name,
+        image_pull_secrets=_image_pull_secrets(spec),
+        node_selector=place.node_selector,
+        tolerations=place.tolerations,
+        affinity=place.affinity,
         engine_image=spec.engine.image or images.engine,
         vllm_command=VLLM_COMMAND,
         vllm_args=vllm_args(owner.name, spec, plan),
-        vllm_env=_vllm_env(spec),
-        vllm_resources=_gpu_resources(spec),
+        vllm_env=_vllm_env(spec, loc),
+        vllm_resources=_vllm_resources(spec, sizing),
+        vllm_probe=VLLM_HEALTH_PROBE,
+        probe_period=PROBE_PERIOD_SECONDS,
+        startup_failures=sizing.startup_failure_threshold,
+        vllm_pre_stop=_vllm_pre_stop(spec),
+        vllm_security=spec.engine.security_context or VLLM_SECURITY,
         vllm_mounts=[
             {**cache_mount, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "tmp", "mountPath": SCRATCH},
             *_adapter_mounts(spec),
             *loc.mounts,
         ],
         server_image=spec.server.image or images.server,
         server_args=server_args(),
-        credentials_secret=(
-            spec.credentials.secret_ref.name if spec.credentials.secret_ref else None
-        ),
-        cache_dir=naming.CACHE_DIR,
+        server_env=_server_env(),
+        server_pre_stop=["sleep", str(spec.rollout.pre_stop_seconds)],
+        credentials_secret=_credentials(spec),
         public_port=naming.PUBLIC_PORT,
         admin_port=naming.ADMIN_PORT,
         server_resources=spec.server.resources
         or {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        server_security=spec.server.security_context or SERVER_SECURITY,
         server_mounts=[
             cache_mount,
             {"name": "manifest", "mountPath": naming.MANIFEST_DIR, "readOnly": True},
             {"name": "admin-token", "mountPath": naming.ADMIN_DIR, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "tmp", "mountPath": SCRATCH},
             *_adapter_mounts(spec),
         ],
-        volumes=_volumes(spec, owner.name, loc),
+        volumes=_volumes(spec, owner.name, loc, sizing),
     )
     template = deployment["spec"]["template"]
     template["metadata"]["annotations"][naming.SPEC_HASH] = spec_hash(template["spec"])
     return deployment
+
+
+def build_weights_claim(
+    owner: Owner, spec: BaseModelSpec, cache: WeightsCache, sizing: PodSizing
+) -> dict[str, Any]:
+    """The PVC the operator creates for the weights (only when weightsCache names none)."""
+    assert spec.weights_cache is not None
+    return _render(
+        "pvc.yaml.j2",
+        name=cache.claim_name,
+        namespace=owner.namespace,
+        labels=naming.labels(owner.name),
+        owner_refs=owner.refs(),
+        access_modes=spec.weights_cache.access_modes,
+        storage_class_name=spec.weights_cache.storage_class_name,
+        size=spec.weights_cache.size or sizing.weights_volume,
+    )
+
+
+def loader_script() -> str:
+    """The loader Job's program: loraplex.weights_loader's source, run with `python3 -c`."""
+    return Path(weights_loader.__file__).read_text()
+
+
+def build_loader_job(
+    owner: Owner,
+    spec: BaseModelSpec,
+    cache: WeightsCache,
+    sizing: PodSizing,
+    images: Images,
+) -> dict[str, Any]:
+    """The Job that fills the cache folder once; its name changes with the source/revision."""
+    assert spec.weights_cache is not None
+    place = placement(spec)
+    return _render(
+        "job.yaml.j2",
+        name=cache.job_name,
+        namespace=owner.namespace,
+        labels=naming.loader_labels(owner.name),
+        annotations={f"{API_GROUP}/expected-bytes": str(sizing.checkpoint_bytes)},
+        owner_refs=owner.refs(),
+        active_deadline_seconds=sizing.loader_deadline_seconds,
+        service_account_name=spec.service_account_name,
+        pod_security=_pod_security(spec),
+        priority_class_name=spec.priority_class_name,
+        image_pull_secrets=_image_pull_secrets(spec),
+        node_selector=place.node_selector,
+        tolerations=place.tolerations,
+        affinity=place.affinity,
+        image=spec.weights_cache.loader_image or spec.engine.image or images.engine,
+        script=loader_script(),
+        args=[spec.model.source, spec.model.revision or "", cache.model_path],
+        credentials_secret=_credentials(spec),
+        env=_env_list({**_writable_env(), "HF_HUB_DISABLE_TELEMETRY": "1"}, []),
+        mounts=[
+            {"name": "weights", "mountPath": WEIGHTS_MOUNT},
+            {"name": "tmp", "mountPath": SCRATCH},
+        ],
+        volumes=[
+            {"name": "weights", "persistentVolumeClaim": {"claimName": cache.claim_name}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": SCRATCH_LIMIT}},
+        ],
+    )
+
+
+def build_pdb(owner: Owner) -> dict[str, Any]:
+    return _render(
+        "pdb.yaml.j2",
+        name=naming.pdb_name(owner.name),
+        namespace=owner.namespace,
+        labels=naming.labels(owner.name),
+        owner_refs=owner.refs(),
+        selector=naming.selector_labels(owner.name),
+    )
 
 
 PLANNED_FLAGS = (
@@ -357,11 +668,19 @@ def render_all(
     manifest: AdapterManifest,
     token: str,
     images: Images = DEFAULT_IMAGES,
+    footprint: Footprint | None = None,
 ) -> list[dict[str, Any]]:
-    """Every object the operator applies for one BaseModel, in apply order."""
-    return [
-        build_secret(owner, token),
-        build_configmap(owner, manifest),
-        build_deployment(owner, spec, plan, images),
-        build_service(owner),
-    ]
+    """Every object the operator applies for one BaseModel, in apply order: the weights PVC
+    and loader Job come before the Deployment, which the operator holds back until the Job
+    has succeeded (see loraplex.weights)."""
+    objs = [build_secret(owner, token), build_configmap(owner, manifest)]
+    cache = weights_cache(owner.name, spec)
+    if cache is not None:
+        sizing = sizing_for(owner.name, spec, plan, footprint)
+        if cache.create_claim:
+            objs.append(build_weights_claim(owner, spec, cache, sizing))
+        objs.append(build_loader_job(owner, spec, cache, sizing, images))
+    objs += [build_deployment(owner, spec, plan, images, footprint), build_service(owner)]
+    if spec.replicas > 1:
+        objs.append(build_pdb(owner))
+    return objs

@@ -22,8 +22,8 @@ import yaml
 from loraplex import naming, rbac
 from loraplex.devtools.emulator import RunningEmulator
 from loraplex.devtools.operator_proc import OperatorProcess
-from loraplex.kube import BASEMODELS, DEPLOYMENTS, LORAADAPTERS, SERVICES, KubeClient
-from tests.operator.conftest import eventually
+from loraplex.kube import BASEMODELS, DEPLOYMENTS, LORAADAPTERS, PDBS, SERVICES, KubeClient
+from tests.operator.conftest import cached_basemodel, eventually, finish_loader_job
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(240)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -320,6 +320,23 @@ async def test_rbac_is_exactly_the_calls_the_operator_makes(
             == "ClusterIP"
         ),
         what="service corrected",
+    )
+    # The weights cache (PVC, loader Job) and a PodDisruptionBudget (2 replicas), hand-edited.
+    await kube.apply(cached_basemodel())
+    jobs = await eventually(
+        lambda: cluster.emulator.objects_of("batch/v1/jobs", NS), what="loader Job"
+    )
+    await finish_loader_job(kube, NS, jobs[0]["metadata"]["name"])
+    await eventually(lambda: one(cluster, "policy/v1/poddisruptionbudgets", "cached"), what="PDB")
+    await kube.patch(PDBS, NS, "cached", {"spec": {"maxUnavailable": 2}})
+    await eventually(
+        lambda: (
+            (one(cluster, "policy/v1/poddisruptionbudgets", "cached") or {})
+            .get("spec", {})
+            .get("maxUnavailable")
+            == 1
+        ),
+        what="PDB corrected",
     )
     seen = {
         (r.group, r.plural + (f"/{r.subresource}" if r.subresource else ""), r.verb)
