@@ -84,6 +84,7 @@ def pod_sizing(
     ckpt = footprint.checkpoint_bytes or UNKNOWN_CHECKPOINT_BYTES
     load = ckpt // LOAD_BYTES_PER_SECOND
     startup = spec.rollout.startup_seconds or ENGINE_START_SECONDS + load
+    startup = math.ceil(startup / PROBE_PERIOD_SECONDS) * PROBE_PERIOD_SECONDS  # whole probes
     deadline = spec.rollout.progress_deadline_seconds or startup + ROLLOUT_EXTRA_SECONDS
     volume = ckpt * VOLUME_FACTOR + VOLUME_EXTRA_BYTES
     tp = plan.tensor_parallel_size
