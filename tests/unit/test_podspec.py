@@ -34,10 +34,12 @@ import pytest
 
 from loraplex.decide import decide
 from loraplex.errors import InvalidSpec
+from loraplex.offline import render_paths
 from loraplex.render import Owner, loader_script
 from loraplex.validation import parse_spec
 from loraplex.weights_loader import MARKER
 
+ROOT = Path(__file__).resolve().parents[2]
 OWNER = Owner("base", "ml", "6b1e1f0a-2fa1-11d2-883f-0016d3cca427")
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 CREDS = {"secretRef": {"name": "model-creds"}}
@@ -197,6 +199,23 @@ def test_user_and_caches_are_writable_in_both_containers(c: Case) -> None:
     for vol in pod["volumes"]:
         if "emptyDir" in vol:
             assert vol["emptyDir"].get("sizeLimit"), f"unbounded emptyDir {vol['name']}"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_production_example_renders_valid_objects(version: str) -> None:
+    objs = render_paths([ROOT / "examples" / "production"])
+    kinds = [o["kind"] for o in objs]
+    assert kinds == [
+        "Secret",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "Job",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+    ]
+    for obj in objs:
+        kubernetes_validate.validate(obj, version, strict=True)
 
 
 def test_security_defaults_and_overrides() -> None:
