@@ -26,6 +26,9 @@ BASEMODEL_REASONS = {
     "DeploymentUnavailable",
     "ArchitectureUnknown",
     "ScaledToZero",
+    "DownloadingWeights",
+    "WeightsDownloadFailed",
+    "ProgressDeadlineExceeded",
 }
 ADAPTER_REASONS = {
     "BaseModelNotFound",
