@@ -568,3 +568,110 @@ def test_loader_failure_is_a_message_and_leaves_no_folder(
         {**s3_bucket, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
     )
     assert denied.returncode == 1 and not folder.exists()
+
+
+# --- status from the loader Job, pure ------------------------------------------------------
+
+
+def test_loader_state_and_failure_message() -> None:
+    from loraplex.api.basemodel import BaseModelSpec
+    from loraplex.weights import failure_message, loader_state, weights_cache
+
+    spec = BaseModelSpec.model_validate(
+        {"model": {"source": "s3://bucket/model"}, "weightsCache": {}}
+    )
+    cache = weights_cache("base", spec)
+    assert cache is not None
+    assert loader_state(cache, None, 10).phase == "Pending"
+    running = {"status": {"active": 1, "failed": 1, "startTime": "t0"}}
+    st = loader_state(cache, running, 3 * 1024**3)
+    assert st.phase == "Downloading" and st.attempts == 1
+    assert "3.0 GiB" in st.message and "started t0" in st.message
+    done = {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    assert loader_state(cache, done, None).phase == "Ready"
+    failed = {
+        "status": {
+            "failed": 5,
+            "conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}],
+        }
+    }
+    st = loader_state(cache, failed, None)
+    assert st.phase == "Failed" and "DeadlineExceeded" in st.message
+    assert f"kubectl delete job {cache.job_name}" in st.message
+
+    def pod(job: str, when: str, message: str, code: int = 1) -> dict[str, Any]:
+        term = {"exitCode": code, "finishedAt": when, "message": message}
+        return {
+            "metadata": {"labels": {"batch.kubernetes.io/job-name": job}},
+            "status": {"containerStatuses": [{"state": {"terminated": term}}]},
+        }
+
+    pods = [
+        pod(cache.job_name, "2026-01-01T00:01:00Z", "first"),
+        pod(cache.job_name, "2026-01-01T00:09:00Z", "last"),
+        pod("other-job", "2026-01-01T00:10:00Z", "not ours"),
+        pod(cache.job_name, "2026-01-01T00:11:00Z", "succeeded", code=0),
+    ]
+    assert failure_message(pods, cache.job_name) == "last"
+    assert failure_message([], cache.job_name) is None
+
+
+def test_base_status_while_downloading_and_on_a_stalled_rollout() -> None:
+    from loraplex.api.basemodel import BaseModelSpec, BaseModelStatus, WeightsStatus
+    from loraplex.planner import plan_base_model
+    from loraplex.status import base_status
+
+    spec = BaseModelSpec.model_validate(
+        {"model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct"}, "gpu": {"product": "L40S"}}
+    )
+    plan = plan_base_model(spec, [])
+    downloading = WeightsStatus(phase="Downloading", message="loader Job x downloading")
+
+    def conds(st: BaseModelStatus) -> dict[str, tuple[str, str]]:
+        return {c.type: (c.status, c.reason) for c in st.conditions}
+
+    fresh = base_status(BaseModelStatus(), 1, plan=plan, replicas=1, weights=downloading)
+    assert fresh.phase == "Downloading"
+    assert conds(fresh)["Progressing"] == ("True", "DownloadingWeights")
+    assert conds(fresh)["Ready"] == ("False", "DownloadingWeights")
+    # A new revision downloading while the old one serves: still Ready.
+    serving = {"status": {"readyReplicas": 1}}
+    st = base_status(
+        BaseModelStatus(), 2, plan=plan, replicas=1, deployment=serving, weights=downloading
+    )
+    assert st.phase == "Ready" and conds(st)["Ready"] == ("True", "Ready")
+    assert conds(st)["Progressing"] == ("True", "DownloadingWeights")
+    failed = WeightsStatus(phase="Failed", message="GatedRepoError")
+    st = base_status(BaseModelStatus(), 1, plan=plan, replicas=1, weights=failed)
+    assert st.phase == "Failed" and conds(st)["Ready"] == ("False", "WeightsDownloadFailed")
+    stalled = {
+        "status": {
+            "conditions": [
+                {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}
+            ]
+        }
+    }
+    st = base_status(BaseModelStatus(), 1, plan=plan, replicas=1, deployment=stalled)
+    assert conds(st)["Ready"] == ("False", "ProgressDeadlineExceeded")
+    assert conds(st)["Progressing"][0] == "False"
+    assert "spec.rollout.progressDeadlineSeconds" in st.conditions[-1].message
+
+
+# --- vLLM's own parser on the rendered arguments ----------------------------------------------
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("id_", ["gated-hf", "s3", "tp2-h100-70b", "cache-created"])
+def test_vllm_parses_the_rendered_arguments(id_: str) -> None:
+    """`vllm serve`'s parser (the pinned release) accepts exactly what the pod runs with."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    vllm = containers(case(id_))["vllm"]
+    parser = make_arg_parser(FlexibleArgumentParser())  # type: ignore[no-untyped-call]
+    args = parser.parse_args(vllm["args"])
+    validate_parsed_serve_args(args)
+    assert args.model == flags(vllm)["--model"]
+    assert args.tensor_parallel_size == int(flags(vllm)["--tensor-parallel-size"])
+    if id_ == "s3":
+        assert args.load_format == "runai_streamer"
