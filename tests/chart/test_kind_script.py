@@ -151,3 +151,18 @@ def test_rendered_objects_match_what_the_script_checks(mode: str) -> None:
         assert vllm["args"][vllm["args"].index("--model") + 1].startswith("/mnt/loraplex/weights/")
     else:
         assert "Job" not in objs and "PersistentVolumeClaim" not in objs
+
+
+def test_vllm_image_is_the_tested_release() -> None:
+    from loraplex.versions import VLLM_VERSION
+
+    text = SCRIPT.read_text()
+    assert "vllm-cpu-release-repo:v${VLLM_VERSION}" in text
+    found = subprocess.run(
+        ["sed", "-n", r's/^VLLM_VERSION = "\(.*\)"/\1/p', "operator/loraplex/versions.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert found == VLLM_VERSION, "the script's sed no longer finds the version"

@@ -26,8 +26,11 @@ SYSTEM_NAMESPACE="${SYSTEM_NAMESPACE:-loraplex-system}"
 TAG="${TAG:-e2e}"
 OPERATOR_IMAGE="loraplex/operator:${TAG}"
 SERVER_IMAGE="loraplex/adapter-server:${TAG}"
-# vLLM's official x86-64 CPU build (see docs.vllm.ai, "CPU" installation). Pin the tag you test.
-VLLM_CPU_IMAGE="${VLLM_CPU_IMAGE:-public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.11.0}"
+# vLLM's official x86-64 CPU build (see docs.vllm.ai, "CPU" installation), at the release the
+# rest of the tests run (operator/loraplex/versions.py, read the way the Makefile reads it).
+VLLM_VERSION="$(sed -n 's/^VLLM_VERSION = "\(.*\)"/\1/p' operator/loraplex/versions.py)"
+[ -n "$VLLM_VERSION" ] || { echo "e2e: no VLLM_VERSION in operator/loraplex/versions.py" >&2; exit 1; }
+VLLM_CPU_IMAGE="${VLLM_CPU_IMAGE:-public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v${VLLM_VERSION}}"
 E2E_MODEL="${E2E_MODEL:-hf}"          # hf: Qwen2.5-0.5B-Instruct from Hugging Face; tiny: generated
 HF_BASE="${HF_BASE:-Qwen/Qwen2.5-0.5B-Instruct}"
 KIND_NODE_IMAGE="${KIND_NODE_IMAGE:-}"  # empty: kind's default node image

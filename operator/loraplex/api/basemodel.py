@@ -16,6 +16,7 @@ Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 Phase = Literal["Pending", "Downloading", "Deploying", "Ready", "Degraded", "Failed"]
 _RANKS = ", ".join(str(r) for r in ALLOWED_MAX_LORA_RANKS)
 _PRESERVE: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"  # a storage quantity, e.g. 16Gi
 
 
 class Architecture(Wire):
@@ -211,6 +212,7 @@ class EngineSpec(Wire):
     shm_size: str | None = Field(
         default=None,
         max_length=32,
+        pattern=QUANTITY,
         description="sizeLimit of /dev/shm (a memory-backed emptyDir); default 1Gi plus 1Gi "
         "per tensor-parallel GPU (NCCL and vLLM's worker message queues).",
     )
@@ -347,7 +349,7 @@ class WeightsCacheSpec(Wire):
     size: str | None = Field(
         default=None,
         max_length=32,
-        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+        pattern=QUANTITY,
         description="Size of the PVC the operator creates; default the model's weights plus "
         "20% and 2Gi (tokenizer, configs).",
     )
