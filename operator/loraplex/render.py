@@ -18,10 +18,9 @@ from typing import Any
 import jinja2
 import yaml
 
-from loraplex import API_GROUP, API_VERSION, naming, weights_loader
+from loraplex import API_GROUP, API_VERSION, naming, pod, weights_loader
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.planner import Plan, vllm_flags
-from loraplex.planner.catalog import GPU_PRODUCT_LABEL, gpu_product_label_values
 from loraplex.planner.footprint import Footprint
 from loraplex.sizing import PROBE_PERIOD_SECONDS, SCRATCH_LIMIT, PodSizing, pod_sizing
 from loraplex.versions import DEFAULT_ENGINE_IMAGE
@@ -179,84 +178,16 @@ def server_args() -> list[str]:
     ]
 
 
-# Where each library writes when it runs, from its source (versions in the vLLM 0.32 image):
-# torch/_inductor/runtime/cache_dir_utils.py reads TORCHINDUCTOR_CACHE_DIR and otherwise calls
-# getpass.getuser(), which raises without a passwd entry unless USER/LOGNAME are set (pytorch
-# issue 140765); triton/knobs.py TRITON_HOME and TRITON_CACHE_DIR (default ~/.triton/cache);
-# vllm/envs.py VLLM_CACHE_ROOT and VLLM_CONFIG_ROOT (default under XDG_CACHE_HOME /
-# XDG_CONFIG_HOME, else ~); flashinfer/jit/env.py FLASHINFER_WORKSPACE_BASE (default ~, it adds
-# .cache/flashinfer); torch/utils/cpp_extension.py TORCH_EXTENSIONS_DIR; numba/core/config.py
-# NUMBA_CACHE_DIR; tiktoken/load.py TIKTOKEN_CACHE_DIR; huggingface_hub/constants.py HF_HOME;
-# CUDA's JIT cache CUDA_CACHE_PATH (default ~/.nv/ComputeCache, NVIDIA's CUDA environment
-# variables documentation). All of them go to the writable /tmp emptyDir.
-SCRATCH = "/tmp"
-USER_NAME = "loraplex"
-
-
-def _writable_env() -> dict[str, str]:
-    cache, config = f"{SCRATCH}/.cache", f"{SCRATCH}/.config"
-    return {
-        "HOME": SCRATCH,
-        "USER": USER_NAME,
-        "LOGNAME": USER_NAME,
-        "XDG_CACHE_HOME": cache,
-        "XDG_CONFIG_HOME": config,
-        "TORCHINDUCTOR_CACHE_DIR": f"{cache}/torchinductor",
-        "TRITON_HOME": SCRATCH,
-        "TRITON_CACHE_DIR": f"{cache}/triton",
-        "VLLM_CACHE_ROOT": f"{cache}/vllm",
-        "VLLM_CONFIG_ROOT": f"{config}/vllm",
-        "FLASHINFER_WORKSPACE_BASE": SCRATCH,
-        "TORCH_EXTENSIONS_DIR": f"{cache}/torch_extensions",
-        "NUMBA_CACHE_DIR": f"{cache}/numba",
-        "TIKTOKEN_CACHE_DIR": f"{cache}/tiktoken",
-        "CUDA_CACHE_PATH": f"{SCRATCH}/.nv/ComputeCache",
-        "HF_HOME": f"{cache}/huggingface",
-    }
-
-
-def _env_list(fixed: dict[str, str], user: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    user_names = {e["name"] for e in user}
-    env = [{"name": k, "value": v} for k, v in sorted(fixed.items()) if k not in user_names]
-    return env + sorted(user, key=lambda e: e["name"])
-
-
 def _vllm_env(spec: BaseModelSpec, loc: ModelLocation) -> list[dict[str, Any]]:
     fixed = {
-        **_writable_env(),
+        **pod.writable_env(),
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "VLLM_NO_USAGE_STATS": "1",
     }
     if any(m["name"] == "weights" and not m.get("readOnly") for m in loc.mounts):
         # hf:// without a cache: the download goes to the sized `weights` emptyDir.
         fixed["HF_HOME"] = f"{WEIGHTS_MOUNT}/hf"
-    return _env_list(fixed, [e.dump() for e in spec.engine.env])
-
-
-def _server_env() -> list[dict[str, Any]]:
-    """The adapter-server is plain Python: a home, a user name, and the hub cache for adapter
-    downloads beside the adapters (its root filesystem is read-only)."""
-    return _env_list(
-        {
-            "HOME": SCRATCH,
-            "USER": USER_NAME,
-            "LOGNAME": USER_NAME,
-            "XDG_CACHE_HOME": f"{SCRATCH}/.cache",
-            "HF_HOME": f"{naming.CACHE_DIR}/.hf",
-        },
-        [],
-    )
-
-
-def _merge(derived: dict[str, Any], user: dict[str, Any] | None) -> dict[str, Any]:
-    """`user` over `derived`, one level deep (requests/limits merge key by key)."""
-    out: dict[str, Any] = json.loads(json.dumps(derived))
-    for key, value in (user or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **value}
-        else:
-            out[key] = value
-    return out
+    return pod.env_list(fixed, [e.dump() for e in spec.engine.env])
 
 
 def _vllm_resources(spec: BaseModelSpec, sizing: PodSizing) -> dict[str, Any]:
@@ -270,7 +201,7 @@ def _vllm_resources(spec: BaseModelSpec, sizing: PodSizing) -> dict[str, Any]:
             "ephemeral-storage": sizing.ephemeral_request,
         },
     }
-    res = _merge(derived, spec.engine.resources)
+    res = pod.merge(derived, spec.engine.resources)
     res.setdefault("limits", {})[spec.gpu.resource_name] = spec.gpu.count
     res.setdefault("requests", {})[spec.gpu.resource_name] = spec.gpu.count
     return res
@@ -330,112 +261,6 @@ def _render(template: str, **values: Any) -> dict[str, Any]:
     return out
 
 
-GPU_TOLERATION_EFFECT = "NoSchedule"
-POD_SECURITY_BASE = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
-# vLLM's root stays writable: NVIDIA runtimes that inject the GPU through CDI hooks write
-# into it (KServe hit this and turned readOnlyRootFilesystem off for GPU containers).
-VLLM_SECURITY = {
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": False,
-    "capabilities": {"drop": ["ALL"]},
-}
-SERVER_SECURITY = {**VLLM_SECURITY, "readOnlyRootFilesystem": True}
-VLLM_HEALTH_PROBE = [
-    "python3",
-    "-c",
-    "import urllib.request as u; "
-    f"u.urlopen('http://127.0.0.1:{naming.VLLM_PORT}/health', timeout=5)",
-]
-
-
-def _vllm_pre_stop(spec: BaseModelSpec) -> list[str]:
-    """Keep vLLM up while the adapter-server drains: wait for the preStop delay, then until
-    the adapter-server's port closes (it finishes in-flight streams first), within the grace
-    period less 5 s for the final SIGTERM."""
-    delay = spec.rollout.pre_stop_seconds
-    bound = spec.rollout.termination_grace_period_seconds - 5
-    return [
-        "python3",
-        "-c",
-        "import socket, time\n"
-        f"end = time.monotonic() + {bound}\n"
-        f"time.sleep({delay})\n"
-        "while time.monotonic() < end:\n"
-        "    try:\n"
-        f"        socket.create_connection(('127.0.0.1', {naming.PUBLIC_PORT}), 1).close()\n"
-        "    except OSError:\n"
-        "        break\n"
-        "    time.sleep(1)\n",
-    ]
-
-
-def _pod_security(spec: BaseModelSpec) -> dict[str, Any]:
-    sec = spec.security_context
-    return {
-        **POD_SECURITY_BASE,
-        "runAsUser": sec.run_as_user,
-        "runAsGroup": sec.run_as_group,
-        "fsGroup": sec.fs_group or sec.run_as_group,
-    }
-
-
-@dataclass(frozen=True)
-class Placement:
-    node_selector: dict[str, str]
-    tolerations: list[dict[str, Any]]
-    affinity: dict[str, Any] | None
-
-
-def placement(spec: BaseModelSpec) -> Placement:
-    """Where the pod may run: the user's choice, or the GPU product's GFD label.
-
-    A product with one label value becomes a nodeSelector, several an affinity `In` term; a
-    user nodeSelector or affinity replaces the derived one entirely (they know their labels).
-    GPU nodes are usually tainted with the GPU resource name, so that taint is tolerated.
-    """
-    selector = dict(sorted(spec.node_selector.items()))
-    affinity = spec.affinity
-    values = gpu_product_label_values(spec.gpu.product) if spec.gpu.product else ()
-    if not selector and not affinity and values:
-        if len(values) == 1:
-            selector = {GPU_PRODUCT_LABEL: values[0]}
-        else:
-            term = {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": list(values)}
-            affinity = {
-                "nodeAffinity": {
-                    "requiredDuringSchedulingIgnoredDuringExecution": {
-                        "nodeSelectorTerms": [{"matchExpressions": [term]}]
-                    }
-                }
-            }
-    tolerations = list(spec.tolerations)
-    key = spec.gpu.resource_name
-    if not any(
-        t.get("key") == key or (not t.get("key") and t.get("operator") == "Exists")
-        for t in tolerations
-    ):
-        tolerations.append({"key": key, "operator": "Exists", "effect": GPU_TOLERATION_EFFECT})
-    return Placement(selector, tolerations, affinity)
-
-
-def _strategy(spec: BaseModelSpec) -> dict[str, Any]:
-    r = spec.rollout
-    if r.strategy == "Recreate":
-        return {"type": "Recreate"}
-    return {
-        "type": "RollingUpdate",
-        "rollingUpdate": {"maxSurge": r.max_surge, "maxUnavailable": r.max_unavailable},
-    }
-
-
-def _image_pull_secrets(spec: BaseModelSpec) -> list[dict[str, str]]:
-    return [{"name": s.name} for s in spec.image_pull_secrets]
-
-
-def _credentials(spec: BaseModelSpec) -> str | None:
-    return spec.credentials.secret_ref.name if spec.credentials.secret_ref else None
-
-
 def sizing_for(
     name: str, spec: BaseModelSpec, plan: Plan, footprint: Footprint | None
 ) -> PodSizing:
@@ -454,7 +279,7 @@ def build_deployment(
     """The Deployment: vLLM on localhost plus the adapter-server in front of it."""
     loc = model_location(spec, weights_cache(owner.name, spec))
     sizing = sizing_for(owner.name, spec, plan, footprint)
-    place = placement(spec)
+    place = pod.placement(spec)
     cache_mount = {"name": "adapter-cache", "mountPath": naming.CACHE_DIR}
     deployment = _render(
         "deployment.yaml.j2",
@@ -465,15 +290,15 @@ def build_deployment(
         owner_refs=owner.refs(),
         replicas=spec.replicas,
         progress_deadline_seconds=sizing.progress_deadline_seconds,
-        strategy=_strategy(spec),
+        strategy=pod.strategy(spec),
         pod_labels={**spec.pod_labels, **naming.labels(owner.name)},
         pod_annotations=dict(sorted(spec.pod_annotations.items())),
         service_account_name=spec.service_account_name,
         termination_grace_period_seconds=spec.rollout.termination_grace_period_seconds,
-        pod_security=_pod_security(spec),
+        pod_security=pod.pod_security(spec),
         runtime_class_name=spec.runtime_class_name,
         priority_class_name=spec.priority_class_name,
-        image_pull_secrets=_image_pull_secrets(spec),
+        image_pull_secrets=pod.image_pull_secrets(spec),
         node_selector=place.node_selector,
         tolerations=place.tolerations,
         affinity=place.affinity,
@@ -482,33 +307,33 @@ def build_deployment(
         vllm_args=vllm_args(owner.name, spec, plan),
         vllm_env=_vllm_env(spec, loc),
         vllm_resources=_vllm_resources(spec, sizing),
-        vllm_probe=VLLM_HEALTH_PROBE,
+        vllm_probe=pod.VLLM_HEALTH_PROBE,
         probe_period=PROBE_PERIOD_SECONDS,
         startup_failures=sizing.startup_failure_threshold,
-        vllm_pre_stop=_vllm_pre_stop(spec),
-        vllm_security=spec.engine.security_context or VLLM_SECURITY,
+        vllm_pre_stop=pod.vllm_pre_stop(spec),
+        vllm_security=spec.engine.security_context or pod.VLLM_SECURITY,
         vllm_mounts=[
             {**cache_mount, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "tmp", "mountPath": SCRATCH},
+            {"name": "tmp", "mountPath": pod.SCRATCH},
             *_adapter_mounts(spec),
             *loc.mounts,
         ],
         server_image=spec.server.image or images.server,
         server_args=server_args(),
-        server_env=_server_env(),
+        server_env=pod.server_env(),
         server_pre_stop=["sleep", str(spec.rollout.pre_stop_seconds)],
-        credentials_secret=_credentials(spec),
+        credentials_secret=pod.credentials(spec),
         public_port=naming.PUBLIC_PORT,
         admin_port=naming.ADMIN_PORT,
         server_resources=spec.server.resources
         or {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
-        server_security=spec.server.security_context or SERVER_SECURITY,
+        server_security=spec.server.security_context or pod.SERVER_SECURITY,
         server_mounts=[
             cache_mount,
             {"name": "manifest", "mountPath": naming.MANIFEST_DIR, "readOnly": True},
             {"name": "admin-token", "mountPath": naming.ADMIN_DIR, "readOnly": True},
-            {"name": "tmp", "mountPath": SCRATCH},
+            {"name": "tmp", "mountPath": pod.SCRATCH},
             *_adapter_mounts(spec),
         ],
         volumes=_volumes(spec, owner.name, loc, sizing),
@@ -549,7 +374,7 @@ def build_loader_job(
 ) -> dict[str, Any]:
     """The Job that fills the cache folder once; its name changes with the source/revision."""
     assert spec.weights_cache is not None
-    place = placement(spec)
+    place = pod.placement(spec)
     return _render(
         "job.yaml.j2",
         name=cache.job_name,
@@ -559,20 +384,20 @@ def build_loader_job(
         owner_refs=owner.refs(),
         active_deadline_seconds=sizing.loader_deadline_seconds,
         service_account_name=spec.service_account_name,
-        pod_security=_pod_security(spec),
+        pod_security=pod.pod_security(spec),
         priority_class_name=spec.priority_class_name,
-        image_pull_secrets=_image_pull_secrets(spec),
+        image_pull_secrets=pod.image_pull_secrets(spec),
         node_selector=place.node_selector,
         tolerations=place.tolerations,
         affinity=place.affinity,
         image=spec.weights_cache.loader_image or spec.engine.image or images.engine,
         script=loader_script(),
         args=[spec.model.source, spec.model.revision or "", cache.model_path],
-        credentials_secret=_credentials(spec),
-        env=_env_list({**_writable_env(), "HF_HUB_DISABLE_TELEMETRY": "1"}, []),
+        credentials_secret=pod.credentials(spec),
+        env=pod.env_list({**pod.writable_env(), "HF_HUB_DISABLE_TELEMETRY": "1"}, []),
         mounts=[
             {"name": "weights", "mountPath": WEIGHTS_MOUNT},
-            {"name": "tmp", "mountPath": SCRATCH},
+            {"name": "tmp", "mountPath": pod.SCRATCH},
         ],
         volumes=[
             {"name": "weights", "persistentVolumeClaim": {"claimName": cache.claim_name}},
