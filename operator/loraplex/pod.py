@@ -13,7 +13,8 @@ from loraplex import naming
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.planner.catalog import GPU_PRODUCT_LABEL, gpu_product_label_values
 
-# Where each library writes when it runs, from its source (versions in the vLLM 0.32 image):
+# Where each library writes, from its source as installed here (vllm 0.32.0, torch 2.13.0,
+# triton 3.7.1; flashinfer from its repository, jit/env.py):
 # torch/_inductor/runtime/cache_dir_utils.py reads TORCHINDUCTOR_CACHE_DIR and otherwise calls
 # getpass.getuser(), which raises without a passwd entry unless USER/LOGNAME are set (pytorch
 # issue 140765); triton/knobs.py TRITON_HOME and TRITON_CACHE_DIR (default ~/.triton/cache);

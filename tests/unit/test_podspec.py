@@ -675,3 +675,41 @@ def test_vllm_parses_the_rendered_arguments(id_: str) -> None:
     assert args.tensor_parallel_size == int(flags(vllm)["--tensor-parallel-size"])
     if id_ == "s3":
         assert args.load_format == "runai_streamer"
+
+
+SYSTEM_PYTHON = Path("/usr/bin/python3")  # runnable by any uid, unlike a venv under /root
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not SYSTEM_PYTHON.exists(), reason="needs root to run as another uid"
+)
+@pytest.mark.parametrize("container", ["vllm", "adapter-server"])
+def test_rendered_uid_without_passwd_entry_gets_a_user_name(container: str) -> None:
+    """torch's cache code calls getpass.getuser(); as a uid with no passwd entry (the CUDA
+    image's case) that raises unless USER/LOGNAME are in the environment, as rendered."""
+    objs = case("gated-hf")
+    uid = pod_of(objs)["securityContext"]["runAsUser"]
+    rendered = env(containers(objs)[container])
+    script = "import getpass; print(getpass.getuser())"
+
+    def as_uid(environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(SYSTEM_PYTHON), "-c", script],
+            user=uid,
+            group=uid,
+            env={"PATH": "/usr/bin:/bin", **environ},
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    import pwd
+
+    with pytest.raises(KeyError):
+        pwd.getpwuid(uid)
+    bare = {k: v for k, v in rendered.items() if k not in ("USER", "LOGNAME")}
+    assert "uid not found" in as_uid(bare).stderr, "without USER/LOGNAME it must fail"
+    ok = as_uid(rendered)
+    assert ok.returncode == 0 and ok.stdout.strip() == "loraplex", ok.stderr
