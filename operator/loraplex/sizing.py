@@ -37,10 +37,12 @@ LOADER_BASE_SECONDS = 1800
 # (tokenizer, configs, hub metadata).
 VOLUME_FACTOR = 1.2
 VOLUME_EXTRA_BYTES = 2 * GIB
-# Host memory per vLLM process: the API server, the engine core and one worker per GPU each
-# hold the CUDA context, torch and the tokenizer; 4 GiB each is what `ps` shows for a 8B model's
-# processes on an H100 node, with room. Host memory also holds the CPU LoRA cache
-# (--max-cpu-loras adapters at --max-lora-rank).
+# Host memory per vLLM process. vLLM V1 runs an API server and an engine core (which hosts the
+# worker when there is one GPU; with tensor parallel N it starts N worker processes). Measured
+# here: a tiny model on the CPU build used 2.9 GB RSS over its three processes (TESTING.md);
+# torch, the CUDA context and the tokenizer of a real model take more, so 4 GiB each is an
+# estimate with margin, not a measurement on a GPU node. Host memory also holds the CPU LoRA
+# cache (--max-cpu-loras adapters at --max-lora-rank).
 PROCESS_HOST_BYTES = 4 * GIB
 # /dev/shm: vLLM's worker message queue and NCCL's shared-memory transport between
 # tensor-parallel ranks; 1 GiB plus 1 GiB per GPU.
@@ -89,7 +91,8 @@ def pod_sizing(
     volume = ckpt * VOLUME_FACTOR + VOLUME_EXTRA_BYTES
     tp = plan.tensor_parallel_size
     cpu_cache = plan.max_cpu_loras * (footprint.adapter_bytes or 0)
-    memory = (2 + tp) * PROCESS_HOST_BYTES + cpu_cache
+    processes = 2 if tp == 1 else 2 + tp
+    memory = processes * PROCESS_HOST_BYTES + cpu_cache
     ephemeral = SCRATCH_REQUEST_BYTES + (volume if downloads_in_pod else 0)
     return PodSizing(
         checkpoint_bytes=ckpt,
@@ -99,8 +102,8 @@ def pod_sizing(
         loader_deadline_seconds=int(LOADER_BASE_SECONDS + ckpt // LOADER_BYTES_PER_SECOND),
         weights_volume=_gi(volume),
         memory_request=_gi(memory),
-        # One core each for the API server, the engine core's busy loop and each GPU worker.
-        cpu_request=str(2 + tp),
+        # One core per process: the API server, the engine core's busy loop, each worker.
+        cpu_request=str(processes),
         shm_size=spec.engine.shm_size or f"{SHM_BASE_GIB + tp}Gi",
         ephemeral_request=_gi(ephemeral),
     )

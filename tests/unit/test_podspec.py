@@ -348,7 +348,7 @@ def test_pod_fields_from_the_spec() -> None:
     vllm = containers(objs)["vllm"]
     assert vllm["resources"]["requests"]["memory"] == "64Gi", "the user's request wins"
     assert vllm["resources"]["limits"]["memory"] == "80Gi"
-    assert vllm["resources"]["requests"]["cpu"] == "3", "derived values the user left alone stay"
+    assert vllm["resources"]["requests"]["cpu"] == "2", "derived values the user left alone stay"
     dshm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert dshm["emptyDir"]["sizeLimit"] == "16Gi"
 
