@@ -35,6 +35,8 @@ $(STAMP): pyproject.toml Makefile $(VERSIONS)
 	@# PyPI's torchvision/torchaudio break imports beside the CPU torch; vLLM serves text without them.
 	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) -m loraplex.devtools.k8s_binaries $(VENV)/bin
+	@# checkov (own venv: its pins clash with ours) and actionlint, for tests/security.
+	sh tests/security/install_tools.sh $(VENV)
 	touch $(STAMP)
 
 test: setup

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,8 +14,18 @@ import yaml
 
 from loraplex import __version__
 from loraplex.planner.cli import add_plan_parser
-from loraplex.render import DEFAULT_SERVER_IMAGE, Images
+from loraplex.render import (
+    DEFAULT_OPERATOR_PODS,
+    DEFAULT_SERVER_IMAGE,
+    Images,
+    OperatorPods,
+    parse_labels,
+)
 from loraplex.versions import DEFAULT_ENGINE_IMAGE
+
+
+def _operator_pods(args: argparse.Namespace) -> OperatorPods:
+    return OperatorPods(namespace=args.operator_namespace, labels=args.operator_pod_labels)
 
 
 def _operator(args: argparse.Namespace) -> int:
@@ -26,6 +37,7 @@ def _operator(args: argparse.Namespace) -> int:
         peering=args.peering,
         token_key=load_token_key(args.token_key_file),
         images=Images(engine=args.engine_image, server=args.server_image),
+        operator_pods=_operator_pods(args),
         log_json=args.log_format == "json",
         verbose=args.log_level == "debug",
     )
@@ -40,6 +52,7 @@ def _render(args: argparse.Namespace) -> int:
         objects = render_paths(
             [Path(p) for p in args.file],
             images=Images(engine=args.engine_image, server=args.server_image),
+            operator=_operator_pods(args),
         )
     except (OSError, ValueError) as exc:
         print(f"loraplex render: {exc}", file=sys.stderr)
@@ -47,6 +60,13 @@ def _render(args: argparse.Namespace) -> int:
     docs: list[Any] = objects
     sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False, width=100))
     return 0
+
+
+def _labels_arg(text: str) -> tuple[tuple[str, str], ...]:
+    try:
+        return parse_labels(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,21 +77,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    images = argparse.ArgumentParser(add_help=False)
-    images.add_argument(
+    rendering = argparse.ArgumentParser(add_help=False)
+    rendering.add_argument(
         "--engine-image",
         default=DEFAULT_ENGINE_IMAGE,
         help="vLLM image for BaseModels that do not set spec.engine.image",
     )
-    images.add_argument(
+    rendering.add_argument(
         "--server-image",
         default=DEFAULT_SERVER_IMAGE,
         help="adapter-server image for BaseModels without spec.server.image",
     )
 
+    # Who may reach each BaseModel's admin port (its NetworkPolicy): the operator's own pods.
+    rendering.add_argument(
+        "--operator-namespace",
+        default=os.environ.get("POD_NAMESPACE") or DEFAULT_OPERATOR_PODS.namespace,
+        help="namespace of the operator's pods, admitted to the admin port by each "
+        "BaseModel's NetworkPolicy (default: $POD_NAMESPACE, else %(default)s)",
+    )
+    rendering.add_argument(
+        "--operator-pod-labels",
+        type=_labels_arg,
+        default=DEFAULT_OPERATOR_PODS.labels,
+        metavar="K=V[,K=V]",
+        help="labels of the operator's pods, for the same NetworkPolicy rule (default: "
+        + ",".join(f"{k}={v}" for k, v in DEFAULT_OPERATOR_PODS.labels)
+        + "; the chart sets its release's labels)",
+    )
+
     op = sub.add_parser(
         "operator",
-        parents=[images],
+        parents=[rendering],
         help="run the operator against the current cluster",
         description="Run the operator. Finds the cluster like kubectl (in-cluster, KUBECONFIG "
         "or ~/.kube/config) and watches all namespaces unless --namespace is given.",
@@ -96,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rd = sub.add_parser(
         "render",
-        parents=[images],
+        parents=[rendering],
         help="print the objects the operator would apply",
         description="Render, without a cluster, exactly what the operator applies for the "
         "BaseModels and LoRAAdapters in the given files or directories (for GitOps diffs).",

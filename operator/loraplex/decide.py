@@ -23,7 +23,14 @@ from loraplex.api.basemodel import BaseModelSpec
 from loraplex.errors import InvalidSpec
 from loraplex.planner import AdapterDemand, Plan, plan_base_model
 from loraplex.planner.footprint import model_footprint
-from loraplex.render import DEFAULT_IMAGES, Images, Owner, render_all
+from loraplex.render import (
+    DEFAULT_IMAGES,
+    DEFAULT_OPERATOR_PODS,
+    Images,
+    OperatorPods,
+    Owner,
+    render_all,
+)
 from loraplex.validation import parse_spec
 from loraplex_server.manifest import AdapterManifest
 
@@ -50,6 +57,7 @@ def decide(
     previous_generation: int = 0,
     images: Images = DEFAULT_IMAGES,
     config_json: Mapping[str, Any] | None = None,
+    operator: OperatorPods = DEFAULT_OPERATOR_PODS,
 ) -> Decision:
     """Validate, plan, build the manifest (bumping its generation only on change), render."""
     try:
@@ -76,7 +84,7 @@ def decide(
     )
     footprint = model_footprint(spec, plan.max_lora_rank, config_json)
     decision.objects = render_all(
-        owner, spec, plan, decision.manifest, token, images, footprint=footprint
+        owner, spec, plan, decision.manifest, token, images, operator, footprint=footprint
     )
     return decision
 

@@ -50,6 +50,7 @@ PODS = ResourceKind("", "v1", "pods")
 JOBS = ResourceKind("batch", "v1", "jobs")
 PVCS = ResourceKind("", "v1", "persistentvolumeclaims")
 PDBS = ResourceKind("policy", "v1", "poddisruptionbudgets")
+NETWORKPOLICIES = ResourceKind("networking.k8s.io", "v1", "networkpolicies")
 BASEMODELS = ResourceKind("loraplex.io", "v1alpha1", "basemodels")
 LORAADAPTERS = ResourceKind("loraplex.io", "v1alpha1", "loraadapters")
 
@@ -62,6 +63,7 @@ KIND_OF: dict[str, ResourceKind] = {
     "Job": JOBS,
     "PersistentVolumeClaim": PVCS,
     "PodDisruptionBudget": PDBS,
+    "NetworkPolicy": NETWORKPOLICIES,
     "BaseModel": BASEMODELS,
     "LoRAAdapter": LORAADAPTERS,
 }

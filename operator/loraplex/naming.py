@@ -45,6 +45,10 @@ def pdb_name(base: str) -> str:
     return base
 
 
+def networkpolicy_name(base: str) -> str:
+    return base
+
+
 def selector_labels(base: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "loraplex-vllm", BASE_LABEL: base}
 

@@ -12,7 +12,7 @@ import yaml
 from loraplex import API_GROUP
 from loraplex.decide import decide
 from loraplex.reconcile import base_of
-from loraplex.render import DEFAULT_IMAGES, Images, Owner
+from loraplex.render import DEFAULT_IMAGES, DEFAULT_OPERATOR_PODS, Images, OperatorPods, Owner
 
 # The real token is derived by the operator from its key; it is never printed.
 TOKEN_PLACEHOLDER = "derived-by-the-operator-at-run-time"
@@ -30,7 +30,12 @@ def load_documents(paths: Iterable[Path]) -> list[dict[str, Any]]:
     return docs
 
 
-def render_paths(paths: Iterable[Path], *, images: Images = DEFAULT_IMAGES) -> list[dict[str, Any]]:
+def render_paths(
+    paths: Iterable[Path],
+    *,
+    images: Images = DEFAULT_IMAGES,
+    operator: OperatorPods = DEFAULT_OPERATOR_PODS,
+) -> list[dict[str, Any]]:
     """The objects for every BaseModel in `paths`, with its adapters from the same files."""
     docs = load_documents(paths)
     group = f"{API_GROUP}/"
@@ -49,7 +54,13 @@ def render_paths(paths: Iterable[Path], *, images: Images = DEFAULT_IMAGES) -> l
         mine = [a for a in adapters if base_of(a) == name and a["metadata"]["namespace"] == ns]
         owner = Owner(name, ns, meta.get("uid", ""))
         decision = decide(
-            owner, bm.get("spec"), mine, token=TOKEN_PLACEHOLDER, previous=None, images=images
+            owner,
+            bm.get("spec"),
+            mine,
+            token=TOKEN_PLACEHOLDER,
+            previous=None,
+            images=images,
+            operator=operator,
         )
         if decision.invalid is not None:
             raise ValueError(f"BaseModel {ns}/{name}: {decision.invalid}")

@@ -39,6 +39,9 @@ RULES: tuple[Rule, ...] = (
     # the Deployment follows a finished download at once.
     Rule("", ("persistentvolumeclaims",), ("get", "create")),
     Rule("batch", ("jobs",), (*READ, "create")),
+    # The pods' NetworkPolicy: read back for drift on the timer (no watch), created, corrected,
+    # and deleted when spec.networkPolicy.enabled turns false (only one this BaseModel owns).
+    Rule("networking.k8s.io", ("networkpolicies",), ("get", "create", "patch", "delete")),
     # Pods are listed to push manifests to, and poll adapter state from, each ready replica.
     Rule("", ("pods",), ("list",)),
     # Events (kopf's poster, e.g. `Replanned`).

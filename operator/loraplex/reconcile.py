@@ -32,6 +32,7 @@ from loraplex.kube import (
     JOBS,
     KIND_OF,
     LORAADAPTERS,
+    NETWORKPOLICIES,
     PODS,
     PVCS,
     SECRETS,
@@ -40,7 +41,14 @@ from loraplex.kube import (
 from loraplex.metrics import ADAPTERS, RECONCILE_SECONDS, RECONCILES
 from loraplex.planner import Plan
 from loraplex.podsync import PodSync, PodTarget, admin_token, ready_pods
-from loraplex.render import DEFAULT_IMAGES, Images, Owner, plan_changes
+from loraplex.render import (
+    DEFAULT_IMAGES,
+    DEFAULT_OPERATOR_PODS,
+    Images,
+    OperatorPods,
+    Owner,
+    plan_changes,
+)
 from loraplex.status import PodView, adapter_status, base_status
 from loraplex.weights import failure_message, loader_state, weights_cache
 from loraplex_server.manifest import AdapterManifest, AdaptersResponse
@@ -110,6 +118,7 @@ class Reconciler:
         *,
         token_key: bytes,
         images: Images = DEFAULT_IMAGES,
+        operator_pods: OperatorPods = DEFAULT_OPERATOR_PODS,
         sync_pods: bool = True,
         on_event: EventSink | None = None,
     ) -> None:
@@ -117,6 +126,7 @@ class Reconciler:
         self.pods = pods
         self.token_key = token_key
         self.images = images
+        self.operator_pods = operator_pods
         self.sync_pods = sync_pods
         self.on_event = on_event or (lambda body, reason, message: None)
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -174,6 +184,7 @@ class Reconciler:
             previous=stored,
             previous_generation=old.manifest_generation,
             images=self.images,
+            operator=self.operator_pods,
             config_json=read_local_config(bm.get("spec")),
         )
         if decision.invalid is not None or decision.spec is None:
@@ -210,6 +221,8 @@ class Reconciler:
                 continue
             if await self._ensure(obj, owner_body=bm):
                 outcome.writes.append(f"{obj['kind']}/{obj['metadata']['name']}")
+        if not spec.network_policy.enabled and await self._retire_networkpolicy(owner):
+            outcome.writes.append(f"-NetworkPolicy/{naming.networkpolicy_name(name)}")
         deployment = await self.kube.get(DEPLOYMENTS, ns, naming.deployment_name(name))
         reports: dict[str, AdaptersResponse | None] = {}
         if self.sync_pods:
@@ -282,6 +295,22 @@ class Reconciler:
             log.info("corrected %s %s/%s", obj["kind"], ns, name)
             return True
         return False
+
+    async def _retire_networkpolicy(self, owner: Owner) -> bool:
+        """spec.networkPolicy.enabled turned off: delete the policy we made earlier (only one
+        whose controller is this BaseModel), so the switch takes effect without a hand edit."""
+        name = naming.networkpolicy_name(owner.name)
+        observed = await self.kube.get(NETWORKPOLICIES, owner.namespace, name)
+        refs = (observed or {}).get("metadata", {}).get("ownerReferences") or []
+        if not any(r.get("controller") and r.get("uid") == owner.uid for r in refs):
+            return False
+        await self.kube.delete(NETWORKPOLICIES, owner.namespace, name)
+        log.info(
+            "deleted NetworkPolicy %s/%s (spec.networkPolicy.enabled is false)",
+            owner.namespace,
+            name,
+        )
+        return True
 
     async def _write_base(
         self, ns: str, name: str, bm: dict[str, Any], status: BaseModelStatus

@@ -1,5 +1,6 @@
-"""Pure rendering of everything a BaseModel owns: Deployment, Service, ConfigMap, Secret, and
-when asked for, the weights PVC and its loader Job, and a PodDisruptionBudget.
+"""Pure rendering of everything a BaseModel owns: Deployment, Service, ConfigMap, Secret,
+(unless turned off) a NetworkPolicy, and when asked for, the weights PVC and its loader Job,
+and a PodDisruptionBudget.
 
 Bulky static YAML lives in jinja2 templates (StrictUndefined, every value through `tojson`);
 this module decides the values. Equal inputs give byte-equal output: args and env are in a
@@ -72,6 +73,35 @@ class Images:
 
 
 DEFAULT_IMAGES = Images()
+
+
+@dataclass(frozen=True)
+class OperatorPods:
+    """Where the operator's own pods run, so each BaseModel's NetworkPolicy admits them (and
+    only them) to the admin port. The chart passes its release namespace and pod labels."""
+
+    namespace: str = "loraplex-system"
+    labels: tuple[tuple[str, str], ...] = (
+        ("app.kubernetes.io/name", "loraplex"),
+        ("app.kubernetes.io/component", "operator"),
+    )
+
+
+DEFAULT_OPERATOR_PODS = OperatorPods()
+
+
+def parse_labels(text: str) -> tuple[tuple[str, str], ...]:
+    """`k=v,k2=v2` (the --operator-pod-labels flag) as sorted pairs; ValueError names the bad
+    item."""
+    pairs = []
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{item!r} is not key=value")
+        pairs.append((key, value))
+    if not pairs:
+        raise ValueError("at least one key=value label is needed")
+    return tuple(sorted(pairs))
 
 
 @dataclass(frozen=True)
@@ -459,6 +489,45 @@ def build_service(owner: Owner) -> dict[str, Any]:
     )
 
 
+def build_networkpolicy(
+    owner: Owner, spec: BaseModelSpec, operator: OperatorPods
+) -> dict[str, Any] | None:
+    """Admin port: the operator's pods only. Public port: anyone, or spec.networkPolicy's
+    peers. None when spec.networkPolicy.enabled is false."""
+    if not spec.network_policy.enabled:
+        return None
+    operator_peer = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": operator.namespace}},
+        "podSelector": {"matchLabels": dict(operator.labels)},
+    }
+    public_from = []
+    for peer in spec.network_policy.public_from:
+        rule: dict[str, Any] = {}
+        if peer.namespace_labels is not None:
+            rule["namespaceSelector"] = {"matchLabels": dict(sorted(peer.namespace_labels.items()))}
+        if peer.pod_labels is not None:
+            rule["podSelector"] = {"matchLabels": dict(sorted(peer.pod_labels.items()))}
+        public_from.append(rule)
+    if public_from:  # the operator polls each pod's GET /v1/adapters on the public port too
+        public_from.insert(0, operator_peer)
+    policy = _render(
+        "networkpolicy.yaml.j2",
+        name=naming.networkpolicy_name(owner.name),
+        namespace=owner.namespace,
+        labels=naming.labels(owner.name),
+        selector=naming.selector_labels(owner.name),
+        owner_refs=owner.refs(),
+        admin_port=naming.ADMIN_PORT,
+        public_port=naming.PUBLIC_PORT,
+        operator_peer=operator_peer,
+        public_from=public_from,
+    )
+    # Drift is "observed lacks something we set", so dropping publicFrom (a rule losing its
+    # `from`) would go unseen; the hash of the whole spec makes every change a visible one.
+    policy["metadata"]["annotations"][naming.SPEC_HASH] = spec_hash(policy["spec"])
+    return policy
+
+
 def manifest_json(manifest: AdapterManifest) -> str:
     return json.dumps(manifest.model_dump(by_alias=True, mode="json"), indent=2, sort_keys=True)
 
@@ -493,12 +562,16 @@ def render_all(
     manifest: AdapterManifest,
     token: str,
     images: Images = DEFAULT_IMAGES,
+    operator: OperatorPods = DEFAULT_OPERATOR_PODS,
     footprint: Footprint | None = None,
 ) -> list[dict[str, Any]]:
-    """Every object the operator applies for one BaseModel, in apply order: the weights PVC
-    and loader Job come before the Deployment, which the operator holds back until the Job
-    has succeeded (see loraplex.weights)."""
+    """Every object the operator applies for one BaseModel, in apply order: the NetworkPolicy
+    before the Deployment, so no pod starts unguarded; the weights PVC and loader Job before
+    the Deployment, which the operator holds back until the Job has succeeded (see
+    loraplex.weights)."""
+    policy = build_networkpolicy(owner, spec, operator)
     objs = [build_secret(owner, token), build_configmap(owner, manifest)]
+    objs += [policy] if policy else []
     cache = weights_cache(owner.name, spec)
     if cache is not None:
         sizing = sizing_for(owner.name, spec, plan, footprint)

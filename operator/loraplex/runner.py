@@ -18,7 +18,7 @@ from loraplex.kube import KubeClient, discover_connection
 from loraplex.metrics import REGISTRY
 from loraplex.podsync import PodSync
 from loraplex.reconcile import Reconciler
-from loraplex.render import DEFAULT_IMAGES, Images
+from loraplex.render import DEFAULT_IMAGES, DEFAULT_OPERATOR_PODS, Images, OperatorPods
 
 log = logging.getLogger("loraplex.operator")
 
@@ -33,6 +33,7 @@ class OperatorOptions:
     peering: str | None = None
     token_key: bytes = field(default=b"", repr=False)
     images: Images = DEFAULT_IMAGES
+    operator_pods: OperatorPods = DEFAULT_OPERATOR_PODS
     log_json: bool = True
     verbose: bool = False
 
@@ -94,7 +95,12 @@ async def run_operator(opts: OperatorOptions, stop: asyncio.Event | None = None)
     pods = PodSync()
     handlers.install(
         Reconciler(
-            kube, pods, token_key=opts.token_key, images=opts.images, on_event=handlers.post_event
+            kube,
+            pods,
+            token_key=opts.token_key,
+            images=opts.images,
+            operator_pods=opts.operator_pods,
+            on_event=handlers.post_event,
         )
     )
     runner = await _metrics_app(opts, stop)

@@ -25,9 +25,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from loraplex.render import DEFAULT_ENGINE_IMAGE, DEFAULT_SERVER_IMAGE
+from loraplex.render import DEFAULT_SERVER_IMAGE
+from loraplex.versions import DEFAULT_ENGINE_IMAGE
 
-from .conftest import CHART, RELEASE_NAMESPACE, Helm, Render
+from .conftest import CHART, RELEASE, RELEASE_NAMESPACE, Helm, Render
 
 pytestmark = pytest.mark.chart
 
@@ -196,6 +197,10 @@ def test_default_operator_command(render: Render) -> None:
         "--log-format=json",
         f"--engine-image={DEFAULT_ENGINE_IMAGE}",
         f"--server-image={DEFAULT_SERVER_IMAGE}",
+        f"--operator-namespace={RELEASE_NAMESPACE}",
+        "--operator-pod-labels=app.kubernetes.io/component=operator,"
+        f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/name=loraplex",
+        "--token-key-file=/etc/loraplex/token-key/key",
     ]
     assert c["image"] == "ghcr.io/loraplex/operator:0.1.0"
 
@@ -234,7 +239,9 @@ def test_custom_values_reach_the_pod(render: Render) -> None:
     assert "--server-image=registry.example/adapter-server:1.2.3" in c["args"]
     assert "--log-level=debug" in c["args"]
     assert c["args"][-1] == "--token-key-file=/etc/loraplex/key"
-    assert c["resources"] == VALUE_SETS["custom"]["resources"]
+    # Helm merges maps: the default CPU limit stays unless set (or set to null).
+    custom = VALUE_SETS["custom"]["resources"]
+    assert c["resources"] == {**custom, "limits": {"cpu": "1", **custom["limits"]}}
     for key in ("nodeSelector", "tolerations", "affinity", "imagePullSecrets"):
         assert pod[key] == VALUE_SETS["custom"][key]
     assert pod["priorityClassName"] == "system-cluster-critical"
@@ -297,14 +304,26 @@ def test_probes_and_metrics_service(render: Render) -> None:
     assert not kinds(objs, "PodMonitor")
 
 
+def token_key_file(objs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The --token-key-file path and the Secret volume that provides it (never an env var)."""
+    c = container(objs)
+    assert not [e for e in c["env"] if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]]
+    [path] = [a.split("=", 1)[1] for a in c["args"] if a.startswith("--token-key-file=")]
+    [mount] = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    assert mount["readOnly"] is True
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return path.removeprefix(mount["mountPath"] + "/"), volume["secret"]
+
+
 def test_token_key_comes_from_chart_secret(render: Render) -> None:
     objs = render()
-    env = {e["name"]: e for e in container(objs)["env"]}
-    ref = env["LORAPLEX_TOKEN_KEY"]["valueFrom"]["secretKeyRef"]
+    key, ref = token_key_file(objs)
+    assert ref["items"] == [{"key": key, "path": key}]
     secret = one(objs, "Secret")
-    assert secret["metadata"]["name"] == ref["name"]
+    assert secret["metadata"]["name"] == ref["secretName"]
     assert secret["metadata"]["namespace"] == RELEASE_NAMESPACE
-    assert len(secret["data"][ref["key"]]) >= 64
+    assert len(secret["data"][key]) >= 64
     # Kept on uninstall, so a reinstall does not invalidate the tokens pods hold.
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
@@ -312,8 +331,8 @@ def test_token_key_comes_from_chart_secret(render: Render) -> None:
 def test_existing_token_secret_is_used_not_created(render: Render) -> None:
     objs = render({"tokenKey": {"existingSecret": "my-key", "secretKey": "k"}})
     assert not kinds(objs, "Secret")
-    env = {e["name"]: e for e in container(objs)["env"]}
-    assert env["LORAPLEX_TOKEN_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "my-key", "key": "k"}
+    key, ref = token_key_file(objs)
+    assert (key, ref["secretName"], ref["items"]) == ("k", "my-key", [{"key": "k", "path": "k"}])
 
 
 BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
@@ -325,6 +344,10 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "privileged-port": ({"metrics": {"port": 80}}, "/metrics/port"),
     "typo-key": ({"replicas": 2}, "replicas"),
     "no-engine-tag": ({"engineImage": {"repository": "x", "tag": ""}}, "/engineImage/tag"),
+    "tag-as-digest": (
+        {"image": {"repository": "x", "tag": "", "digest": "latest"}},
+        "/image/digest",
+    ),
     "sa-without-name": (
         {"serviceAccount": {"create": False, "name": ""}},
         "serviceAccount.name is required",

@@ -4,7 +4,8 @@ Matrix: apply examples -> Deployment/Service/ConfigMap/Secret with the right con
 owners; add/change/delete adapters -> only the manifest changes (no rollout); hand-edited or
 deleted Deployment -> restored; BaseModel deleted -> adapters BaseModelNotFound, re-created ->
 recovered; operator restarted mid-way -> same state, no duplicates; every API call the
-operator made is covered by loraplex.rbac.
+operator made is covered by loraplex.rbac; the NetworkPolicy is owned, corrected, and deleted
+when spec.networkPolicy.enabled turns false (a foreign one of the same name is left alone).
 """
 
 from __future__ import annotations
@@ -22,12 +23,21 @@ import yaml
 from loraplex import naming, rbac
 from loraplex.devtools.emulator import RunningEmulator
 from loraplex.devtools.operator_proc import OperatorProcess
-from loraplex.kube import BASEMODELS, DEPLOYMENTS, LORAADAPTERS, PDBS, SERVICES, KubeClient
+from loraplex.kube import (
+    BASEMODELS,
+    DEPLOYMENTS,
+    LORAADAPTERS,
+    NETWORKPOLICIES,
+    PDBS,
+    SERVICES,
+    KubeClient,
+)
 from tests.operator.conftest import cached_basemodel, eventually, finish_loader_job
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(240)]
 ROOT = Path(__file__).resolve().parents[2]
 NS = "default"
+NETPOL = "networking.k8s.io/v1/networkpolicies"
 
 
 def examples() -> list[dict[str, Any]]:
@@ -100,6 +110,7 @@ async def test_examples_reconcile_into_owned_objects(
         ("v1/secrets", "qwen-14b-admin"),
         ("v1/configmaps", "qwen-14b-adapters"),
         ("apps/v1/deployments", "qwen-14b"),
+        (NETPOL, "qwen-14b"),
     ]:
         obj = one(cluster, res, name)
         assert obj is not None, name
@@ -174,7 +185,8 @@ async def test_adapter_changes_touch_only_the_manifest(
         lambda: adapter_names(cluster, "qwen-14b") == ["sql-expert", "support-bot"],
         what="initial manifest",
     )
-    template = pod_template(cluster, "qwen-14b")
+    # The ConfigMap is written before the Deployment in one pass: wait for both.
+    template = await eventually(lambda: pod_template(cluster, "qwen-14b"), what="deployment")
     gen0 = manifest_of(cluster, "qwen-14b")["generation"]  # type: ignore[index]
 
     new = adapter_obj("chat-helper", "qwen-14b", "s3://adapters-bucket/chat-helper", rank=8)
@@ -289,6 +301,39 @@ async def test_restart_converges_without_duplicates(
     assert manifest_of(cluster, "qwen-14b")["generation"] == after["generation"]  # type: ignore[index]
 
 
+async def exercise_networkpolicy(cluster: RunningEmulator, kube: KubeClient) -> None:
+    """Open the admin port by hand (corrected), then turn the policy off (deleted)."""
+    policy = await eventually(lambda: one(cluster, NETPOL, "qwen-14b"), what="NetworkPolicy")
+    wanted = policy["spec"]["ingress"]
+    await kube.patch(NETWORKPOLICIES, NS, "qwen-14b", {"spec": {"ingress": [{}]}})
+    await eventually(
+        lambda: (one(cluster, NETPOL, "qwen-14b") or {}).get("spec", {}).get("ingress") == wanted,
+        what="NetworkPolicy drift corrected",
+    )
+    await kube.patch(BASEMODELS, NS, "qwen-14b", {"spec": {"networkPolicy": {"enabled": False}}})
+    await eventually(lambda: one(cluster, NETPOL, "qwen-14b") is None, what="policy deleted")
+
+
+async def test_networkpolicy_off_leaves_a_foreign_policy_alone(
+    cluster: RunningEmulator, kube: KubeClient, operator: OperatorProcess
+) -> None:
+    foreign = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "qwen-14b", "namespace": NS, "labels": {"team": "net"}},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+    }
+    await kube.apply(foreign)
+    base, *rest = examples()
+    base["spec"]["networkPolicy"] = {"enabled": False}
+    await apply_all(kube, [base, *rest])
+    await eventually(lambda: adapter_names(cluster, "qwen-14b"), what="manifest")
+    await asyncio.sleep(3)  # the reconciles that followed had their chance to delete it
+    kept = one(cluster, NETPOL, "qwen-14b")
+    assert kept is not None and kept["spec"] == foreign["spec"]
+    assert not kept["metadata"].get("ownerReferences")
+
+
 async def test_rbac_is_exactly_the_calls_the_operator_makes(
     cluster: RunningEmulator, kube: KubeClient, operator: OperatorProcess
 ) -> None:
@@ -314,6 +359,7 @@ async def test_rbac_is_exactly_the_calls_the_operator_makes(
         lambda: one(cluster, "loraplex.io/v1alpha1/loraadapters", "support-bot") is None,
         what="adapter deleted",
     )
+    await exercise_networkpolicy(cluster, kube)
     await eventually(
         lambda: (
             (one(cluster, "v1/services", "qwen-14b") or {}).get("spec", {}).get("type")

@@ -26,7 +26,13 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
 def test_render_prints_what_the_operator_applies(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["render", "-f", str(ROOT / "examples")]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["kind"] for d in docs] == ["Secret", "ConfigMap", "Deployment", "Service"]
+    assert [d["kind"] for d in docs] == [
+        "Secret",
+        "ConfigMap",
+        "NetworkPolicy",
+        "Deployment",
+        "Service",
+    ]
 
 
 def test_render_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

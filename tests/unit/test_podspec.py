@@ -208,6 +208,7 @@ def test_production_example_renders_valid_objects(version: str) -> None:
     assert kinds == [
         "Secret",
         "ConfigMap",
+        "NetworkPolicy",
         "PersistentVolumeClaim",
         "Job",
         "Deployment",
@@ -399,6 +400,7 @@ def test_probes_allow_the_model_load_time() -> None:
         assert deadline >= startup_budget(objs, "vllm") + 600
     vllm = containers(large)["vllm"]
     assert vllm["livenessProbe"]["exec"]["command"] == vllm["startupProbe"]["exec"]["command"]
+    assert vllm["readinessProbe"]["exec"]["command"] == vllm["startupProbe"]["exec"]["command"]
     assert "127.0.0.1:8001/health" in vllm["livenessProbe"]["exec"]["command"][2]
     server = containers(large)["adapter-server"]
     assert server["readinessProbe"]["httpGet"]["path"] == "/readyz"

@@ -42,11 +42,28 @@ app.kubernetes.io/part-of: loraplex
 {{- default (printf "%s-token-key" (include "loraplex.fullname" .)) .Values.tokenKey.existingSecret -}}
 {{- end -}}
 
-{{/* "repository:tag", the tag defaulting to the chart's appVersion. Call with (list image $). */}}
+{{/* "repository:tag", the tag defaulting to the chart's appVersion, with "@digest" appended
+when one is set (the tag then only informs humans). Call with (list image $). */}}
 {{- define "loraplex.image" -}}
 {{- $image := index . 0 -}}
 {{- $root := index . 1 -}}
 {{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) -}}
+{{- with $image.digest }}@{{ . }}{{ end -}}
+{{- end -}}
+
+{{/* The operator pods' selector labels as the k=v,k=v of `--operator-pod-labels`. */}}
+{{- define "loraplex.operatorPodLabels" -}}
+{{- $labels := include "loraplex.selectorLabels" . | fromYaml -}}
+{{- $pairs := list -}}
+{{- range $k := keys $labels | sortAlpha -}}
+{{- $pairs = append $pairs (printf "%s=%s" $k (index $labels $k)) -}}
+{{- end -}}
+{{- join "," $pairs -}}
+{{- end -}}
+
+{{/* The operator's identity in admission requests. */}}
+{{- define "loraplex.serviceAccountUser" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "loraplex.serviceAccountName" .) -}}
 {{- end -}}
 
 {{/* The RBAC rule lists, generated from operator/loraplex/rbac.py into files/rbac.yaml. */}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, JsonValue, WithJsonSchema, field_validator, model_validator
+from pydantic import ConfigDict, Field, JsonValue, WithJsonSchema, field_validator, model_validator
 from pydantic.config import JsonDict
 
 from loraplex.api.common import CEL, Conditions, IntOrAuto, ObjectRef, Wire
@@ -249,6 +249,56 @@ class AdapterVolume(Wire):
     )
 
 
+_LABELS = "matchLabels: every key must be present with this value."
+PEER_CEL: list[JsonValue] = [
+    {
+        "rule": "has(self.namespaceLabels) || has(self.podLabels)",
+        "message": "set namespaceLabels, podLabels or both",
+    }
+]
+
+
+class PublicPeer(Wire):
+    """Clients allowed on the public port: pods matching both selectors (NetworkPolicy peer)."""
+
+    model_config = ConfigDict(json_schema_extra={CEL: PEER_CEL})
+
+    namespace_labels: dict[str, str] | None = Field(
+        default=None,
+        max_length=16,
+        description=f"Namespaces allowed; unset: the BaseModel's own. {_LABELS} "
+        "A namespace's name is its label kubernetes.io/metadata.name.",
+    )
+    pod_labels: dict[str, str] | None = Field(
+        default=None,
+        max_length=16,
+        description=f"Pods allowed; unset: every pod in those namespaces. {_LABELS}",
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> PublicPeer:
+        if self.namespace_labels is None and self.pod_labels is None:
+            raise ValueError("set namespaceLabels, podLabels or both")
+        return self
+
+
+class NetworkPolicySpec(Wire):
+    """A NetworkPolicy for the pods: admin port from the operator only, public port as set."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Render it. Turn off on clusters without a NetworkPolicy engine (there it "
+        "enforces nothing) or when you manage your own.",
+    )
+    public_from: list[PublicPeer] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Who may reach the public port (8000: inference and /metrics). Empty: "
+        "anyone. Set: these peers and the operator's pods (it polls /v1/adapters). The admin "
+        "port (8090) always admits only the operator's pods.",
+    )
+
+
 # --- The pod as a GPU cluster runs it: identity, placement, rollout, weights cache ----------
 # (issue 9; defaults are chosen for EKS/GKE GPU nodes and the official vLLM image)
 
@@ -406,6 +456,7 @@ class BaseModelSpec(Wire):
         default_factory=list, json_schema_extra={"items": _PRESERVE}
     )
     affinity: dict[str, Any] | None = Field(default=None, json_schema_extra=_PRESERVE)
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
     # Issue 9: identity, placement, rollout, weights cache (see the block above).
     service_account_name: str | None = Field(
         default=None,

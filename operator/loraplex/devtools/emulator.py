@@ -42,6 +42,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "v1/services": {"kind": "Service"},
     "v1/configmaps": {"kind": "ConfigMap"},
     "v1/secrets": {"kind": "Secret"},
+    "networking.k8s.io/v1/networkpolicies": {"kind": "NetworkPolicy"},
     "v1/pods": {"kind": "Pod", "subresources": {"status"}},
     "batch/v1/jobs": {"kind": "Job", "subresources": {"status"}},
     "v1/persistentvolumeclaims": {"kind": "PersistentVolumeClaim"},
