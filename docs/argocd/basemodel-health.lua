@@ -10,6 +10,8 @@ local failure_reasons = {
   InvalidSpec = true,
   DeploymentUnavailable = true,
   ArchitectureUnknown = true,
+  WeightsDownloadFailed = true,
+  ProgressDeadlineExceeded = true,
 }
 
 local function condition(status, ctype)

@@ -23,6 +23,7 @@ from loraplex.adapters import (
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.errors import InvalidSpec
 from loraplex.planner import AdapterDemand, Plan, plan_base_model
+from loraplex.planner.footprint import model_footprint
 from loraplex.render import (
     DEFAULT_IMAGES,
     DEFAULT_OPERATOR_PODS,
@@ -88,7 +89,10 @@ def decide(
     decision.manifest = next_manifest(
         owner.name, spec, plan, accepted, previous, previous_generation
     )
-    decision.objects = render_all(owner, spec, plan, decision.manifest, token, images, operator)
+    footprint = model_footprint(spec, plan.max_lora_rank, config_json)
+    decision.objects = render_all(
+        owner, spec, plan, decision.manifest, token, images, operator, footprint=footprint
+    )
     try:
         decision.objects += render_routing(owner, spec, caps)
     except RoutingProblem as exc:

@@ -109,6 +109,7 @@ async def adapter_deleted(body: kopf.Body, namespace: str | None, name: str, **_
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED, id="owned-deployment")
 @kopf.on.event("", "v1", "services", labels=OWNED, id="owned-service")
 @kopf.on.event("", "v1", "configmaps", labels=OWNED, id="owned-configmap")
+@kopf.on.event("batch", "v1", "jobs", labels=OWNED, id="owned-job")
 async def owned_changed(body: kopf.Body, **_: Any) -> None:
     """An owned object changed or vanished (by hand, or its pods' readiness): converge now."""
     labels = body.get("metadata", {}).get("labels", {}) or {}

@@ -47,6 +47,9 @@ SERVICES = ResourceKind("", "v1", "services")
 CONFIGMAPS = ResourceKind("", "v1", "configmaps")
 SECRETS = ResourceKind("", "v1", "secrets")
 PODS = ResourceKind("", "v1", "pods")
+JOBS = ResourceKind("batch", "v1", "jobs")
+PVCS = ResourceKind("", "v1", "persistentvolumeclaims")
+PDBS = ResourceKind("policy", "v1", "poddisruptionbudgets")
 NETWORKPOLICIES = ResourceKind("networking.k8s.io", "v1", "networkpolicies")
 BASEMODELS = ResourceKind("loraplex.io", "v1alpha1", "basemodels")
 LORAADAPTERS = ResourceKind("loraplex.io", "v1alpha1", "loraadapters")
@@ -57,6 +60,9 @@ KIND_OF: dict[str, ResourceKind] = {
     "ConfigMap": CONFIGMAPS,
     "Secret": SECRETS,
     "Pod": PODS,
+    "Job": JOBS,
+    "PersistentVolumeClaim": PVCS,
+    "PodDisruptionBudget": PDBS,
     "NetworkPolicy": NETWORKPOLICIES,
     "BaseModel": BASEMODELS,
     "LoRAAdapter": LORAADAPTERS,

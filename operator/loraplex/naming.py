@@ -37,6 +37,14 @@ def secret_name(base: str) -> str:
     return f"{base}-admin"
 
 
+def weights_claim_name(base: str) -> str:
+    return f"{base}-weights"
+
+
+def pdb_name(base: str) -> str:
+    return base
+
+
 def networkpolicy_name(base: str) -> str:
     return base
 
@@ -47,6 +55,16 @@ def selector_labels(base: str) -> dict[str, str]:
 
 def labels(base: str) -> dict[str, str]:
     return {**selector_labels(base), "app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+def loader_labels(base: str) -> dict[str, str]:
+    """The weights loader Job and its pod: never matched by the Deployment's, Service's or
+    PDB's selector (a loader pod must not receive traffic or manifests)."""
+    return {
+        "app.kubernetes.io/name": "loraplex-weights-loader",
+        BASE_LABEL: base,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
 
 
 def endpoint(base: str, namespace: str) -> str:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraplex import naming
+from loraplex import API_GROUP, naming
 from loraplex.adapters import Verdict
-from loraplex.api.basemodel import AdapterCounts, BaseModelStatus
+from loraplex.api.basemodel import AdapterCounts, BaseModelStatus, WeightsStatus
 from loraplex.api.loraadapter import LoRAAdapterStatus
 from loraplex.decide import decide
 from loraplex.diff import drifted
@@ -29,10 +29,12 @@ from loraplex.kube import (
     BASEMODELS,
     CONFIGMAPS,
     DEPLOYMENTS,
+    JOBS,
     KIND_OF,
     LORAADAPTERS,
     NETWORKPOLICIES,
     PODS,
+    PVCS,
     SECRETS,
     KubeClient,
 )
@@ -49,6 +51,7 @@ from loraplex.render import (
     replan_message,
 )
 from loraplex.status import PodView, adapter_status, base_status
+from loraplex.weights import failure_message, loader_state, weights_cache
 from loraplex_server.manifest import AdapterManifest, AdaptersResponse
 
 log = logging.getLogger("loraplex.reconcile")
@@ -208,7 +211,15 @@ class Reconciler:
             await self._write_adapters(ns, live, verdicts, {}, None)
             outcome.result = "infeasible"
             return outcome
+        weights: WeightsStatus | None = None
         for obj in decision.objects:
+            if obj["kind"] == "Job":
+                weights = await self._ensure_loader(ns, name, spec, obj, outcome)
+                continue
+            if obj["kind"] == "Deployment" and weights is not None and weights.phase != "Ready":
+                # Held back until the weights are cached: a pod started now would find an
+                # empty folder. A running Deployment keeps serving its current weights.
+                continue
             if await self._ensure(obj, owner_body=bm, plan=plan):
                 outcome.writes.append(f"{obj['kind']}/{obj['metadata']['name']}")
         if not spec.network_policy.enabled and await self._retire_networkpolicy(owner):
@@ -231,9 +242,30 @@ class Reconciler:
             adapters=counts,
             endpoint=naming.endpoint(name, ns),
             manifest_generation=manifest.generation,
+            weights=weights,
         )
         await self._write_base(ns, name, bm, status)
         return outcome
+
+    async def _ensure_loader(
+        self, ns: str, name: str, spec: Any, job: dict[str, Any], outcome: Outcome
+    ) -> WeightsStatus:
+        """Create the loader Job once (it is never patched: its name follows its content) and
+        report the weights' state from it."""
+        cache = weights_cache(name, spec)
+        assert cache is not None  # a Job is rendered only for a cache
+        observed = await self.kube.get(JOBS, ns, cache.job_name)
+        if observed is None:
+            await self.kube.create(JOBS, ns, job)
+            outcome.writes.append(f"Job/{cache.job_name}")
+            log.info("created Job %s/%s", ns, cache.job_name)
+        annotations = job["metadata"].get("annotations") or {}
+        expected = int(annotations.get(f"{API_GROUP}/expected-bytes", 0)) or None
+        why = None
+        if observed is not None and (observed.get("status") or {}).get("failed"):
+            pods = await self.kube.list(PODS, ns, naming.loader_labels(name))
+            why = failure_message(pods, cache.job_name)
+        return loader_state(cache, observed, expected, why)
 
     async def _ensure(
         self, obj: dict[str, Any], *, owner_body: dict[str, Any], plan: Plan | None = None
@@ -250,6 +282,8 @@ class Reconciler:
             await self.kube.create(kind, ns, obj)
             log.info("created %s %s/%s", obj["kind"], ns, name)
             return True
+        if kind is PVCS:  # its spec is immutable once bound: created once, never corrected
+            return False
         if drifted(obj, observed):
             changes = plan_changes(observed, obj) if kind is DEPLOYMENTS else []
             if changes:

@@ -1,5 +1,6 @@
-"""Pure rendering of everything a BaseModel owns: Deployment, Service, ConfigMap, Secret and
-(unless turned off) a NetworkPolicy.
+"""Pure rendering of everything a BaseModel owns: Deployment, Service, ConfigMap, Secret,
+(unless turned off) a NetworkPolicy, and when asked for, the weights PVC and its loader Job,
+and a PodDisruptionBudget.
 
 Bulky static YAML lives in jinja2 templates (StrictUndefined, every value through `tojson`);
 this module decides the values. Equal inputs give byte-equal output: args and env are in a
@@ -12,17 +13,20 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jinja2
 import yaml
 
-from loraplex import API_GROUP, API_VERSION, naming
+from loraplex import API_GROUP, API_VERSION, naming, pod, weights_loader
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.planner import Plan, vllm_flags
+from loraplex.planner.footprint import Footprint
 from loraplex.routing import ALL_APIS, Capabilities, build_routing_objects
+from loraplex.sizing import PROBE_PERIOD_SECONDS, SCRATCH_LIMIT, PodSizing, pod_sizing
 from loraplex.versions import DEFAULT_ENGINE_IMAGE
+from loraplex.weights import WEIGHTS_MOUNT, WeightsCache, weights_cache
 from loraplex_server.manifest import AdapterManifest
 from loraplex_server.source_uri import parse_source_uri
 
@@ -112,15 +116,35 @@ class ModelLocation:
     extra_args: tuple[str, ...] = ()
 
 
-def model_location(spec: BaseModelSpec) -> ModelLocation:
-    """Map spec.model.source to what vLLM is started with."""
+def model_location(spec: BaseModelSpec, cache: WeightsCache | None = None) -> ModelLocation:
+    """Map spec.model.source to what vLLM is started with.
+
+    hf:// without a cache downloads into the `weights` emptyDir (HF_HOME points there); with a
+    cache, every source reads the loader Job's folder on the PVC, read-only.
+    """
     source = spec.model.source
+    if cache is not None:
+        return ModelLocation(
+            cache.model_path,
+            None,
+            volumes=(
+                {
+                    "name": "weights",
+                    "persistentVolumeClaim": {"claimName": cache.claim_name, "readOnly": True},
+                },
+            ),
+            mounts=({"name": "weights", "mountPath": WEIGHTS_MOUNT, "readOnly": True},),
+        )
     if source.startswith("/"):
         return ModelLocation(source, None)
     uri = parse_source_uri(source)
     if uri.scheme == "hf":
         repo = uri.authority if not uri.path else f"{uri.authority}/{uri.path}"
-        return ModelLocation(repo, spec.model.revision)
+        return ModelLocation(
+            repo,
+            spec.model.revision,
+            mounts=({"name": "weights", "mountPath": WEIGHTS_MOUNT},),
+        )
     if uri.scheme == "pvc":
         mount = f"{naming.MODEL_ROOT}/{uri.authority}"
         return ModelLocation(
@@ -134,7 +158,8 @@ def model_location(spec: BaseModelSpec) -> ModelLocation:
             ),
             mounts=({"name": "model", "mountPath": mount, "readOnly": True},),
         )
-    # s3:// and https:// base weights are streamed by vLLM's Run:ai model streamer.
+    # s3:// weights are streamed straight into GPU memory by vLLM's Run:ai model streamer
+    # (https:// is refused by the spec: no vLLM loader reads a plain URL).
     return ModelLocation(source, None, extra_args=("--load-format", "runai_streamer"))
 
 
@@ -144,7 +169,7 @@ def served_name(name: str, spec: BaseModelSpec) -> str:
 
 def vllm_args(name: str, spec: BaseModelSpec, plan: Plan) -> list[str]:
     """vLLM's arguments: fixed wiring, then the planner's flags, then the user's extras."""
-    loc = model_location(spec)
+    loc = model_location(spec, weights_cache(name, spec))
     args = [
         "--model",
         loc.model_arg,
@@ -184,31 +209,38 @@ def server_args() -> list[str]:
     ]
 
 
-def _vllm_env(spec: BaseModelSpec) -> list[dict[str, Any]]:
+def _vllm_env(spec: BaseModelSpec, loc: ModelLocation) -> list[dict[str, Any]]:
     fixed = {
+        **pod.writable_env(),
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-        "HOME": "/tmp",
-        # The adapter cache is read-only for vLLM; base weights from hf:// go to the writable
-        # scratch volume instead (use a pvc:// source to keep them across restarts).
-        "HF_HOME": "/tmp/hf",
         "VLLM_NO_USAGE_STATS": "1",
     }
-    user = [e.dump() for e in spec.engine.env]
-    user_names = {e["name"] for e in user}
-    env = [{"name": k, "value": v} for k, v in sorted(fixed.items()) if k not in user_names]
-    return env + sorted(user, key=lambda e: e["name"])
+    if any(m["name"] == "weights" and not m.get("readOnly") for m in loc.mounts):
+        # hf:// without a cache: the download goes to the sized `weights` emptyDir.
+        fixed["HF_HOME"] = f"{WEIGHTS_MOUNT}/hf"
+    return pod.env_list(fixed, [e.dump() for e in spec.engine.env])
 
 
-def _gpu_resources(spec: BaseModelSpec) -> dict[str, Any]:
-    res: dict[str, Any] = json.loads(json.dumps(spec.engine.resources or {}))
-    limits = res.setdefault("limits", {})
-    limits[spec.gpu.resource_name] = spec.gpu.count
-    requests = res.setdefault("requests", {})
-    requests[spec.gpu.resource_name] = spec.gpu.count
+def _vllm_resources(spec: BaseModelSpec, sizing: PodSizing) -> dict[str, Any]:
+    """Requests from the plan; no CPU limit (throttling stalls the engine's scheduling loop)
+    and no memory limit (weight loading peaks above the steady state; an OOM kill there is a
+    restart loop), only the GPU limit, which the device plugin needs."""
+    derived = {
+        "requests": {
+            "cpu": sizing.cpu_request,
+            "memory": sizing.memory_request,
+            "ephemeral-storage": sizing.ephemeral_request,
+        },
+    }
+    res = pod.merge(derived, spec.engine.resources)
+    res.setdefault("limits", {})[spec.gpu.resource_name] = spec.gpu.count
+    res.setdefault("requests", {})[spec.gpu.resource_name] = spec.gpu.count
     return res
 
 
-def _volumes(spec: BaseModelSpec, name: str, loc: ModelLocation) -> list[dict[str, Any]]:
+def _volumes(
+    spec: BaseModelSpec, name: str, loc: ModelLocation, sizing: PodSizing
+) -> list[dict[str, Any]]:
     cache: dict[str, Any]
     if spec.adapter_cache.claim_name:
         cache = {
@@ -224,8 +256,8 @@ def _volumes(spec: BaseModelSpec, name: str, loc: ModelLocation) -> list[dict[st
             "name": "admin-token",
             "secret": {"secretName": naming.secret_name(name), "defaultMode": 0o440},
         },
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": sizing.shm_size}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": SCRATCH_LIMIT}},
     ]
     for vol in spec.adapter_volumes:
         vols.append(
@@ -234,6 +266,8 @@ def _volumes(spec: BaseModelSpec, name: str, loc: ModelLocation) -> list[dict[st
                 "persistentVolumeClaim": {"claimName": vol.claim_name, "readOnly": True},
             }
         )
+    if loc.mounts and not loc.volumes:  # hf:// without a cache: a sized emptyDir
+        vols.append({"name": "weights", "emptyDir": {"sizeLimit": sizing.weights_volume}})
     return vols + list(loc.volumes)
 
 
@@ -258,11 +292,25 @@ def _render(template: str, **values: Any) -> dict[str, Any]:
     return out
 
 
+def sizing_for(
+    name: str, spec: BaseModelSpec, plan: Plan, footprint: Footprint | None
+) -> PodSizing:
+    cache = weights_cache(name, spec)
+    in_pod = cache is None and spec.model.source.startswith("hf://")
+    return pod_sizing(spec, plan, footprint or Footprint(None, None), downloads_in_pod=in_pod)
+
+
 def build_deployment(
-    owner: Owner, spec: BaseModelSpec, plan: Plan, images: Images
+    owner: Owner,
+    spec: BaseModelSpec,
+    plan: Plan,
+    images: Images,
+    footprint: Footprint | None = None,
 ) -> dict[str, Any]:
     """The Deployment: vLLM on localhost plus the adapter-server in front of it."""
-    loc = model_location(spec)
+    loc = model_location(spec, weights_cache(owner.name, spec))
+    sizing = sizing_for(owner.name, spec, plan, footprint)
+    place = pod.placement(spec)
     cache_mount = {"name": "adapter-cache", "mountPath": naming.CACHE_DIR}
     deployment = _render(
         "deployment.yaml.j2",
@@ -272,40 +320,54 @@ def build_deployment(
         selector=naming.selector_labels(owner.name),
         owner_refs=owner.refs(),
         replicas=spec.replicas,
-        pod_annotations={},
-        node_selector=dict(sorted(spec.node_selector.items())),
-        tolerations=spec.tolerations,
-        affinity=spec.affinity,
+        progress_deadline_seconds=sizing.progress_deadline_seconds,
+        strategy=pod.strategy(spec),
+        pod_labels={**spec.pod_labels, **naming.labels(owner.name)},
+        pod_annotations=dict(sorted(spec.pod_annotations.items())),
+        service_account_name=spec.service_account_name,
+        termination_grace_period_seconds=spec.rollout.termination_grace_period_seconds,
+        pod_security=pod.pod_security(spec),
+        runtime_class_name=spec.runtime_class_name,
+        priority_class_name=spec.priority_class_name,
+        image_pull_secrets=pod.image_pull_secrets(spec),
+        node_selector=place.node_selector,
+        tolerations=place.tolerations,
+        affinity=place.affinity,
         engine_image=spec.engine.image or images.engine,
         vllm_command=VLLM_COMMAND,
         vllm_args=vllm_args(owner.name, spec, plan),
-        vllm_env=_vllm_env(spec),
-        vllm_resources=_gpu_resources(spec),
+        vllm_env=_vllm_env(spec, loc),
+        vllm_resources=_vllm_resources(spec, sizing),
+        vllm_probe=pod.VLLM_HEALTH_PROBE,
+        probe_period=PROBE_PERIOD_SECONDS,
+        startup_failures=sizing.startup_failure_threshold,
+        vllm_pre_stop=pod.vllm_pre_stop(spec),
+        vllm_security=spec.engine.security_context or pod.VLLM_SECURITY,
         vllm_mounts=[
             {**cache_mount, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "tmp", "mountPath": pod.SCRATCH},
             *_adapter_mounts(spec),
             *loc.mounts,
         ],
         server_image=spec.server.image or images.server,
         server_args=server_args(),
-        credentials_secret=(
-            spec.credentials.secret_ref.name if spec.credentials.secret_ref else None
-        ),
-        cache_dir=naming.CACHE_DIR,
+        server_env=pod.server_env(),
+        server_pre_stop=["sleep", str(spec.rollout.pre_stop_seconds)],
+        credentials_secret=pod.credentials(spec),
         public_port=naming.PUBLIC_PORT,
         admin_port=naming.ADMIN_PORT,
         server_resources=spec.server.resources
         or {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        server_security=spec.server.security_context or pod.SERVER_SECURITY,
         server_mounts=[
             cache_mount,
             {"name": "manifest", "mountPath": naming.MANIFEST_DIR, "readOnly": True},
             {"name": "admin-token", "mountPath": naming.ADMIN_DIR, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "tmp", "mountPath": pod.SCRATCH},
             *_adapter_mounts(spec),
         ],
-        volumes=_volumes(spec, owner.name, loc),
+        volumes=_volumes(spec, owner.name, loc, sizing),
     )
     template = deployment["spec"]["template"]
     template["metadata"]["annotations"][naming.SPEC_HASH] = spec_hash(template["spec"])
@@ -314,6 +376,80 @@ def build_deployment(
         # fight it (a create starts at the API default, 1; KEDA may take it to 0).
         del deployment["spec"]["replicas"]
     return deployment
+
+
+def build_weights_claim(
+    owner: Owner, spec: BaseModelSpec, cache: WeightsCache, sizing: PodSizing
+) -> dict[str, Any]:
+    """The PVC the operator creates for the weights (only when weightsCache names none)."""
+    assert spec.weights_cache is not None
+    return _render(
+        "pvc.yaml.j2",
+        name=cache.claim_name,
+        namespace=owner.namespace,
+        labels=naming.labels(owner.name),
+        owner_refs=owner.refs(),
+        access_modes=spec.weights_cache.access_modes,
+        storage_class_name=spec.weights_cache.storage_class_name,
+        size=spec.weights_cache.size or sizing.weights_volume,
+    )
+
+
+def loader_script() -> str:
+    """The loader Job's program: loraplex.weights_loader's source, run with `python3 -c`."""
+    return Path(weights_loader.__file__).read_text()
+
+
+def build_loader_job(
+    owner: Owner,
+    spec: BaseModelSpec,
+    cache: WeightsCache,
+    sizing: PodSizing,
+    images: Images,
+) -> dict[str, Any]:
+    """The Job that fills the cache folder once; its name changes with the source/revision."""
+    assert spec.weights_cache is not None
+    place = pod.placement(spec)
+    return _render(
+        "job.yaml.j2",
+        name=cache.job_name,
+        namespace=owner.namespace,
+        labels=naming.loader_labels(owner.name),
+        annotations={f"{API_GROUP}/expected-bytes": str(sizing.checkpoint_bytes)},
+        owner_refs=owner.refs(),
+        active_deadline_seconds=sizing.loader_deadline_seconds,
+        service_account_name=spec.service_account_name,
+        pod_security=pod.pod_security(spec),
+        priority_class_name=spec.priority_class_name,
+        image_pull_secrets=pod.image_pull_secrets(spec),
+        node_selector=place.node_selector,
+        tolerations=place.tolerations,
+        affinity=place.affinity,
+        image=spec.weights_cache.loader_image or spec.engine.image or images.engine,
+        script=loader_script(),
+        args=[spec.model.source, spec.model.revision or "", cache.model_path],
+        credentials_secret=pod.credentials(spec),
+        env=pod.env_list({**pod.writable_env(), "HF_HUB_DISABLE_TELEMETRY": "1"}, []),
+        mounts=[
+            {"name": "weights", "mountPath": WEIGHTS_MOUNT},
+            {"name": "tmp", "mountPath": pod.SCRATCH},
+        ],
+        volumes=[
+            {"name": "weights", "persistentVolumeClaim": {"claimName": cache.claim_name}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": SCRATCH_LIMIT}},
+        ],
+    )
+
+
+def build_pdb(owner: Owner) -> dict[str, Any]:
+    return _render(
+        "pdb.yaml.j2",
+        name=naming.pdb_name(owner.name),
+        namespace=owner.namespace,
+        labels=naming.labels(owner.name),
+        owner_refs=owner.refs(),
+        selector=naming.selector_labels(owner.name),
+    )
 
 
 PLANNED_FLAGS = (
@@ -445,18 +581,25 @@ def render_all(
     token: str,
     images: Images = DEFAULT_IMAGES,
     operator: OperatorPods = DEFAULT_OPERATOR_PODS,
+    footprint: Footprint | None = None,
 ) -> list[dict[str, Any]]:
-    """Every object the operator applies for one BaseModel, in apply order (the
-    NetworkPolicy before the Deployment, so no pod starts unguarded; routing and autoscaling
-    objects come from `render_routing`, which may find an API missing)."""
+    """Every object the operator applies for one BaseModel, in apply order: the NetworkPolicy
+    before the Deployment, so no pod starts unguarded; the weights PVC and loader Job before
+    the Deployment, which the operator holds back until the Job has succeeded (see
+    loraplex.weights)."""
     policy = build_networkpolicy(owner, spec, operator)
-    return [
-        build_secret(owner, token),
-        build_configmap(owner, manifest),
-        *([policy] if policy else []),
-        build_deployment(owner, spec, plan, images),
-        build_service(owner),
-    ]
+    objs = [build_secret(owner, token), build_configmap(owner, manifest)]
+    objs += [policy] if policy else []
+    cache = weights_cache(owner.name, spec)
+    if cache is not None:
+        sizing = sizing_for(owner.name, spec, plan, footprint)
+        if cache.create_claim:
+            objs.append(build_weights_claim(owner, spec, cache, sizing))
+        objs.append(build_loader_job(owner, spec, cache, sizing, images))
+    objs += [build_deployment(owner, spec, plan, images, footprint), build_service(owner)]
+    if spec.replicas > 1 or (spec.autoscaling.enabled and spec.autoscaling.max_replicas > 1):
+        objs.append(build_pdb(owner))
+    return objs
 
 
 def render_routing(

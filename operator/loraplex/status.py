@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraplex.adapters import Verdict
-from loraplex.api.basemodel import AdapterCounts, BaseModelStatus
+from loraplex.api.basemodel import AdapterCounts, BaseModelStatus, WeightsStatus
 from loraplex.api.common import Condition
 from loraplex.api.loraadapter import LoRAAdapterStatus, PodAdapterState, ReplicaCounts
 from loraplex.conditions import set_condition
@@ -42,9 +42,11 @@ def base_status(
     adapters: AdapterCounts | None = None,
     endpoint: str | None = None,
     manifest_generation: int | None = None,
+    weights: WeightsStatus | None = None,
 ) -> BaseModelStatus:
     """The BaseModel's status after one reconcile."""
     st = old.model_copy(deep=True)
+    st.weights = weights
     st.observed_generation = generation
     if adapters is not None:
         st.adapters = adapters
@@ -92,16 +94,42 @@ def base_status(
     else:
         phase, ok, reason = "Deploying", False, "DeploymentProgressing"
         msg = f"0/{replicas} replicas ready: vLLM is starting (loading weights takes minutes)"
+        if _deadline_exceeded(deployment):
+            reason = "ProgressDeadlineExceeded"
+            msg = (
+                f"0/{replicas} replicas ready after spec.rollout.progressDeadlineSeconds: see "
+                "`kubectl describe pod` (no node with a free GPU of this product? a failing "
+                "startup probe?)"
+            )
+    progressing = not ok and phase == "Deploying" and reason != "ProgressDeadlineExceeded"
+    progress_reason, progress_msg = (reason if not ok else "Ready"), msg
+    if weights is not None and weights.phase != "Ready":
+        # Pods wait for the loader Job; a serving Deployment keeps serving meanwhile.
+        failed = weights.phase == "Failed"
+        progressing = not failed
+        progress_reason = "WeightsDownloadFailed" if failed else "DownloadingWeights"
+        progress_msg = weights.message
+        if phase == "Deploying":
+            phase = "Failed" if failed else "Downloading"
+            reason, msg = progress_reason, progress_msg
     st.phase = phase  # type: ignore[assignment]
     st.conditions = _conds(
         st.conditions,
         generation,
         ("Planned", True, plan_reason, plan_message),
-        ("Progressing", not ok and phase == "Deploying", reason if not ok else "Ready", msg),
+        ("Progressing", progressing, progress_reason, progress_msg),
         ("Degraded", phase == "Degraded", reason if phase == "Degraded" else "AsExpected", msg),
         ("Ready", ok, reason, msg),
     )
     return st
+
+
+def _deadline_exceeded(deployment: Mapping[str, Any] | None) -> bool:
+    conds = ((deployment or {}).get("status") or {}).get("conditions") or []
+    return any(
+        c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
+        for c in conds
+    )
 
 
 @dataclass(frozen=True)

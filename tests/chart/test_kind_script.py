@@ -6,6 +6,9 @@ Matrix:
 - every YAML document it applies, with its shell variables filled in, is valid: PV/PVC by
   the Kubernetes schemas, BaseModel/LoRAAdapter specs by loraplex's own models, and the
   BaseModel plans (the planner finds it feasible) in both model modes;
+- the BaseModel renders (operator's own `decide`) into objects the Kubernetes schemas accept,
+  with the weights cache (PVC + loader Job) in hf mode and none in tiny mode, and values the
+  script checks (the PVC name, uid 10001, vLLM's --model under the cache mount);
 - the chart values it sets exist in values.yaml.
 """
 
@@ -33,8 +36,16 @@ SHELL_VARS = {
     "MAX_MODEL_LEN": "1024",
 }
 MODES = {
-    "hf": {"BASE_SOURCE": "hf://Qwen/Qwen2.5-0.5B-Instruct", "MAX_MODEL_LEN": "1024"},
-    "tiny": {"BASE_SOURCE": "pvc://e2e-models/base", "MAX_MODEL_LEN": "256"},
+    "hf": {
+        "BASE_SOURCE": "hf://Qwen/Qwen2.5-0.5B-Instruct",
+        "MAX_MODEL_LEN": "1024",
+        "WEIGHTS_CACHE": "{}",
+    },
+    "tiny": {
+        "BASE_SOURCE": "pvc://e2e-models/base",
+        "MAX_MODEL_LEN": "256",
+        "WEIGHTS_CACHE": "null",
+    },
 }
 
 
@@ -113,3 +124,45 @@ def test_chart_values_it_sets_exist() -> None:
         for part in key.split("."):
             assert isinstance(node, dict) and part in node, f"e2e.sh sets unknown value {key}"
             node = node[part]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rendered_objects_match_what_the_script_checks(mode: str) -> None:
+    from loraplex.decide import decide
+    from loraplex.render import Owner
+
+    docs = applied_documents({**SHELL_VARS, **MODES[mode]})
+    base = next(d for d in docs if d["kind"] == "BaseModel")
+    adapters = [d for d in docs if d["kind"] == "LoRAAdapter"]
+    owner = Owner(base["metadata"]["name"], base["metadata"]["namespace"], "")
+    decision = decide(owner, base["spec"], adapters, token="t", previous=None)
+    assert decision.invalid is None, decision.invalid
+    objs = {o["kind"]: o for o in decision.objects}
+    for obj in objs.values():
+        kubernetes_validate.validate(obj, "1.30.0", strict=True)
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert objs["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
+    vllm = pod["containers"][0]
+    assert vllm["resources"]["requests"]["memory"] == "3Gi", "the script's request wins"
+    if mode == "hf":
+        assert objs["PersistentVolumeClaim"]["metadata"]["name"] == "base-weights"
+        assert "Job" in objs
+        assert vllm["args"][vllm["args"].index("--model") + 1].startswith("/mnt/loraplex/weights/")
+    else:
+        assert "Job" not in objs and "PersistentVolumeClaim" not in objs
+
+
+def test_vllm_image_is_the_tested_release() -> None:
+    from loraplex.versions import VLLM_VERSION
+
+    text = SCRIPT.read_text()
+    assert "vllm-cpu-release-repo:v${VLLM_VERSION}" in text
+    found = subprocess.run(
+        ["sed", "-n", r's/^VLLM_VERSION = "\(.*\)"/\1/p', "operator/loraplex/versions.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert found == VLLM_VERSION, "the script's sed no longer finds the version"

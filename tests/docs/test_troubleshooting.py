@@ -27,6 +27,9 @@ BASEMODEL_REASONS = {
     "DeploymentUnavailable",
     "ArchitectureUnknown",
     "ScaledToZero",
+    "DownloadingWeights",
+    "WeightsDownloadFailed",
+    "ProgressDeadlineExceeded",
 }
 ADAPTER_REASONS = {
     "BaseModelNotFound",

@@ -4,7 +4,11 @@
 #   1. a LoRAAdapter becomes Ready (`kubectl wait --for=condition=Ready lora/...`),
 #   2. a completion through the BaseModel's Service with "model": <adapter> succeeds and differs
 #      from the base's,
-#   3. hot add: a second adapter becomes Ready and serves WITHOUT a Deployment rollout.
+#   3. hot add: a second adapter becomes Ready and serves WITHOUT a Deployment rollout,
+#   4. (hf mode) the weights cache: a PVC and a loader Job download the model once, the
+#      Deployment appears only after the Job has succeeded, and vLLM reads the PVC.
+# The pod runs as the rendered uid (10001, no passwd entry in the image) with the rendered
+# caches, probes and preStop hooks, as on a GPU cluster.
 # Needs docker and kind (and network access to pull images and the model). It cannot run on
 # machines without a container engine; see tests/kind/README.md.
 #
@@ -22,8 +26,11 @@ SYSTEM_NAMESPACE="${SYSTEM_NAMESPACE:-loraplex-system}"
 TAG="${TAG:-e2e}"
 OPERATOR_IMAGE="loraplex/operator:${TAG}"
 SERVER_IMAGE="loraplex/adapter-server:${TAG}"
-# vLLM's official x86-64 CPU build (see docs.vllm.ai, "CPU" installation). Pin the tag you test.
-VLLM_CPU_IMAGE="${VLLM_CPU_IMAGE:-public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.11.0}"
+# vLLM's official x86-64 CPU build (see docs.vllm.ai, "CPU" installation), at the release the
+# rest of the tests run (operator/loraplex/versions.py, read the way the Makefile reads it).
+VLLM_VERSION="$(sed -n 's/^VLLM_VERSION = "\(.*\)"/\1/p' operator/loraplex/versions.py)"
+[ -n "$VLLM_VERSION" ] || { echo "e2e: no VLLM_VERSION in operator/loraplex/versions.py" >&2; exit 1; }
+VLLM_CPU_IMAGE="${VLLM_CPU_IMAGE:-public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v${VLLM_VERSION}}"
 E2E_MODEL="${E2E_MODEL:-hf}"          # hf: Qwen2.5-0.5B-Instruct from Hugging Face; tiny: generated
 HF_BASE="${HF_BASE:-Qwen/Qwen2.5-0.5B-Instruct}"
 KIND_NODE_IMAGE="${KIND_NODE_IMAGE:-}"  # empty: kind's default node image
@@ -52,7 +59,7 @@ cleanup() {
   [ -n "$PF_PID" ] && kill "$PF_PID" 2>/dev/null || true
   if [ "$rc" -ne 0 ]; then
     log "FAILED (exit $rc): state for debugging"
-    kubectl get bm,lora,deploy,pods -A -o wide 2>/dev/null || true
+    kubectl get bm,lora,deploy,jobs,pvc,pods -A -o wide 2>/dev/null || true
     kubectl -n "$NAMESPACE" describe bm 2>/dev/null | tail -40 || true
     kubectl -n "$NAMESPACE" get lora -o yaml 2>/dev/null | sed -n '/^  status:/,/^- /p' | head -80 || true
     kubectl -n "$SYSTEM_NAMESPACE" logs deploy/loraplex --tail=80 2>/dev/null || true
@@ -123,9 +130,11 @@ chmod -R a+rX "$MODELS_DIR"
 if [ "$E2E_MODEL" = "tiny" ]; then
   BASE_SOURCE="pvc://e2e-models/base"
   MAX_MODEL_LEN=256
+  WEIGHTS_CACHE="null"                  # a pvc:// model is already local: no cache
 else
   BASE_SOURCE="hf://$HF_BASE"
   MAX_MODEL_LEN=1024
+  WEIGHTS_CACHE="{}"                    # a PVC from kind's default (local-path) class + a loader Job
 fi
 
 # --- cluster ----------------------------------------------------------------------------------
@@ -216,11 +225,16 @@ spec:
     maxLoras: 2
     maxLoraRank: 8
     maxCpuLoras: 4
+  weightsCache: $WEIGHTS_CACHE
   engine:
     env:
       - {name: VLLM_CPU_KVCACHE_SPACE, value: "1"}
+    # Over the plan-derived requests (sized for GPU nodes), so the pod fits a laptop's kind node.
     resources:
       requests: {cpu: "1", memory: 3Gi}
+  # One kind node: no spare capacity for a surge pod during a rollout.
+  rollout:
+    strategy: Recreate
   adapterVolumes:
     - claimName: e2e-models
 ---
@@ -238,9 +252,27 @@ YAMLEOF
 
 log "waiting for the BaseModel (vLLM on CPU: pulling the image and loading take minutes)"
 kubectl -n "$NAMESPACE" wait --for=condition=Planned bm/base --timeout=2m
+if [ "$E2E_MODEL" != "tiny" ]; then
+  log "weights cache: the loader Job fills the PVC before the Deployment exists"
+  kubectl -n "$NAMESPACE" wait --for=jsonpath='{.status.weights.job}' bm/base --timeout=2m >/dev/null 2>&1 || true
+  JOB="$(kubectl -n "$NAMESPACE" get bm base -o jsonpath='{.status.weights.job}')"
+  [ -n "$JOB" ] || die "no loader Job in status.weights"
+  kubectl -n "$NAMESPACE" get pvc base-weights >/dev/null || die "the weights PVC was not created"
+  if ! kubectl -n "$NAMESPACE" get job "$JOB" -o jsonpath='{.status.succeeded}' | grep -q 1; then
+    kubectl -n "$NAMESPACE" get deploy base >/dev/null 2>&1 \
+      && die "the Deployment exists before the loader Job succeeded"
+  fi
+  kubectl -n "$NAMESPACE" wait --for=condition=Complete "job/$JOB" --timeout=20m
+  [ "$(kubectl -n "$NAMESPACE" get bm base -o jsonpath='{.status.weights.phase}')" = "Ready" ] \
+    || kubectl -n "$NAMESPACE" wait --for=jsonpath='{.status.weights.phase}'=Ready bm/base --timeout=1m
+  kubectl -n "$NAMESPACE" get deploy base -o jsonpath='{.spec.template.spec.containers[0].args}' \
+    | grep -q '/mnt/loraplex/weights/' || die "vLLM does not read the cached weights"
+fi
 kubectl -n "$NAMESPACE" wait --for=condition=Ready bm/base --timeout=25m
 kubectl -n "$NAMESPACE" wait --for=condition=Ready lora/sql-expert --timeout=5m
 kubectl -n "$NAMESPACE" get bm,lora -o wide
+[ "$(kubectl -n "$NAMESPACE" get pods -l loraplex.io/basemodel=base,app.kubernetes.io/name=loraplex-vllm \
+  -o jsonpath='{.items[0].spec.securityContext.runAsUser}')" = "10001" ] || die "the pod does not run as uid 10001"
 
 log "completions through the Service"
 kubectl -n "$NAMESPACE" port-forward svc/base 18000:8000 >"$WORK/port-forward.log" 2>&1 &

@@ -161,3 +161,52 @@ async def eventually(
         last = result
         await asyncio.sleep(0.2)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def cached_basemodel(name: str = "cached", replicas: int = 2) -> dict[str, Any]:
+    """A BaseModel whose hf:// weights go through the weights cache (PVC + loader Job)."""
+    return {
+        "apiVersion": "loraplex.io/v1alpha1",
+        "kind": "BaseModel",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct", "revision": "main"},
+            "gpu": {"count": 1, "product": "L40S"},
+            "replicas": replicas,
+            "credentials": {"secretRef": {"name": "hf-token"}},
+            "weightsCache": {"storageClassName": "fast"},
+        },
+    }
+
+
+async def finish_loader_job(kube: KubeClient, namespace: str, job: str) -> None:
+    """What the Job controller writes when the loader's pod exits 0 (nothing runs Jobs here)."""
+    from loraplex.kube import JOBS
+
+    await kube.patch(
+        JOBS,
+        namespace,
+        job,
+        {
+            "status": {
+                "active": 0,
+                "succeeded": 1,
+                "startTime": "2026-01-01T00:00:00Z",
+                "completionTime": "2026-01-01T00:10:00Z",
+                # A real API server refuses Complete without SuccessCriteriaMet (1.33+).
+                "conditions": [
+                    {
+                        "type": "SuccessCriteriaMet",
+                        "status": "True",
+                        "lastTransitionTime": "2026-01-01T00:10:00Z",
+                    },
+                    {
+                        "type": "Complete",
+                        "status": "True",
+                        "lastTransitionTime": "2026-01-01T00:10:00Z",
+                    },
+                ],
+            }
+        },
+        sub="status",
+    )

@@ -27,7 +27,15 @@ from tests.operator.test_reconcile_e2e import NS, examples, one
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(240)]
 NODE = "loraplex-local"
-CAPACITY = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "4"}
+CAPACITY = {
+    "cpu": "64",
+    "memory": "512Gi",
+    "ephemeral-storage": "2Ti",
+    "pods": "110",
+    "nvidia.com/gpu": "4",
+}
+# GPU feature discovery's label: the example BaseModel plans for an L40S and selects on it.
+NODE_LABELS = {"nvidia.com/gpu.product": "NVIDIA-L40S"}
 
 
 def _now() -> str:
@@ -61,7 +69,11 @@ async def node(cluster: Cluster, tmp_path: Path) -> AsyncIterator[RealCluster]:
     plane = cluster.plane
     s, url = plane.session(), plane.url
     merge = {"Content-Type": "application/merge-patch+json"}
-    node_obj = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}
+    node_obj = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": NODE, "labels": NODE_LABELS},
+    }
     assert s.post(f"{url}/api/v1/nodes", json=node_obj).status_code == 201
     status = json.dumps({"status": _node_status()})
     assert s.patch(f"{url}/api/v1/nodes/{NODE}/status", data=status, headers=merge).ok

@@ -30,10 +30,11 @@ from loraplex.kube import (
     DEPLOYMENTS,
     LORAADAPTERS,
     NETWORKPOLICIES,
+    PDBS,
     SERVICES,
     KubeClient,
 )
-from tests.operator.conftest import Cluster, eventually
+from tests.operator.conftest import Cluster, cached_basemodel, eventually
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(240)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,7 +195,8 @@ async def test_adapter_changes_touch_only_the_manifest(
         lambda: adapter_names(cluster, "qwen-14b") == ["sql-expert", "support-bot"],
         what="initial manifest",
     )
-    template = pod_template(cluster, "qwen-14b")
+    # The ConfigMap is written before the Deployment in one pass: wait for both.
+    template = await eventually(lambda: pod_template(cluster, "qwen-14b"), what="deployment")
     gen0 = manifest_of(cluster, "qwen-14b")["generation"]  # type: ignore[index]
 
     new = adapter_obj("chat-helper", "qwen-14b", "s3://adapters-bucket/chat-helper", rank=8)
@@ -378,6 +380,25 @@ async def test_rbac_is_exactly_the_calls_the_operator_makes(
             == "ClusterIP"
         ),
         what="service corrected",
+    )
+    # The weights cache (PVC, loader Job; the Deployment waits for the Job, which no node runs
+    # here) and a PodDisruptionBudget (a second BaseModel with 2 replicas), hand-edited.
+    await kube.apply(cached_basemodel(replicas=1))
+    await eventually(lambda: cluster.objects_of("batch/v1/jobs", NS), what="loader Job")
+    pair = json.loads(json.dumps(examples()[0]))
+    pair["metadata"]["name"] = "pair"
+    pair["spec"]["replicas"] = 2
+    await kube.apply(pair)
+    await eventually(lambda: one(cluster, "policy/v1/poddisruptionbudgets", "pair"), what="PDB")
+    await kube.patch(PDBS, NS, "pair", {"spec": {"maxUnavailable": 2}})
+    await eventually(
+        lambda: (
+            (one(cluster, "policy/v1/poddisruptionbudgets", "pair") or {})
+            .get("spec", {})
+            .get("maxUnavailable")
+            == 1
+        ),
+        what="PDB corrected",
     )
     calls = cluster.operator_calls()
     refused = [c for c in calls if c.code == 403]

@@ -109,6 +109,8 @@ def test_hpa_scales_on_the_per_pod_queue(version: str) -> None:
     (metric,) = hpa["spec"]["metrics"]
     assert metric["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
     assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "4"}
+    # Up to 4 replicas: drains keep all but one serving.
+    assert kind(objs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
     # The operator no longer writes replicas: the HPA owns them.
     assert "replicas" not in kind(objs, "Deployment")["spec"]
     kubernetes_validate.validate(kind(objs, "Deployment"), version, strict=True)
@@ -166,7 +168,8 @@ def test_a_missing_crd_is_named_and_nothing_else_breaks(spec: dict[str, Any], mi
     decision = render(caps=Capabilities(frozenset()), **spec)
     assert decision.routing_problem is not None
     assert missing in str(decision.routing_problem)
-    assert {o["kind"] for o in decision.objects} == CORE_KINDS
+    # An autoscaler that may add replicas also brings a PodDisruptionBudget (issue 9.9).
+    assert {o["kind"] for o in decision.objects} - {"PodDisruptionBudget"} == CORE_KINDS
 
 
 def test_route_without_gateway_api_is_named() -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import ConfigDict, Field, JsonValue, WithJsonSchema, field_validator, model_validator
 from pydantic.config import JsonDict
 
 from loraplex.api.common import CEL, Conditions, IntOrAuto, ObjectRef, Wire
@@ -23,9 +23,10 @@ from loraplex_server.manifest import (
 from loraplex_server.source_uri import SourceError, parse_source_uri
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
-Phase = Literal["Pending", "Deploying", "Ready", "Degraded", "Failed"]
+Phase = Literal["Pending", "Downloading", "Deploying", "Ready", "Degraded", "Failed"]
 _RANKS = ", ".join(str(r) for r in ALLOWED_MAX_LORA_RANKS)
 _PRESERVE: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"  # a storage quantity, e.g. 16Gi
 
 
 class Architecture(Wire):
@@ -57,9 +58,10 @@ class ModelSpec(Wire):
         json_schema_extra={
             CEL: [
                 {
-                    "rule": "self.startsWith('/') || self.matches('^(hf|s3|pvc|https?)://.+')",
+                    "rule": "self.startsWith('/') || self.matches('^(hf|s3|pvc)://.+')",
                     "message": "source must be hf://org/repo, pvc://claim/path, "
-                    "s3://bucket/prefix or an absolute path",
+                    "s3://bucket/prefix or an absolute path (https:// is not a base-model "
+                    "source: download it into a PVC and use pvc://)",
                 }
             ]
         },
@@ -81,9 +83,17 @@ class ModelSpec(Wire):
                 raise ValueError("spec.model.source must not contain '..'")
             return value
         try:
-            parse_source_uri(value)
+            uri = parse_source_uri(value)
         except SourceError as exc:
             raise ValueError(str(exc)) from exc
+        if uri.scheme in ("https", "http"):
+            # vLLM's loaders read hf repos, local folders and object stores (the Run:ai streamer:
+            # s3://, gs://); a plain URL would reach vLLM as a repo id and fail at start-up.
+            raise ValueError(
+                f"{uri.scheme}:// is not a base-model source (vLLM cannot load weights from a "
+                "URL); download the model into a PVC and use pvc://claim/path, or use "
+                "hf://org/repo or s3://bucket/prefix"
+            )
         return value
 
     @field_validator("served_name")
@@ -279,8 +289,23 @@ class EngineSpec(Wire):
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
     resources: dict[str, Any] | None = Field(
         default=None,
-        description="Container resources; the GPU limit is added from spec.gpu.",
+        description="Container resources, merged over the ones derived from the plan (CPU, "
+        "memory, ephemeral storage); the GPU request and limit always come from spec.gpu.",
         json_schema_extra=_PRESERVE,
+    )
+    security_context: dict[str, Any] | None = Field(
+        default=None,
+        description="The vLLM container's securityContext, replacing the default (no privilege "
+        "escalation, all capabilities dropped, root filesystem WRITABLE: NVIDIA runtimes that "
+        "inject the GPU through CDI hooks write into it).",
+        json_schema_extra=_PRESERVE,
+    )
+    shm_size: str | None = Field(
+        default=None,
+        max_length=32,
+        pattern=QUANTITY,
+        description="sizeLimit of /dev/shm (a memory-backed emptyDir); default 1Gi plus 1Gi "
+        "per tensor-parallel GPU (NCCL and vLLM's worker message queues).",
     )
 
 
@@ -291,10 +316,18 @@ class ServerSpec(Wire):
         default=None, max_length=512, description="Adapter-server image; operator default."
     )
     resources: dict[str, Any] | None = Field(default=None, json_schema_extra=_PRESERVE)
+    security_context: dict[str, Any] | None = Field(
+        default=None,
+        description="The adapter-server container's securityContext, replacing the default "
+        "(read-only root filesystem, no privilege escalation, all capabilities dropped).",
+        json_schema_extra=_PRESERVE,
+    )
 
 
 class CredentialsSpec(Wire):
-    """Secret with HF_TOKEN / AWS_* keys, mounted into the adapter-server only."""
+    """A Secret whose keys become environment variables (HF_TOKEN, AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL, ...) in vLLM (gated
+    or s3:// base models), the adapter-server (adapters) and the weights loader Job."""
 
     secret_ref: ObjectRef | None = None
 
@@ -357,6 +390,142 @@ class NetworkPolicySpec(Wire):
     )
 
 
+# --- The pod as a GPU cluster runs it: identity, placement, rollout, weights cache ----------
+# (issue 9; defaults are chosen for EKS/GKE GPU nodes and the official vLLM image)
+
+DEFAULT_UID = 10001  # above 10000 (checkov CKV_K8S_40); the CUDA image has no passwd entry for it
+IntOrPercent = Annotated[
+    Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=r"^[0-9]{1,3}%$")],
+    WithJsonSchema({"x-kubernetes-int-or-string": True}),
+]
+
+
+class PodSecurity(Wire):
+    """The uid/gid both containers run as (the pod's securityContext)."""
+
+    run_as_user: int = Field(
+        default=DEFAULT_UID, ge=1, le=2**31 - 1, description="runAsUser for both containers."
+    )
+    run_as_group: int = Field(
+        default=DEFAULT_UID, ge=1, le=2**31 - 1, description="runAsGroup for both containers."
+    )
+    fs_group: int | None = Field(
+        default=None,
+        ge=1,
+        le=2**31 - 1,
+        description="fsGroup (owner group of mounted volumes); default runAsGroup.",
+    )
+
+
+class RolloutSpec(Wire):
+    """How spec changes reach the pods and how pods stop."""
+
+    strategy: Literal["RollingUpdate", "Recreate"] = Field(
+        default="RollingUpdate",
+        description="RollingUpdate (default: a new pod is ready before an old one goes, which "
+        "needs a spare GPU node) or Recreate (no spare GPU needed; an outage per change).",
+    )
+    max_surge: IntOrPercent = Field(
+        default=1, description="RollingUpdate maxSurge; 0 when the cluster has no spare GPUs."
+    )
+    max_unavailable: IntOrPercent = Field(
+        default=0, description="RollingUpdate maxUnavailable; set 1 together with maxSurge 0."
+    )
+    progress_deadline_seconds: int | None = Field(
+        default=None,
+        ge=60,
+        le=86_400,
+        description="Deployment progressDeadlineSeconds; default derived from the model size "
+        "(download, load, compile) plus 10 minutes for scheduling and the image pull.",
+    )
+    startup_seconds: int | None = Field(
+        default=None,
+        ge=60,
+        le=86_400,
+        description="How long vLLM may take to start before it is restarted (startup probes); "
+        "default derived from the model size.",
+    )
+    termination_grace_period_seconds: int = Field(
+        default=120,
+        ge=10,
+        le=3600,
+        description="Time for in-flight streams to finish after the pod is told to stop.",
+    )
+    pre_stop_seconds: int = Field(
+        default=10,
+        ge=0,
+        le=300,
+        description="preStop sleep, so endpoints stop routing here before the drain begins.",
+    )
+
+    @model_validator(mode="after")
+    def _fits(self) -> RolloutSpec:
+        if self.pre_stop_seconds >= self.termination_grace_period_seconds:
+            raise ValueError(
+                "preStopSeconds must be below terminationGracePeriodSeconds, or the drain "
+                "after it gets no time"
+            )
+        zero = (0, "0%")
+        if (
+            self.strategy == "RollingUpdate"
+            and self.max_surge in zero
+            and self.max_unavailable in zero
+        ):
+            raise ValueError("maxSurge and maxUnavailable cannot both be 0")
+        return self
+
+
+AccessMode = Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]
+
+
+class WeightsCacheSpec(Wire):
+    """Keep hf:// or s3:// base weights on a PVC, downloaded once by a loader Job."""
+
+    claim_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Use this existing PVC; omit to let the operator create <name>-weights.",
+    )
+    size: str | None = Field(
+        default=None,
+        max_length=32,
+        pattern=QUANTITY,
+        description="Size of the PVC the operator creates; default the model's weights plus "
+        "20% and 2Gi (tokenizer, configs).",
+    )
+    storage_class_name: str | None = Field(
+        default=None, max_length=253, description="StorageClass of the PVC the operator creates."
+    )
+    access_modes: list[AccessMode] = Field(
+        default_factory=lambda: list[AccessMode](["ReadWriteOnce"]),
+        min_length=1,
+        max_length=3,
+        description="accessModes of the PVC the operator creates; replicas on several nodes "
+        "need ReadWriteMany (EFS, Filestore, CephFS).",
+    )
+    loader_image: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Image of the loader Job; default the engine image (it has "
+        "huggingface_hub and boto3).",
+    )
+
+
+class WeightsStatus(Wire):
+    """The weights cache: where the weights are and whether the loader Job has filled it."""
+
+    phase: Literal["Pending", "Downloading", "Ready", "Failed"] = "Pending"
+    claim_name: str | None = Field(default=None, description="The PVC holding the weights.")
+    path: str | None = Field(default=None, description="Folder of these weights in the PVC.")
+    job: str | None = Field(default=None, description="The loader Job.")
+    expected_bytes: int | None = Field(default=None, description="Planned size of the weights.")
+    attempts: int = Field(default=0, description="Loader pods that failed so far.")
+    start_time: str | None = Field(default=None, description="When the loader Job started.")
+    completion_time: str | None = Field(default=None, description="When it finished.")
+    message: str = Field(default="", description="Progress, or why it failed and the fix.")
+
+
 class BaseModelSpec(Wire):
     """A base model served by vLLM on GPUs, with LoRA adapters attached at run time."""
 
@@ -389,6 +558,44 @@ class BaseModelSpec(Wire):
         description="Scale replicas on the per-pod queue; when enabled, spec.replicas is only "
         "the starting count and the autoscaler owns the Deployment's replicas.",
     )
+    # Issue 9: identity, placement, rollout, weights cache (see the block above).
+    service_account_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="The pod's (and loader Job's) ServiceAccount, for IRSA / EKS Pod Identity / "
+        "GKE Workload Identity access to s3:// or gs:// weights without keys in a Secret.",
+    )
+    security_context: PodSecurity = Field(default_factory=PodSecurity)
+    runtime_class_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description="e.g. nvidia, where the NVIDIA runtime is not the node's default.",
+    )
+    priority_class_name: str | None = Field(default=None, max_length=253)
+    image_pull_secrets: list[ObjectRef] = Field(default_factory=list, max_length=16)
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra pod labels; the operator's own labels win."
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra pod annotations; the spec-hash annotation wins."
+    )
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    weights_cache: WeightsCacheSpec | None = Field(
+        default=None,
+        description="Cache hf:// or s3:// base weights on a PVC filled once by a loader Job "
+        "before the Deployment starts; without it each pod downloads into a sized emptyDir.",
+    )
+
+    @model_validator(mode="after")
+    def _cache_source(self) -> BaseModelSpec:
+        source = self.model.source
+        if self.weights_cache is not None and not source.startswith(("hf://", "s3://")):
+            raise ValueError(
+                f"spec.weightsCache caches hf:// and s3:// downloads; {source!r} is already "
+                "local to the pod: remove spec.weightsCache"
+            )
+        return self
 
 
 class AdapterCounts(Wire):
@@ -414,6 +621,7 @@ class BaseModelStatus(Wire):
     adapters_ready: str = Field(default="0/0", description="ready/declared adapters.")
     endpoint: str | None = Field(default=None, description="In-cluster OpenAI base URL.")
     manifest_generation: int = Field(default=0, description="Adapter manifest generation.")
+    weights: WeightsStatus | None = Field(default=None, description="The weights cache.")
 
 
 class BaseModelResource(Wire):

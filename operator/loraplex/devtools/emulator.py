@@ -44,6 +44,9 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "v1/secrets": {"kind": "Secret"},
     "networking.k8s.io/v1/networkpolicies": {"kind": "NetworkPolicy"},
     "v1/pods": {"kind": "Pod", "subresources": {"status"}},
+    "batch/v1/jobs": {"kind": "Job", "subresources": {"status"}},
+    "v1/persistentvolumeclaims": {"kind": "PersistentVolumeClaim"},
+    "policy/v1/poddisruptionbudgets": {"kind": "PodDisruptionBudget"},
     "v1/events": {"kind": "Event"},
     "events.k8s.io/v1/events": {"kind": "Event"},
 }

@@ -164,3 +164,27 @@ def find_gpu(name: str) -> GPU | None:
     key = re.sub(r"[\s_]+", "-", name.strip().lower())
     key = _GPU_ALIASES.get(key, key)
     return GPUS.get(key)
+
+
+# GPU feature discovery (NVIDIA's gpu-feature-discovery, part of the GPU operator) labels each
+# GPU node `nvidia.com/gpu.product=<NVML device name, spaces as dashes>`. One product has
+# several names (SXM vs PCIe boards, NVL variants), so a product maps to every value that means
+# it; render.py selects on them (`In`) so a BaseModel planned for an L40S never lands on an L4.
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_PRODUCT_LABEL_VALUES: dict[str, tuple[str, ...]] = {
+    "h100-80gb": ("NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe"),
+    "h200": ("NVIDIA-H200", "NVIDIA-H200-NVL"),
+    "a100-40gb": ("NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-PCIE-40GB"),
+    "a100-80gb": ("NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe"),
+    "l40s": ("NVIDIA-L40S",),
+    "l4": ("NVIDIA-L4",),
+    "a10g": ("NVIDIA-A10G",),
+    "rtx-4090": ("NVIDIA-GeForce-RTX-4090",),
+    "a6000": ("NVIDIA-RTX-A6000",),
+}
+
+
+def gpu_product_label_values(product: str) -> tuple[str, ...]:
+    """The `nvidia.com/gpu.product` values of a catalog GPU; empty for an unknown product."""
+    gpu = find_gpu(product)
+    return GPU_PRODUCT_LABEL_VALUES.get(gpu.name.lower(), ()) if gpu else ()
