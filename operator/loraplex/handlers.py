@@ -3,6 +3,12 @@
 Handlers have explicit ids, return nothing (so nothing spills into status), and map errors
 once: an unreachable API is a TemporaryError (kopf retries with a delay); an invalid spec
 never raises, because the reconciler already wrote a condition that names the fix.
+
+Two pieces feed kopf itself: the login handler gives kopf the same refreshing credentials
+our client uses, and the `adapters_by_base` index keeps every LoRAAdapter from the watch kopf
+already runs, so a reconcile reads its adapters from memory instead of listing them all.
+kopf fills indexes from the initial listing before any handler runs, so a reconcile never
+sees a partial set.
 """
 
 from __future__ import annotations
@@ -42,9 +48,29 @@ def _r() -> Reconciler:
     return _state["r"]
 
 
-async def _reconcile(namespace: str | None, name: str) -> None:
+@kopf.on.login(id="loraplex-login")
+async def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials, from the source our client refreshes (token file, exec plugin)."""
+    info: kopf.ConnectionInfo = await _r().kube.connection_info()
+    return info
+
+
+@kopf.index(*LORA)
+def adapters_by_base(
+    namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]] | None:
+    """LoRAAdapters by (namespace, spec.baseModel): the reconciler's adapter cache."""
+    base = base_of(dict(body))
+    if namespace is None or base is None:
+        return None
+    return {(namespace, base): dict(body)}
+
+
+async def _reconcile(namespace: str | None, name: str, index: Any = None) -> None:
     if namespace is None:  # both kinds are namespaced; kopf's types allow None for cluster kinds
         return
+    if index is not None:
+        _r().adapter_index = index
     try:
         await _r().reconcile_base(namespace, name)
     except KubeError as exc:
@@ -54,30 +80,40 @@ async def _reconcile(namespace: str | None, name: str) -> None:
 @kopf.on.resume(*BM, id="basemodel-resume")
 @kopf.on.create(*BM, id="basemodel-create")
 @kopf.on.update(*BM, id="basemodel-update")
-async def basemodel_changed(namespace: str | None, name: str, **_: Any) -> None:
-    await _reconcile(namespace, name)
+async def basemodel_changed(namespace: str | None, name: str, **kw: Any) -> None:
+    await _reconcile(namespace, name, kw.get("adapters_by_base"))
 
 
 @kopf.on.event(*BM, id="basemodel-deleted")
-async def basemodel_event(event: kopf.RawEvent, namespace: str | None, name: str, **_: Any) -> None:
+async def basemodel_event(
+    event: kopf.RawEvent,
+    namespace: str | None,
+    name: str,
+    **kw: Any,
+) -> None:
     """A deleted BaseModel: its adapters learn `BaseModelNotFound` at once."""
     if event.get("type") == "DELETED":
-        await _reconcile(namespace, name)
+        await _reconcile(namespace, name, kw.get("adapters_by_base"))
 
 
 @kopf.timer(*BM, id="basemodel-sync", interval=10.0, initial_delay=2.0, idle=0)
-async def basemodel_tick(namespace: str | None, name: str, **_: Any) -> None:
+async def basemodel_tick(namespace: str | None, name: str, **kw: Any) -> None:
     """Level-based safety net: corrects drift of owned objects and syncs pods' adapter state."""
-    await _reconcile(namespace, name)
+    await _reconcile(namespace, name, kw.get("adapters_by_base"))
 
 
 @kopf.on.resume(*LORA, id="adapter-resume")
 @kopf.on.create(*LORA, id="adapter-create")
 @kopf.on.update(*LORA, id="adapter-update")
-async def adapter_changed(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+async def adapter_changed(
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    **kw: Any,
+) -> None:
     base = base_of(dict(body))
     if base is not None:
-        await _reconcile(namespace, name=base)
+        await _reconcile(namespace, base, kw.get("adapters_by_base"))
         return
     # No usable spec.baseModel: nothing to reconcile it under, so say why on the adapter itself.
     cand = read_candidate(dict(body))
@@ -98,21 +134,26 @@ async def adapter_changed(body: kopf.Body, namespace: str | None, name: str, **_
 
 
 @kopf.on.delete(*LORA, id="adapter-delete")
-async def adapter_deleted(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+async def adapter_deleted(
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    **kw: Any,
+) -> None:
     """Before the adapter goes, take it out of the manifest (and so off every pod)."""
     base = base_of(dict(body))
     if base is not None:
-        await _reconcile(namespace, base)
+        await _reconcile(namespace, base, kw.get("adapters_by_base"))
     _r().forget_adapter(namespace or "", name)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED, id="owned-deployment")
 @kopf.on.event("", "v1", "services", labels=OWNED, id="owned-service")
 @kopf.on.event("", "v1", "configmaps", labels=OWNED, id="owned-configmap")
-async def owned_changed(body: kopf.Body, **_: Any) -> None:
+async def owned_changed(body: kopf.Body, **kw: Any) -> None:
     """An owned object changed or vanished (by hand, or its pods' readiness): converge now."""
     labels = body.get("metadata", {}).get("labels", {}) or {}
     base = labels.get(naming.BASE_LABEL)
     ns = body.get("metadata", {}).get("namespace")
     if base and ns:
-        await _reconcile(ns, base)
+        await _reconcile(ns, base, kw.get("adapters_by_base"))

@@ -268,8 +268,9 @@ class Connection:
     def single_config(self) -> SingleConfig:
         if self.config is not None:
             return self.config
-        cfg = KubeConfig.from_one(cluster=Cluster(server=self.server), user=User())
-        return cfg.get()
+        cfg = KubeConfig.from_one(cluster=Cluster(server=self.server), user=User()).get()
+        assert cfg is not None
+        return cfg
 
     def creds(self) -> Credentials:
         return self.credentials or Credentials(self.token)
@@ -285,7 +286,10 @@ class Connection:
 def discover_connection() -> Connection:
     """Find the cluster as kubectl does: in-cluster first, then KUBECONFIG/~/.kube/config."""
     config = KubeConfig.from_env().get()
-    base = Path(config.fname).parent if getattr(config, "fname", None) else None
+    if config is None:
+        raise KubeError(0, "no Kubernetes configuration (in-cluster, KUBECONFIG or ~/.kube)")
+    fname = getattr(config, "fname", None)
+    base = Path(fname).parent if fname else None
     return Connection(
         server=config.cluster.server.rstrip("/"),
         config=config,
@@ -400,6 +404,35 @@ class KubeClient:
     async def close(self) -> None:
         await self._client.close()
 
+    async def connection_info(self) -> Any:
+        """kopf's ConnectionInfo with a freshly obtained token, for kopf's login handler.
+
+        kopf calls its login handlers at start, after any 401 and when the `expiration` we
+        give has passed; each call re-reads the token file or re-runs the exec plugin, so
+        kopf's watches and this client authenticate from one source.
+        """
+        import kopf  # the operator's runtime; kube.py itself is also used without kopf
+
+        cfg = self.connection.single_config()
+        user = cfg.user or User()
+        token = await self.credentials.refresh()
+        return kopf.ConnectionInfo(
+            server=cfg.cluster.server,
+            ca_path=cfg.abs_file(cfg.cluster.certificate_auth)
+            if cfg.cluster.certificate_auth
+            else None,
+            ca_data=cfg.cluster.certificate_auth_data,
+            insecure=cfg.cluster.insecure or None,
+            token=token,
+            scheme="Bearer" if token else None,
+            certificate_path=cfg.abs_file(user.client_cert) if user.client_cert else None,
+            certificate_data=user.client_cert_data,
+            private_key_path=cfg.abs_file(user.client_key) if user.client_key else None,
+            private_key_data=user.client_key_data,
+            default_namespace=self.connection.namespace,
+            expiration=self.credentials.expiration,
+        )
+
     async def _do(self, what: str, coro: Any) -> Any:
         try:
             return await coro
@@ -440,11 +473,12 @@ class KubeClient:
     async def create(
         self, kind: ResourceKind, namespace: str, obj: Mapping[str, Any]
     ) -> dict[str, Any]:
-        name = obj.get("metadata", {}).get("name")
-        res = kind.resource(dict(obj))
+        body = dict(obj)
+        body["metadata"] = {**(obj.get("metadata") or {}), "namespace": namespace}
+        res = kind.resource(body)
         return _plain(
             await self._do(
-                f"POST {kind.plural}/{name}", self._client.create(res, namespace=namespace)
+                f"POST {kind.plural}/{body['metadata'].get('name')}", self._client.create(res)
             )
         )
 

@@ -10,6 +10,7 @@ operator made is covered by loraplex.rbac.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 from pathlib import Path
@@ -93,8 +94,10 @@ async def test_examples_reconcile_into_owned_objects(
         what="both adapters in the manifest",
     )
     assert names
-    dep = one(cluster, "apps/v1/deployments", "qwen-14b")
-    assert dep is not None
+    # Objects are written one after another: the manifest may land before the Deployment.
+    dep = await eventually(
+        lambda: one(cluster, "apps/v1/deployments", "qwen-14b"), what="the Deployment"
+    )
     for res, name in [
         ("v1/services", "qwen-14b"),
         ("v1/secrets", "qwen-14b-admin"),
@@ -142,7 +145,7 @@ async def test_examples_reconcile_into_owned_objects(
     pinned = {a["name"]: a["pinned"] for a in manifest["adapters"]}
     assert pinned == {"sql-expert": True, "support-bot": False}
     secret = one(cluster, "v1/secrets", "qwen-14b-admin")
-    assert secret is not None and len(secret["stringData"]["token"]) == 64
+    assert secret is not None and len(base64.b64decode(secret["data"]["token"])) == 64
 
     bm = await eventually(
         lambda: (
