@@ -391,8 +391,10 @@ class KubeClient:
         self.field_manager = field_manager
         inner = httpx2.AsyncHTTPTransport(verify=connection.ssl_context(), retries=0)
         self._transport = _Transport(inner, self.credentials, user_agent=user_agent)
+        # lightkube gets the cluster without the user: authentication is the transport's
+        # alone (lightkube's own ExecAuth would run the plugin a second time).
         self._client = AsyncClient(
-            connection.single_config(),
+            connection.single_config()._replace(user=User()),
             namespace=connection.namespace,
             timeout=httpx2.Timeout(timeout),
             lazy=False,

@@ -586,12 +586,13 @@ class RunningEmulator:
         ]
 
 
-def write_kubeconfig(path: Path, url: str) -> Path:
+def write_kubeconfig(path: Path, url: str, user: dict[str, Any] | None = None) -> Path:
+    """A kubeconfig for the emulator; `user` as in kubeconfig (token, tokenFile or exec)."""
     config = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "emulator", "cluster": {"server": url}}],
-        "users": [{"name": "emulator", "user": {"token": "emulator-token"}}],
+        "users": [{"name": "emulator", "user": user or {"token": "emulator-token"}}],
         "contexts": [
             {
                 "name": "emulator",
