@@ -98,7 +98,7 @@ def yield_to_others(desired: dict[str, Any], observed: Mapping[str, Any]) -> dic
     out: dict[str, Any] = json.loads(json.dumps(desired))
     for path in YIELDED_FIELDS:
         if owned_by_others(observed, path):
-            parent = out
+            parent: Any = out
             for part in path[:-1]:
                 parent = parent.get(part) if isinstance(parent, dict) else None
             if isinstance(parent, dict):

@@ -9,6 +9,7 @@ own left alone, no adoption of foreign objects (OwnedObjectConflict), owner-refe
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import json
@@ -138,7 +139,7 @@ async def test_exec_plugin_reruns_before_expiry_and_after_401(
         # Before its expirationTimestamp the plugin runs again, with no 401 seen.
         source.write_text("exec-2")
         cluster.emulator.require_tokens("exec-1", "exec-2")
-        time.sleep(4.0)  # past expiry minus the margin (a quarter of the lifetime here)
+        await asyncio.sleep(4.0)  # past expiry minus the margin (a quarter of the lifetime here)
         rejected = len(cluster.emulator.rejected)
         assert await client.get(BASEMODELS, NS, "none") is None
         assert runs.read_text().count("run") == 2
