@@ -198,6 +198,7 @@ class Emulator(kmock.KubernetesEmulator):
         # Authentication: None lets everything in; a set admits only these bearer tokens.
         self.tokens: set[str] | None = None
         self.rejected: list[str] = []  # User-Agents answered 401
+        self.authenticated: set[tuple[str, str]] = set()  # (User-Agent product, token) let in
         self.faults: list[Fault] = []
         self.expired_watches: list[str] = []  # plurals answered 410
         self.collected: list[str] = []  # kind/name removed by garbage collection
@@ -272,9 +273,12 @@ class Emulator(kmock.KubernetesEmulator):
         """Authentication, injected faults and the write semantics kmock leaves out."""
         if self.tokens is not None:
             auth = str(request.headers.get("Authorization", ""))
-            if auth.removeprefix("Bearer ").strip() not in self.tokens:
-                self.rejected.append(str(request.headers.get("User-Agent", "")))
+            token = auth.removeprefix("Bearer ").strip()
+            agent = str(request.headers.get("User-Agent", ""))
+            if token not in self.tokens:
+                self.rejected.append(agent)
                 return _status(401, "Unauthorized", "Unauthorized")
+            self.authenticated.add((agent.split("/")[0], token))
         method = str(getattr(request.method, "value", request.method)).upper()
         res = request.resource
         for fault in self.faults:
