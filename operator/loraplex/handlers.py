@@ -4,11 +4,12 @@ Handlers have explicit ids, return nothing (so nothing spills into status), and 
 once: an unreachable API is a TemporaryError (kopf retries with a delay); an invalid spec
 never raises, because the reconciler already wrote a condition that names the fix.
 
-Two pieces feed kopf itself: the login handler gives kopf the same refreshing credentials
-our client uses, and the `adapters_by_base` index keeps every LoRAAdapter from the watch kopf
-already runs, so a reconcile reads its adapters from memory instead of listing them all.
-kopf fills indexes from the initial listing before any handler runs, so a reconcile never
-sees a partial set.
+Two pieces sit beside the reconcile path: the login handler gives kopf the same refreshing
+credentials our client uses, and an informer-style cache of LoRAAdapters (primed by one list
+at startup, then fed by every event of the watch kopf already runs) lets a reconcile read its
+adapters from memory instead of listing the whole namespace. (kopf's own `@kopf.index` does
+the same job, but with it the first convergence of 200 adapters took 3x longer in
+bench/operator_scale.py, so the cache is ours.)
 """
 
 from __future__ import annotations
@@ -55,22 +56,26 @@ async def login(**_: Any) -> kopf.ConnectionInfo:
     return info
 
 
-@kopf.index(*LORA)
-def adapters_by_base(
-    namespace: str | None, body: kopf.Body, **_: Any
-) -> dict[tuple[str, str], dict[str, Any]] | None:
-    """LoRAAdapters by (namespace, spec.baseModel): the reconciler's adapter cache."""
-    base = base_of(dict(body))
-    if namespace is None or base is None:
-        return None
-    return {(namespace, base): dict(body)}
+@kopf.on.startup(id="adapter-cache-prime")
+async def prime_adapter_cache(**_: Any) -> None:
+    """Fill the adapter cache with one list before kopf's watches start (and feed it).
+
+    Without this, the first reconciles (started by the initial listing of BaseModels) could
+    see only the adapters whose events had arrived so far, and briefly shrink a manifest.
+    """
+    r = _r()
+    r.adapters.prime(await r.kube.list_all(LORAADAPTERS, r.namespaces))
 
 
-async def _reconcile(namespace: str | None, name: str, index: Any = None) -> None:
+@kopf.on.event(*LORA, id="adapter-cache")
+async def adapter_cache(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """Every LoRAAdapter event kopf's watch delivers (the initial listing included)."""
+    _r().adapters.apply(str(event.get("type") or ""), dict(body))
+
+
+async def _reconcile(namespace: str | None, name: str) -> None:
     if namespace is None:  # both kinds are namespaced; kopf's types allow None for cluster kinds
         return
-    if index is not None:
-        _r().adapter_index = index
     try:
         await _r().reconcile_base(namespace, name)
     except KubeError as exc:
@@ -81,7 +86,7 @@ async def _reconcile(namespace: str | None, name: str, index: Any = None) -> Non
 @kopf.on.create(*BM, id="basemodel-create")
 @kopf.on.update(*BM, id="basemodel-update")
 async def basemodel_changed(namespace: str | None, name: str, **kw: Any) -> None:
-    await _reconcile(namespace, name, kw.get("adapters_by_base"))
+    await _reconcile(namespace, name)
 
 
 @kopf.on.event(*BM, id="basemodel-deleted")
@@ -93,13 +98,13 @@ async def basemodel_event(
 ) -> None:
     """A deleted BaseModel: its adapters learn `BaseModelNotFound` at once."""
     if event.get("type") == "DELETED":
-        await _reconcile(namespace, name, kw.get("adapters_by_base"))
+        await _reconcile(namespace, name)
 
 
 @kopf.timer(*BM, id="basemodel-sync", interval=10.0, initial_delay=2.0, idle=0)
 async def basemodel_tick(namespace: str | None, name: str, **kw: Any) -> None:
     """Level-based safety net: corrects drift of owned objects and syncs pods' adapter state."""
-    await _reconcile(namespace, name, kw.get("adapters_by_base"))
+    await _reconcile(namespace, name)
 
 
 @kopf.on.resume(*LORA, id="adapter-resume")
@@ -113,7 +118,7 @@ async def adapter_changed(
 ) -> None:
     base = base_of(dict(body))
     if base is not None:
-        await _reconcile(namespace, base, kw.get("adapters_by_base"))
+        await _reconcile(namespace, base)
         return
     # No usable spec.baseModel: nothing to reconcile it under, so say why on the adapter itself.
     cand = read_candidate(dict(body))
@@ -143,7 +148,7 @@ async def adapter_deleted(
     """Before the adapter goes, take it out of the manifest (and so off every pod)."""
     base = base_of(dict(body))
     if base is not None:
-        await _reconcile(namespace, base, kw.get("adapters_by_base"))
+        await _reconcile(namespace, base)
     _r().forget_adapter(namespace or "", name)
 
 
@@ -156,4 +161,4 @@ async def owned_changed(body: kopf.Body, **kw: Any) -> None:
     base = labels.get(naming.BASE_LABEL)
     ns = body.get("metadata", {}).get("namespace")
     if base and ns:
-        await _reconcile(ns, base, kw.get("adapters_by_base"))
+        await _reconcile(ns, base)

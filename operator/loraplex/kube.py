@@ -24,6 +24,7 @@ carry Retry-After are retried after that delay (bounded), as client-go does.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import datetime
 import json
 import logging
@@ -48,6 +49,9 @@ from lightkube.types import PatchType
 from loraplex.errors import KubeError
 
 log = logging.getLogger("loraplex.kube")
+# httpx logs every request at INFO: at thousands of objects that is most of the log.
+for _name in ("httpx", "httpx2"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 FIELD_MANAGER = "loraplex"
 
 
@@ -471,6 +475,19 @@ class KubeClient:
         items = await self._do(f"LIST {kind.plural}", collect())
         # The API stand-in used in tests ignores selectors; a real server honours them.
         return [i for i in items if not labels or matches_labels(i, labels)]
+
+    async def list_all(
+        self, kind: ResourceKind, namespaces: Sequence[str] = ()
+    ) -> builtins.list[dict[str, Any]]:
+        """Every object of `kind` in `namespaces` (empty: across the cluster)."""
+        out: builtins.list[dict[str, Any]] = []
+        for ns in namespaces or ("*",):  # lightkube's "*" is the all-namespaces list
+
+            async def collect(ns: str = ns) -> builtins.list[dict[str, Any]]:
+                return [_plain(o) async for o in self._client.list(kind.resource, namespace=ns)]
+
+            out += await self._do(f"LIST {kind.plural}", collect())
+        return out
 
     async def create(
         self, kind: ResourceKind, namespace: str, obj: Mapping[str, Any]

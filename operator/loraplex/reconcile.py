@@ -48,8 +48,47 @@ from loraplex_server.manifest import AdapterManifest, AdaptersResponse
 log = logging.getLogger("loraplex.reconcile")
 # (object, reason, message): how the reconciler reports events without depending on kopf.
 EventSink = Callable[[dict[str, Any], str, str], None]
-# (namespace, BaseModel name) -> the LoRAAdapters naming it, as kopf's index keeps them.
-AdapterIndex = Mapping[tuple[str, str], Iterable[Mapping[str, Any]]]
+
+
+class AdapterCache:
+    """LoRAAdapters by (namespace, spec.baseModel), kept from watch events (an informer).
+
+    `primed` turns true after the startup list; until then (or when no watch feeds it, as in
+    unit use) the reconciler lists adapters from the API instead.
+    """
+
+    def __init__(self) -> None:
+        self.primed = False
+        self._by_base: defaultdict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+        self._base_of: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def prime(self, adapters: Iterable[Mapping[str, Any]]) -> None:
+        for obj in adapters:
+            self.apply("ADDED", obj)
+        self.primed = True
+
+    def apply(self, event_type: str, obj: Mapping[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        ns, name = meta.get("namespace"), meta.get("name")
+        if not isinstance(ns, str) or not isinstance(name, str):
+            return
+        old = self._base_of.pop((ns, name), None)
+        if old is not None:
+            self._by_base[old].pop(name, None)
+            if not self._by_base[old]:
+                del self._by_base[old]
+        base = base_of(dict(obj))
+        if event_type != "DELETED" and base is not None:
+            self._by_base[(ns, base)][name] = dict(obj)
+            self._base_of[(ns, name)] = (ns, base)
+
+    def of(self, ns: str, base: str) -> list[dict[str, Any]]:
+        return list(self._by_base.get((ns, base), {}).values())
+
+    def __len__(self) -> int:
+        return len(self._base_of)
+
+
 # How often a write is retried after a 409 on a stale resourceVersion before giving up.
 CONFLICT_RETRIES = 3
 # Fields we render but yield to another field manager that took them over: an HPA (or
@@ -187,18 +226,23 @@ class Reconciler:
         images: Images = DEFAULT_IMAGES,
         sync_pods: bool = True,
         on_event: EventSink | None = None,
+        finalizer: str | None = None,
     ) -> None:
         self.kube = kube
         self.pods = pods
         self.token_key = token_key
         self.images = images
         self.sync_pods = sync_pods
+        self.finalizer = finalizer  # kopf's, when running under kopf (see _write_adapters)
         self.on_event = on_event or (lambda body, reason, message: None)
-        # kopf's index of LoRAAdapters by BaseModel (fed by the watch kopf already runs); the
-        # handlers hand it over. Without it (unit use), adapters are listed from the API.
-        self.adapter_index: AdapterIndex | None = None
+        # LoRAAdapters from the watch kopf already runs (handlers feed it); the namespaces the
+        # operator watches (empty: all), for priming it.
+        self.adapters = AdapterCache()
+        self.namespaces: tuple[str, ...] = ()
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._phases: dict[tuple[str, str], str] = {}
+        # (ns, adapter) -> (resourceVersion our last status write was based on, that status).
+        self._written: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
         self._queued: dict[tuple[str, str], bool] = {}
 
     async def reconcile_base(self, namespace: str, name: str) -> Outcome:
@@ -225,6 +269,7 @@ class Reconciler:
     async def _reconcile(self, ns: str, name: str) -> Outcome:
         bm = await self.kube.get(BASEMODELS, ns, name)
         mine = await self._adapters(ns, name)
+        log.debug("reconciling BaseModel %s/%s with %d adapters", ns, name, len(mine))
         live = [a for a in mine if not a.get("metadata", {}).get("deletionTimestamp")]
         if bm is None or bm.get("metadata", {}).get("deletionTimestamp"):
             missing = Verdict(
@@ -307,10 +352,10 @@ class Reconciler:
         return outcome
 
     async def _adapters(self, ns: str, name: str) -> list[dict[str, Any]]:
-        """This BaseModel's LoRAAdapters: from kopf's index when running under kopf (no API
-        request), else one list of the namespace."""
-        if self.adapter_index is not None:
-            return [dict(a) for a in self.adapter_index.get((ns, name), ())]
+        """This BaseModel's LoRAAdapters: from the watch-fed cache when running under kopf (no
+        API request), else one list of the namespace."""
+        if self.adapters.primed:
+            return self.adapters.of(ns, name)
         return [a for a in await self.kube.list(LORAADAPTERS, ns) if base_of(a) == name]
 
     @staticmethod
@@ -450,13 +495,26 @@ class Reconciler:
             phases[aname] = new.phase
             self._phases[(ns, aname)] = new.phase
             dumped = new.dump()
-            if dumped != (obj.get("status") or {}):
+            rv = meta.get("resourceVersion")
+            if self.finalizer and self.finalizer not in (meta.get("finalizers") or []):
+                # kopf has not taken this adapter in yet: it is adding its finalizer with a
+                # JSON patch guarded by this resourceVersion, which a status write now would
+                # void (422, and another round). Its own create handler brings us back.
+                continue
+            if dumped != (obj.get("status") or {}) and self._written.get((ns, aname)) != (
+                rv,
+                dumped,
+            ):
                 await self.kube.patch(LORAADAPTERS, ns, aname, {"status": dumped}, sub="status")
+                # The index learns of this write only when its watch event arrives; until then
+                # it still shows this resourceVersion, and the write must not be repeated.
+                self._written[(ns, aname)] = (rv, dumped)
         self._update_phase_gauge()
         return phases
 
     def forget_adapter(self, ns: str, name: str) -> None:
         self._phases.pop((ns, name), None)
+        self._written.pop((ns, name), None)
         self._update_phase_gauge()
 
     def _update_phase_gauge(self) -> None:

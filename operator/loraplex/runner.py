@@ -72,6 +72,7 @@ async def _metrics_app(opts: OperatorOptions, stop: asyncio.Event) -> web.AppRun
 
 
 _peering: dict[str, int] = {"lifetime": 60}
+FINALIZER = f"{API_GROUP}/finalizer"
 
 
 @kopf.on.startup()
@@ -84,7 +85,7 @@ def _settings(settings: kopf.OperatorSettings, **_: object) -> None:
     """
     settings.peering.priority = random.randint(1, 2**31 - 1)
     settings.peering.lifetime = _peering["lifetime"]
-    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=API_GROUP, key="last-handled-configuration"
@@ -106,11 +107,16 @@ async def run_operator(opts: OperatorOptions, stop: asyncio.Event | None = None)
     # The pid in the User-Agent tells replicas' requests apart (in audit logs and tests).
     kube = KubeClient(discover_connection(), user_agent=f"loraplex-operator/{os.getpid()}")
     pods = PodSync()
-    handlers.install(
-        Reconciler(
-            kube, pods, token_key=opts.token_key, images=opts.images, on_event=handlers.post_event
-        )
+    reconciler = Reconciler(
+        kube,
+        pods,
+        token_key=opts.token_key,
+        images=opts.images,
+        on_event=handlers.post_event,
+        finalizer=FINALIZER,
     )
+    reconciler.namespaces = opts.namespaces
+    handlers.install(reconciler)
     runner = await _metrics_app(opts, stop)
     stop_flag: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
