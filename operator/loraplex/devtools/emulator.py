@@ -262,7 +262,12 @@ class Emulator(kmock.KubernetesEmulator):
                 user_agent=str(request.headers.get("User-Agent", "")),
             )
             self.log.append(entry)  # now: a watch's response ends only when the stream does
-        resp = await self._handle_checked(request)
+        try:
+            resp = await self._handle_checked(request)
+        except Exception as exc:  # kmock's errors (404, 409) become responses further up
+            if entry is not None:
+                entry.status = int(getattr(exc, "status", 500))
+            raise
         if entry is not None:
             body = resp.body if isinstance(resp, aiohttp.web.Response) else None
             entry.status = resp.status
