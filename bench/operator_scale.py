@@ -234,13 +234,86 @@ async def hot_add(
     }
 
 
+async def pass_cost(adapters: int, bases: int, mode: str) -> dict[str, Any]:
+    """One hot add's reconcile pass, in process (no kopf): `list` (every pass lists the
+    namespace's adapters, as before) or `cache` (adapters from the watch-fed cache).
+
+    The cache is fed here as kopf's watch would feed it: from the stored objects after the
+    warm-up pass, and with the new adapter's ADDED event.
+    """
+    from loraplex.podsync import PodSync
+    from loraplex.reconcile import Reconciler
+
+    with tempfile.TemporaryDirectory() as tmp:
+        async with running_emulator(Path(tmp)) as cluster:
+            emu = cluster.emulator
+            for i in range(bases):
+                emu.preload("loraplex.io/v1alpha1/basemodels", _bm(i))
+            for i in range(adapters):
+                emu.preload("loraplex.io/v1alpha1/loraadapters", _lora(i, bases))
+            kube = KubeClient(Connection(server=cluster.url), user_agent="loraplex-operator/b")
+            client = KubeClient(Connection(server=cluster.url), user_agent="loraplex-bench")
+            rec = Reconciler(kube, PodSync(), token_key=b"k" * 32)
+            try:
+
+                def feed() -> None:
+                    if mode == "cache":
+                        rec.adapters.prime(emu.objects_of("loraplex.io/v1alpha1/loraadapters"))
+
+                feed()
+                await rec.reconcile_base("default", "base-00")  # warm-up: objects, statuses
+                feed()
+                new = _lora(adapters, bases)
+                new["metadata"]["name"] = "hot-added"
+                new["spec"]["baseModel"] = "base-00"
+                created = await client.create(LORAADAPTERS, "default", new)
+                if mode == "cache":
+                    rec.adapters.apply("ADDED", created)
+                mark = len(emu.log)
+                start = time.monotonic()
+                outcome = await rec.reconcile_base("default", "base-00")
+                seconds = time.monotonic() - start
+                assert outcome.manifest is not None
+                assert any(a.name == "hot-added" for a in outcome.manifest.adapters)
+                reqs = [r for r in emu.log[mark:] if "loraplex-bench" not in r.user_agent]
+            finally:
+                await kube.close()
+                await client.close()
+    return {
+        "mode": mode,
+        "adapters": adapters,
+        "bases": bases,
+        "requests": len(reqs),
+        "bytes": sum(r.response_bytes for r in reqs),
+        "pass_seconds": round(seconds, 3),
+        "by_verb": dict(Counter(f"{r.verb} {r.plural}" for r in reqs)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bases", type=int, default=20)
     ap.add_argument("--adapters", type=int, nargs="+", default=[1000])
     ap.add_argument("--hot-add", action="store_true", help="measure one hot add (see above)")
     ap.add_argument("--operator-pythonpath", default=None)
+    ap.add_argument(
+        "--pass-cost", action="store_true", help="one hot add's reconcile pass, list vs cache"
+    )
     args = ap.parse_args()
+    if args.pass_cost:
+        rows = [
+            asyncio.run(pass_cost(n, args.bases, mode))
+            for n in args.adapters
+            for mode in ("list", "cache")
+        ]
+        print(json.dumps(rows, indent=2))
+        print("\n| adapters | mode | requests | bytes | pass (s) |\n|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['adapters']} | {r['mode']} | {r['requests']} | {r['bytes']:,} | "
+                f"{r['pass_seconds']} |"
+            )
+        return
     if args.hot_add:
         rows = [
             asyncio.run(hot_add(n, args.bases, operator_pythonpath=args.operator_pythonpath))
