@@ -5,6 +5,16 @@ its adapters, the operator process's peak RSS, and the API calls the operator ma
 adapter. The operator runs as a real process (as in its container), the emulator in this one.
 
     python -m bench.operator_scale [--bases 20] [--adapters 1000]
+
+`--hot-add` instead measures what one hot add costs once N adapters exist: the operator's
+API requests and response bytes from applying one LoRAAdapter until it is in the manifest
+and has a status (plus a second for follow-ups), per reconcile pass (the window also holds
+other BaseModels' timer ticks; each pass reads its BaseModel once), and the background rate
+(timer ticks) over a quiet 10 s window. `--operator-pythonpath` runs another checkout's
+operator against the same emulator, for before/after figures:
+
+    python -m bench.operator_scale --hot-add --adapters 1000 10000 \
+        [--operator-pythonpath /tmp/before/operator:/tmp/before/images/adapter-server]
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from typing import Any
 from loraplex import naming
 from loraplex.devtools.emulator import running_emulator
 from loraplex.devtools.operator_proc import OperatorProcess
-from loraplex.kube import Connection, KubeClient
+from loraplex.kube import LORAADAPTERS, Connection, KubeClient
 
 
 def _bm(i: int) -> dict[str, Any]:
@@ -119,11 +129,199 @@ async def run(
     }
 
 
+def _operator_traffic(
+    cluster: Any, since: int, until: int | None = None
+) -> tuple[int, int, Counter[str]]:
+    """Requests and response bytes of the operator (kopf's and loraplex's own) in a slice of
+    the emulator's log; open watch streams count as one request and no bytes."""
+    reqs = [r for r in cluster.emulator.log[since:until] if "loraplex-bench" not in r.user_agent]
+    by_verb: Counter[str] = Counter(f"{r.verb} {r.plural}" for r in reqs)
+    return len(reqs), sum(r.response_bytes for r in reqs), by_verb
+
+
+async def hot_add(
+    adapters: int, bases: int, *, operator_pythonpath: str | None = None, timeout: float = 900
+) -> dict[str, Any]:
+    """Preload `adapters` across `bases`, let the operator converge, then hot-add one."""
+    env = {"PYTHONPATH": operator_pythonpath} if operator_pythonpath else None
+    with tempfile.TemporaryDirectory() as tmp:
+        async with running_emulator(Path(tmp)) as cluster:
+            for i in range(bases):
+                cluster.emulator.preload("loraplex.io/v1alpha1/basemodels", _bm(i))
+            for i in range(adapters):
+                cluster.emulator.preload("loraplex.io/v1alpha1/loraadapters", _lora(i, bases))
+            op = OperatorProcess(cluster.kubeconfig, Path(tmp), env=env).start()
+            client = KubeClient(Connection(server=cluster.url), user_agent="loraplex-bench")
+            try:
+                start = time.monotonic()
+                per_base = {f"base-{b:02d}" for b in range(bases)}
+
+                def counts() -> dict[str, int]:
+                    out = {}
+                    for cm in cluster.emulator.objects_of("v1/configmaps", "default"):
+                        base = cm["metadata"]["labels"][naming.BASE_LABEL]
+                        out[base] = len(json.loads(cm["data"][naming.MANIFEST_KEY])["adapters"])
+                    return out
+
+                while time.monotonic() - start < timeout:
+                    c = counts()
+                    if set(c) == per_base and sum(c.values()) == adapters:
+                        break
+                    await asyncio.sleep(1)
+                converged = time.monotonic() - start
+                # Settle: kopf runs a resume handler per adapter at start; wait until no
+                # adapter has been written for 3 s.
+                while time.monotonic() - start < timeout:
+                    n0 = len(cluster.emulator.log)
+                    await asyncio.sleep(3)
+                    if not any(
+                        r.plural == "loraadapters" and r.method == "PATCH"
+                        for r in cluster.emulator.log[n0:]
+                    ):
+                        break
+                settled = time.monotonic() - start
+                quiet_from = len(cluster.emulator.log)
+                await asyncio.sleep(10)  # one timer interval: the background cost
+                bg_reqs, bg_bytes, _ = _operator_traffic(cluster, quiet_from)
+                mark = len(cluster.emulator.log)
+                t0 = time.monotonic()
+                new = _lora(adapters, bases)
+                new["metadata"]["name"] = "hot-added"
+                base = new["spec"]["baseModel"]
+                await client.apply(new)
+                while time.monotonic() - t0 < timeout:
+                    cm = next(
+                        (
+                            c
+                            for c in cluster.emulator.objects_of("v1/configmaps", "default")
+                            if c["metadata"]["labels"][naming.BASE_LABEL] == base
+                        ),
+                        None,
+                    )
+                    names = json.loads(cm["data"][naming.MANIFEST_KEY])["adapters"] if cm else []
+                    obj = await client.get(LORAADAPTERS, "default", "hot-added")
+                    if any(a["name"] == "hot-added" for a in names) and (
+                        (obj or {}).get("status") or {}
+                    ).get("phase"):
+                        break
+                    await asyncio.sleep(0.05)
+                latency = time.monotonic() - t0
+                await asyncio.sleep(1)
+                window = time.monotonic() - t0
+                reqs, nbytes, by_verb = _operator_traffic(cluster, mark)
+            finally:
+                await client.close()
+                await asyncio.to_thread(op.stop)
+    # The window also holds timer ticks of other BaseModels; every pass (hot add or tick)
+    # reads its BaseModel once, so per-pass figures are the window's over those reads.
+    passes = max(by_verb.get("get basemodels", 0), 1)
+    return {
+        "operator": "before" if operator_pythonpath else "this checkout",
+        "adapters": adapters,
+        "bases": bases,
+        "converged_seconds": round(converged, 1),
+        "settled_seconds": round(settled, 1),
+        "hot_add_seconds": round(latency, 2),
+        "window_seconds": round(window, 2),
+        "window_requests": reqs,
+        "window_bytes": nbytes,
+        "window_passes": passes,
+        "requests_per_pass": round(reqs / passes, 1),
+        "bytes_per_pass": nbytes // passes,
+        "background_requests_per_s": round(bg_reqs / 10, 1),
+        "background_bytes_per_s": int(bg_bytes / 10),
+        "window_by_verb": dict(by_verb.most_common(8)),
+    }
+
+
+async def pass_cost(adapters: int, bases: int, mode: str) -> dict[str, Any]:
+    """One hot add's reconcile pass, in process (no kopf): `list` (every pass lists the
+    namespace's adapters, as before) or `cache` (adapters from the watch-fed cache).
+
+    The cache is fed here as kopf's watch would feed it: from the stored objects after the
+    warm-up pass, and with the new adapter's ADDED event.
+    """
+    from loraplex.podsync import PodSync
+    from loraplex.reconcile import Reconciler
+
+    with tempfile.TemporaryDirectory() as tmp:
+        async with running_emulator(Path(tmp)) as cluster:
+            emu = cluster.emulator
+            for i in range(bases):
+                emu.preload("loraplex.io/v1alpha1/basemodels", _bm(i))
+            for i in range(adapters):
+                emu.preload("loraplex.io/v1alpha1/loraadapters", _lora(i, bases))
+            kube = KubeClient(Connection(server=cluster.url), user_agent="loraplex-operator/b")
+            client = KubeClient(Connection(server=cluster.url), user_agent="loraplex-bench")
+            rec = Reconciler(kube, PodSync(), token_key=b"k" * 32)
+            try:
+
+                def feed() -> None:
+                    if mode == "cache":
+                        rec.adapters.prime(emu.objects_of("loraplex.io/v1alpha1/loraadapters"))
+
+                feed()
+                await rec.reconcile_base("default", "base-00")  # warm-up: objects, statuses
+                feed()
+                new = _lora(adapters, bases)
+                new["metadata"]["name"] = "hot-added"
+                new["spec"]["baseModel"] = "base-00"
+                created = await client.create(LORAADAPTERS, "default", new)
+                if mode == "cache":
+                    rec.adapters.apply("ADDED", created)
+                mark = len(emu.log)
+                start = time.monotonic()
+                outcome = await rec.reconcile_base("default", "base-00")
+                seconds = time.monotonic() - start
+                assert outcome.manifest is not None
+                assert any(a.name == "hot-added" for a in outcome.manifest.adapters)
+                reqs = [r for r in emu.log[mark:] if "loraplex-bench" not in r.user_agent]
+            finally:
+                await kube.close()
+                await client.close()
+    return {
+        "mode": mode,
+        "adapters": adapters,
+        "bases": bases,
+        "requests": len(reqs),
+        "bytes": sum(r.response_bytes for r in reqs),
+        "pass_seconds": round(seconds, 3),
+        "by_verb": dict(Counter(f"{r.verb} {r.plural}" for r in reqs)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bases", type=int, default=20)
-    ap.add_argument("--adapters", type=int, default=1000)
+    ap.add_argument("--adapters", type=int, nargs="+", default=[1000])
+    ap.add_argument("--hot-add", action="store_true", help="measure one hot add (see above)")
+    ap.add_argument("--operator-pythonpath", default=None)
+    ap.add_argument(
+        "--pass-cost", action="store_true", help="one hot add's reconcile pass, list vs cache"
+    )
     args = ap.parse_args()
+    if args.pass_cost:
+        rows = [
+            asyncio.run(pass_cost(n, args.bases, mode))
+            for n in args.adapters
+            for mode in ("list", "cache")
+        ]
+        print(json.dumps(rows, indent=2))
+        print("\n| adapters | mode | requests | bytes | pass (s) |\n|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['adapters']} | {r['mode']} | {r['requests']} | {r['bytes']:,} | "
+                f"{r['pass_seconds']} |"
+            )
+        return
+    if args.hot_add:
+        rows = [
+            asyncio.run(hot_add(n, args.bases, operator_pythonpath=args.operator_pythonpath))
+            for n in args.adapters
+        ]
+        print(json.dumps(rows, indent=2))
+        return
+    args.adapters = args.adapters[0]
     results = [asyncio.run(run(args.bases, args.adapters, preload=p)) for p in (True, False)]
     print(json.dumps(results, indent=2))
     print()

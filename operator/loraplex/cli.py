@@ -35,6 +35,7 @@ def _operator(args: argparse.Namespace) -> int:
         namespaces=tuple(args.namespace or ()),
         metrics_port=args.metrics_port,
         peering=args.peering,
+        peering_lifetime=args.peering_lifetime,
         token_key=load_token_key(args.token_key_file),
         images=Images(engine=args.engine_image, server=args.server_image),
         operator_pods=_operator_pods(args),
@@ -121,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--peering",
         default=None,
         help="kopf peering name, so several replicas elect one active (default: standalone)",
+    )
+    op.add_argument(
+        "--peering-lifetime",
+        type=int,
+        default=60,
+        help="seconds a silent active replica is trusted before a standby takes over",
     )
     op.add_argument(
         "--token-key-file",

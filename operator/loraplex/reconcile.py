@@ -9,11 +9,12 @@ missed events harmless: the next pass does the same thing.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,15 @@ from loraplex import API_GROUP, naming
 from loraplex.adapters import Verdict
 from loraplex.api.basemodel import AdapterCounts, BaseModelStatus, WeightsStatus
 from loraplex.api.loraadapter import LoRAAdapterStatus
+from loraplex.conditions import get_condition, set_condition
 from loraplex.decide import decide
 from loraplex.diff import drifted
-from loraplex.errors import InvalidSpec
+from loraplex.errors import InvalidSpec, KubeError
 from loraplex.kube import (
     BASEMODELS,
     CONFIGMAPS,
     DEPLOYMENTS,
+    FIELD_MANAGER,
     JOBS,
     KIND_OF,
     LORAADAPTERS,
@@ -57,6 +60,119 @@ from loraplex_server.manifest import AdapterManifest, AdaptersResponse
 log = logging.getLogger("loraplex.reconcile")
 # (object, reason, message): how the reconciler reports events without depending on kopf.
 EventSink = Callable[[dict[str, Any], str, str], None]
+
+
+class AdapterCache:
+    """LoRAAdapters by (namespace, spec.baseModel), kept from watch events (an informer).
+
+    `primed` turns true after the startup list; until then (or when no watch feeds it, as in
+    unit use) the reconciler lists adapters from the API instead.
+    """
+
+    def __init__(self) -> None:
+        self.primed = False
+        self._by_base: defaultdict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+        self._base_of: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def prime(self, adapters: Iterable[Mapping[str, Any]]) -> None:
+        for obj in adapters:
+            self.apply("ADDED", obj)
+        self.primed = True
+
+    def apply(self, event_type: str, obj: Mapping[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        ns, name = meta.get("namespace"), meta.get("name")
+        if not isinstance(ns, str) or not isinstance(name, str):
+            return
+        old = self._base_of.pop((ns, name), None)
+        if old is not None:
+            self._by_base[old].pop(name, None)
+            if not self._by_base[old]:
+                del self._by_base[old]
+        base = base_of(dict(obj))
+        if event_type != "DELETED" and base is not None:
+            self._by_base[(ns, base)][name] = dict(obj)
+            self._base_of[(ns, name)] = (ns, base)
+
+    def of(self, ns: str, base: str) -> list[dict[str, Any]]:
+        return list(self._by_base.get((ns, base), {}).values())
+
+    def __len__(self) -> int:
+        return len(self._base_of)
+
+
+# How often a write is retried after a 409 on a stale resourceVersion before giving up.
+CONFLICT_RETRIES = 3
+# Fields we render but yield to another field manager that took them over: an HPA (or
+# `kubectl scale`) owns replicas once it has set them; every other field of ours is drift.
+YIELDED_FIELDS: tuple[tuple[str, ...], ...] = (("spec", "replicas"),)
+OUR_MANAGERS = frozenset({FIELD_MANAGER, "loraplex-operator"})
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+
+
+class OwnershipConflict(Exception):
+    """An object we would write exists but is not ours (no managed-by label or no controller
+    ownerReference to this BaseModel): we write nothing to it."""
+
+    def __init__(self, kind: str, name: str, why: str) -> None:
+        super().__init__(f"{kind} {name!r} exists and is not owned by this BaseModel ({why})")
+        self.kind = kind
+        self.name = name
+
+
+def owned_by(obj: Mapping[str, Any], uid: str) -> str | None:
+    """None when `obj` is ours to write (label and controller ownerReference), else why not."""
+    meta = obj.get("metadata") or {}
+    if (meta.get("labels") or {}).get(MANAGED_BY_LABEL) != naming.MANAGED_BY:
+        return f"no {MANAGED_BY_LABEL}={naming.MANAGED_BY} label"
+    refs = meta.get("ownerReferences") or []
+    if not any(r.get("controller") and r.get("uid") == uid for r in refs):
+        return "no controller ownerReference to this BaseModel"
+    return None
+
+
+def owned_by_others(observed: Mapping[str, Any], path: tuple[str, ...]) -> bool:
+    """Whether a field manager other than loraplex owns `path` (per metadata.managedFields)."""
+    for entry in (observed.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") in OUR_MANAGERS:
+            continue
+        node: Any = entry.get("fieldsV1") or {}
+        for part in path:
+            node = node.get(f"f:{part}") if isinstance(node, dict) else None
+        if node is not None:
+            return True
+    return False
+
+
+def yield_to_others(desired: dict[str, Any], observed: Mapping[str, Any]) -> dict[str, Any]:
+    """`desired` without the fields another manager has taken over (see YIELDED_FIELDS)."""
+    out: dict[str, Any] = json.loads(json.dumps(desired))
+    for path in YIELDED_FIELDS:
+        if owned_by_others(observed, path):
+            parent: Any = out
+            for part in path[:-1]:
+                parent = parent.get(part) if isinstance(parent, dict) else None
+            if isinstance(parent, dict):
+                parent.pop(path[-1], None)
+    return out
+
+
+def secret_patch(obj: Mapping[str, Any], uid: str) -> list[dict[str, Any]]:
+    """A JSON patch that writes the Secret's data only if it is ours, without reading it.
+
+    The `test` operations make the API server refuse the whole patch (422) when the label or
+    the controller ownerReference is not ours, so a foreign Secret is never changed or read.
+    """
+    label = MANAGED_BY_LABEL.replace("~", "~0").replace("/", "~1")
+    ops: list[dict[str, Any]] = [
+        {"op": "test", "path": f"/metadata/labels/{label}", "value": naming.MANAGED_BY},
+        {"op": "test", "path": "/metadata/ownerReferences/0/uid", "value": uid},
+        {"op": "test", "path": "/metadata/ownerReferences/0/controller", "value": True},
+    ]
+    for key, value in sorted((obj.get("stringData") or {}).items()):
+        encoded = base64.b64encode(str(value).encode()).decode()
+        ops.append({"op": "add", "path": f"/data/{key}", "value": encoded})
+    return ops
 
 
 def base_of(adapter: dict[str, Any]) -> str | None:
@@ -107,6 +223,7 @@ class Outcome:
     plan: Plan | None = None
     verdicts: dict[str, Verdict] = field(default_factory=dict)
     writes: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
 
 
 class Reconciler:
@@ -122,6 +239,7 @@ class Reconciler:
         operator_pods: OperatorPods = DEFAULT_OPERATOR_PODS,
         sync_pods: bool = True,
         on_event: EventSink | None = None,
+        finalizer: str | None = None,
     ) -> None:
         self.kube = kube
         self.pods = pods
@@ -129,9 +247,16 @@ class Reconciler:
         self.images = images
         self.operator_pods = operator_pods
         self.sync_pods = sync_pods
+        self.finalizer = finalizer  # kopf's, when running under kopf (see _write_adapters)
         self.on_event = on_event or (lambda body, reason, message: None)
+        # LoRAAdapters from the watch kopf already runs (handlers feed it); the namespaces the
+        # operator watches (empty: all), for priming it.
+        self.adapters = AdapterCache()
+        self.namespaces: tuple[str, ...] = ()
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._phases: dict[tuple[str, str], str] = {}
+        # (ns, adapter) -> (resourceVersion our last status write was based on, that status).
+        self._written: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
         self._queued: dict[tuple[str, str], bool] = {}
 
     async def reconcile_base(self, namespace: str, name: str) -> Outcome:
@@ -157,8 +282,8 @@ class Reconciler:
 
     async def _reconcile(self, ns: str, name: str) -> Outcome:
         bm = await self.kube.get(BASEMODELS, ns, name)
-        all_adapters = await self.kube.list(LORAADAPTERS, ns)
-        mine = [a for a in all_adapters if base_of(a) == name]
+        mine = await self._adapters(ns, name)
+        log.debug("reconciling BaseModel %s/%s with %d adapters", ns, name, len(mine))
         live = [a for a in mine if not a.get("metadata", {}).get("deletionTimestamp")]
         if bm is None or bm.get("metadata", {}).get("deletionTimestamp"):
             missing = Verdict(
@@ -213,15 +338,19 @@ class Reconciler:
             return outcome
         weights: WeightsStatus | None = None
         for obj in decision.objects:
-            if obj["kind"] == "Job":
-                weights = await self._ensure_loader(ns, name, spec, obj, outcome)
-                continue
-            if obj["kind"] == "Deployment" and weights is not None and weights.phase != "Ready":
-                # Held back until the weights are cached: a pod started now would find an
-                # empty folder. A running Deployment keeps serving its current weights.
-                continue
-            if await self._ensure(obj, owner_body=bm, plan=plan):
-                outcome.writes.append(f"{obj['kind']}/{obj['metadata']['name']}")
+            try:
+                if obj["kind"] == "Job":
+                    weights = await self._ensure_loader(ns, name, spec, obj, outcome)
+                    continue
+                if obj["kind"] == "Deployment" and weights is not None and weights.phase != "Ready":
+                    # Held back until the weights are cached: a pod started now would find an
+                    # empty folder. A running Deployment keeps serving its current weights.
+                    continue
+                if await self._ensure(obj, owner_body=bm, uid=owner.uid, plan=plan):
+                    outcome.writes.append(f"{obj['kind']}/{obj['metadata']['name']}")
+            except OwnershipConflict as exc:
+                log.warning("BaseModel %s/%s: %s", ns, name, exc)
+                outcome.conflicts.append(str(exc))
         if not spec.network_policy.enabled and await self._retire_networkpolicy(owner):
             outcome.writes.append(f"-NetworkPolicy/{naming.networkpolicy_name(name)}")
         deployment = await self.kube.get(DEPLOYMENTS, ns, naming.deployment_name(name))
@@ -244,6 +373,7 @@ class Reconciler:
             manifest_generation=manifest.generation,
             weights=weights,
         )
+        self._report_conflicts(status, gen, outcome.conflicts)
         await self._write_base(ns, name, bm, status)
         return outcome
 
@@ -267,31 +397,121 @@ class Reconciler:
             why = failure_message(pods, cache.job_name)
         return loader_state(cache, observed, expected, why)
 
+    async def _adapters(self, ns: str, name: str) -> list[dict[str, Any]]:
+        """This BaseModel's LoRAAdapters: from the watch-fed cache when running under kopf (no
+        API request), else one list of the namespace."""
+        if self.adapters.primed:
+            return self.adapters.of(ns, name)
+        return [a for a in await self.kube.list(LORAADAPTERS, ns) if base_of(a) == name]
+
+    @staticmethod
+    def _report_conflicts(status: BaseModelStatus, gen: int | None, conflicts: list[str]) -> None:
+        """`OwnedObjectConflict` names the objects we refused to adopt; Ready is False then."""
+        if conflicts:
+            message = "; ".join(conflicts) + (
+                ": rename the BaseModel or remove the other object; loraplex never adopts "
+                "objects it did not create"
+            )
+            status.phase = "Failed"
+            for type_ in ("OwnedObjectConflict", "Ready"):
+                status.conditions = set_condition(
+                    status.conditions,
+                    type_,
+                    "True" if type_ == "OwnedObjectConflict" else "False",
+                    "OwnedObjectConflict",
+                    message,
+                    generation=gen,
+                )
+        elif get_condition(status.conditions, "OwnedObjectConflict") is not None:
+            status.conditions = set_condition(
+                status.conditions,
+                "OwnedObjectConflict",
+                "False",
+                "NoConflict",
+                "every owned object is this BaseModel's",
+                generation=gen,
+            )
+
     async def _ensure(
-        self, obj: dict[str, Any], *, owner_body: dict[str, Any], plan: Plan | None = None
+        self,
+        obj: dict[str, Any],
+        *,
+        owner_body: dict[str, Any],
+        uid: str,
+        plan: Plan | None = None,
     ) -> bool:
-        """Create or correct one owned object; True when something was written."""
+        """Create or correct one owned object; True when something was written.
+
+        Creates only what does not exist (POST, so a concurrent creator makes us re-read, not
+        adopt), corrects only objects that are ours (`owned_by`), by server-side apply under
+        our field manager with the observed resourceVersion as a precondition: a 409 means
+        someone wrote in between, so we re-read and decide again. Raises OwnershipConflict.
+        """
         kind = KIND_OF[obj["kind"]]
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-        if kind is SECRETS:  # write-only for us: never read back, so patch blindly
-            if await self.kube.patch(kind, ns, name, obj) is None:
-                await self.kube.create(kind, ns, obj)
-            return True
-        observed = await self.kube.get(kind, ns, name)
-        if observed is None:
-            await self.kube.create(kind, ns, obj)
-            log.info("created %s %s/%s", obj["kind"], ns, name)
-            return True
-        if kind is PVCS:  # its spec is immutable once bound: created once, never corrected
-            return False
-        if drifted(obj, observed):
-            changes = plan_changes(observed, obj) if kind is DEPLOYMENTS else []
+        if kind is SECRETS:
+            return await self._ensure_secret(obj, uid)
+        for _ in range(CONFLICT_RETRIES):
+            observed = await self.kube.get(kind, ns, name)
+            if observed is None:
+                try:
+                    await self.kube.create(kind, ns, obj)
+                except KubeError as exc:
+                    if exc.status == 409:  # created meanwhile: look at it again
+                        continue
+                    raise
+                log.info("created %s %s/%s", obj["kind"], ns, name)
+                return True
+            why = owned_by(observed, uid)
+            if why is not None:
+                raise OwnershipConflict(obj["kind"], name, why)
+            if kind is PVCS:  # its spec is immutable once bound: created once, never corrected
+                return False
+            desired = yield_to_others(obj, observed)
+            if not drifted(desired, observed):
+                return False
+            changes = plan_changes(observed, desired) if kind is DEPLOYMENTS else []
+            desired["metadata"]["resourceVersion"] = observed["metadata"].get("resourceVersion")
+            try:
+                await self.kube.server_side_apply(desired)
+            except KubeError as exc:
+                if exc.status == 409:
+                    log.info("%s %s/%s changed while we wrote it; re-reading", kind.kind, ns, name)
+                    continue
+                raise
+            await self._replace_leftovers(kind, desired)
             if changes:
                 self.on_event(owner_body, "Replanned", replan_message(changes, plan))
-            await self.kube.patch(kind, ns, name, obj)
             log.info("corrected %s %s/%s", obj["kind"], ns, name)
             return True
-        return False
+        raise KubeError(409, f"{kind.kind} {ns}/{name}: still conflicting after retries")
+
+    async def _replace_leftovers(self, kind: Any, desired: dict[str, Any]) -> None:
+        """Server-side apply keeps list entries another manager added (say, a container put in
+        by hand): they are not ours to remove by apply. The spec we render is ours whole, so
+        when apply leaves it drifted, a merge patch replaces its lists outright; fields yielded
+        to other managers (replicas under an HPA) are not in `desired` and stay theirs."""
+        ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        after = await self.kube.get(kind, ns, name)
+        if after is not None and "spec" in desired and drifted(desired, after):
+            await self.kube.patch(kind, ns, name, {"spec": desired["spec"]})
+
+    async def _ensure_secret(self, obj: dict[str, Any], uid: str) -> bool:
+        """Secrets are write-only for us: a guarded JSON patch, or a create if none exists."""
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                if await self.kube.json_patch(SECRETS, ns, name, secret_patch(obj, uid)) is None:
+                    await self.kube.create(SECRETS, ns, obj)
+                return True
+            except KubeError as exc:
+                if exc.status == 422:  # a `test` failed: the Secret is someone else's
+                    raise OwnershipConflict(
+                        "Secret", name, "its label or controller ownerReference is not ours"
+                    ) from exc
+                if exc.status != 409:  # 409: created meanwhile, patch it (guarded) instead
+                    raise
+        raise KubeError(409, f"Secret {ns}/{name}: still conflicting after retries")
 
     async def _retire_networkpolicy(self, owner: Owner) -> bool:
         """spec.networkPolicy.enabled turned off: delete the policy we made earlier (only one
@@ -351,13 +571,26 @@ class Reconciler:
             phases[aname] = new.phase
             self._phases[(ns, aname)] = new.phase
             dumped = new.dump()
-            if dumped != (obj.get("status") or {}):
+            rv = meta.get("resourceVersion")
+            if self.finalizer and self.finalizer not in (meta.get("finalizers") or []):
+                # kopf has not taken this adapter in yet: it is adding its finalizer with a
+                # JSON patch guarded by this resourceVersion, which a status write now would
+                # void (422, and another round). Its own create handler brings us back.
+                continue
+            if dumped != (obj.get("status") or {}) and self._written.get((ns, aname)) != (
+                rv,
+                dumped,
+            ):
                 await self.kube.patch(LORAADAPTERS, ns, aname, {"status": dumped}, sub="status")
+                # The index learns of this write only when its watch event arrives; until then
+                # it still shows this resourceVersion, and the write must not be repeated.
+                self._written[(ns, aname)] = (rv, dumped)
         self._update_phase_gauge()
         return phases
 
     def forget_adapter(self, ns: str, name: str) -> None:
         self._phases.pop((ns, name), None)
+        self._written.pop((ns, name), None)
         self._update_phase_gauge()
 
     def _update_phase_gauge(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ class OperatorOptions:
     metrics_port: int = 8080
     metrics_host: str = "0.0.0.0"
     peering: str | None = None
+    peering_lifetime: int = 60
     token_key: bytes = field(default=b"", repr=False)
     images: Images = DEFAULT_IMAGES
     operator_pods: OperatorPods = DEFAULT_OPERATOR_PODS
@@ -70,10 +72,21 @@ async def _metrics_app(opts: OperatorOptions, stop: asyncio.Event) -> web.AppRun
     return runner
 
 
+_peering: dict[str, int] = {"lifetime": 60}
+FINALIZER = f"{API_GROUP}/finalizer"
+
+
 @kopf.on.startup()
 def _settings(settings: kopf.OperatorSettings, **_: object) -> None:
-    """Keep kopf's bookkeeping in annotations, never in our status, and post fewer events."""
-    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    """Keep kopf's bookkeeping in annotations, never in our status, and post fewer events.
+
+    Peering: kopf pauses *every* replica when two share a priority, so with the chart's two
+    replicas none would work; each process takes a random priority instead, the highest is
+    active, and a standby takes over once the active one has been silent for `lifetime`.
+    """
+    settings.peering.priority = random.randint(1, 2**31 - 1)
+    settings.peering.lifetime = _peering["lifetime"]
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=API_GROUP, key="last-handled-configuration"
@@ -91,18 +104,21 @@ async def run_operator(opts: OperatorOptions, stop: asyncio.Event | None = None)
         log_refkey="object",
     )
     stop = stop or asyncio.Event()
-    kube = KubeClient(discover_connection())
+    _peering["lifetime"] = opts.peering_lifetime
+    # The pid in the User-Agent tells replicas' requests apart (in audit logs and tests).
+    kube = KubeClient(discover_connection(), user_agent=f"loraplex-operator/{os.getpid()}")
     pods = PodSync()
-    handlers.install(
-        Reconciler(
-            kube,
-            pods,
-            token_key=opts.token_key,
-            images=opts.images,
-            operator_pods=opts.operator_pods,
-            on_event=handlers.post_event,
-        )
+    reconciler = Reconciler(
+        kube,
+        pods,
+        token_key=opts.token_key,
+        images=opts.images,
+        operator_pods=opts.operator_pods,
+        on_event=handlers.post_event,
+        finalizer=FINALIZER,
     )
+    reconciler.namespaces = opts.namespaces
+    handlers.install(reconciler)
     runner = await _metrics_app(opts, stop)
     stop_flag: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 

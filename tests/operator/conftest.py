@@ -52,6 +52,11 @@ class EmulatedCluster:
     running: RunningEmulator
     enforces: bool = False
 
+    def __getattr__(self, name: str) -> Any:
+        """Tests of what only the emulator models (an auth gate, forced 410s, Retry-After,
+        its request log) reach the RunningEmulator's own attributes through this."""
+        return getattr(self.running, name)
+
     @property
     def kubeconfig(self) -> Path:
         return self.running.kubeconfig

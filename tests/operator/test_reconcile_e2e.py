@@ -112,8 +112,10 @@ async def test_examples_reconcile_into_owned_objects(
         what="both adapters in the manifest",
     )
     assert names
-    dep = one(cluster, "apps/v1/deployments", "qwen-14b")
-    assert dep is not None
+    # Objects are written one after another: the manifest may land before the Deployment.
+    dep = await eventually(
+        lambda: one(cluster, "apps/v1/deployments", "qwen-14b"), what="the Deployment"
+    )
     for res, name in [
         ("v1/services", "qwen-14b"),
         ("v1/secrets", "qwen-14b-admin"),

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from loraplex.kube import Connection
+from loraplex.kube import Connection, connection_from_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "loraplex"
@@ -569,12 +569,7 @@ class ControlPlane:
 
     def admin_connection(self) -> Connection:
         assert self.pki is not None
-        return Connection(
-            server=self.url,
-            ca_file=str(self.pki.ca_cert),
-            cert_file=str(self.pki.admin_cert),
-            key_file=str(self.pki.admin_key),
-        )
+        return connection_from_kubeconfig(self.admin_kubeconfig)
 
     def session(self) -> requests.Session:
         """A blocking admin HTTP session: the control plane runs in other processes, so tests

@@ -27,8 +27,16 @@ def free_port() -> int:
 class OperatorProcess:
     """`python -m loraplex.cli operator ...` with its log in a file."""
 
-    def __init__(self, kubeconfig: Path, workdir: Path, *, extra_args: list[str] | None = None):
+    def __init__(
+        self,
+        kubeconfig: Path,
+        workdir: Path,
+        *,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.kubeconfig = kubeconfig
+        self.env = env or {}
         self.workdir = workdir
         self.metrics_port = free_port()
         self.extra_args = extra_args or []
@@ -60,7 +68,7 @@ class OperatorProcess:
             return s.connect_ex(("127.0.0.1", self.metrics_port)) == 0
 
     def _spawn(self) -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        env = {**os.environ, **self.env, "KUBECONFIG": str(self.kubeconfig)}
         cmd = [
             sys.executable,
             "-m",
