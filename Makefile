@@ -35,6 +35,7 @@ $(STAMP): pyproject.toml Makefile $(VERSIONS)
 	@# PyPI's torchvision/torchaudio break imports beside the CPU torch; vLLM serves text without them.
 	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) -m loraplex.devtools.k8s_binaries $(VENV)/bin
+	$(PY) -m loraplex.devtools.bubblewrap ensure
 	touch $(STAMP)
 
 test: setup
