@@ -359,7 +359,7 @@ def plan_local_pod(
     meta = deployment["metadata"]
     subs: list[str] = []
     if not boxed:
-        subs.append("WARNING: no bubblewrap: containers run as plain processes, rules NOT enforced")
+        subs.append("WARNING: plain processes (no bubblewrap): the pod's rules are NOT enforced")
     volumes: dict[str, Path] = {}
     sources: dict[str, dict[str, Any]] = {}
     for vol in pod.get("volumes") or []:
@@ -402,6 +402,8 @@ def plan_local_pod(
     subs.append(
         f"all containers: PATH={venv_bin}:{_IMAGE_PATH} (the image's own ENV; here this venv)"
     )
+    if boxed:
+        subs.append("all containers: env PWD (bubblewrap sets it to the working dir, / by default)")
     for c in pod["containers"]:
         name = c["name"]
         args = [local(a) for a in c.get("args") or []]
@@ -489,7 +491,7 @@ async def sync_volumes(kube: KubeClient, namespace: str, pod: LocalPod) -> None:
             write_volume(pod.volumes[name], source, obj)
 
 
-async def _wait_healthy(proc: Managed, path: str, timeout: float) -> None:
+async def wait_healthy(proc: Managed, path: str, timeout: float) -> None:
     """Like `wait_http`, but awaitable, so Ctrl-C (task cancellation) stops the wait at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -522,9 +524,9 @@ async def start_containers(pod: LocalPod, *, vllm_timeout: float = 300.0) -> Non
     mid-start can still stop everything with `stop_containers`.
     """
     vllm = start_container(pod, "vllm", pod.url(naming.VLLM_PORT))
-    await _wait_healthy(vllm, "/health", vllm_timeout)
+    await wait_healthy(vllm, "/health", vllm_timeout)
     server = start_container(pod, "adapter-server", pod.url(naming.PUBLIC_PORT))
-    await _wait_healthy(server, "/healthz", 60)
+    await wait_healthy(server, "/healthz", 60)
 
 
 def stop_containers(pod: LocalPod) -> None:
