@@ -63,6 +63,8 @@ class ChainResult:
     vllm_proc: dict[str, Any] = field(default_factory=dict)
     vllm_env: dict[str, str] = field(default_factory=dict)  # what the runner gave vLLM
     rendered_env: dict[str, list[str]] = field(default_factory=dict)  # names, per container
+    # The rendered securityContexts: "pod" and one per container name.
+    rendered_security: dict[str, dict[str, Any]] = field(default_factory=dict)
     statuses: dict[str, Any] = field(default_factory=dict)
 
 
@@ -184,9 +186,13 @@ class Chain:
         self.result.sandboxed = pod.sandboxed
         self.result.rules = pod.rules()
         self.result.vllm_env = pod.env["vllm"]
+        template = dep["spec"]["template"]["spec"]
         self.result.rendered_env = {
-            c["name"]: [e["name"] for e in c.get("env") or []]
-            for c in dep["spec"]["template"]["spec"]["containers"]
+            c["name"]: [e["name"] for e in c.get("env") or []] for c in template["containers"]
+        }
+        self.result.rendered_security = {
+            "pod": template.get("securityContext") or {},
+            **{c["name"]: c.get("securityContext") or {} for c in template["containers"]},
         }
         self.result.vllm_argv = pod.argv["vllm"]
         self.result.server_argv = pod.argv["adapter-server"]
