@@ -337,6 +337,32 @@ def _decide_sandbox(sandbox: bool | None) -> bool:
     return False
 
 
+def _plan_volumes(
+    pod: dict[str, Any], root: Path, claims: dict[str, Path], refs: Refs
+) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+    """A host folder per volume (emptyDirs fresh and open to any uid, as the kubelet makes
+    them; ConfigMaps and Secrets filled), and the ConfigMap/Secret sources to keep in sync."""
+    volumes: dict[str, Path] = {}
+    sources: dict[str, dict[str, Any]] = {}
+    kinds = (("ConfigMap", "configMap", "name"), ("Secret", "secret", "secretName"))
+    for vol in pod.get("volumes") or []:
+        name = vol["name"]
+        if "persistentVolumeClaim" in vol:
+            claim = vol["persistentVolumeClaim"]["claimName"]
+            volumes[name] = claims.get(claim, root / "pvc" / claim)
+        else:
+            volumes[name] = root / "volumes" / name
+            shutil.rmtree(volumes[name], ignore_errors=True)
+        volumes[name].mkdir(parents=True, exist_ok=True)
+        if "emptyDir" in vol:
+            volumes[name].chmod(0o777)
+        for kind, key, ref in kinds:
+            if key in vol:
+                sources[name] = vol[key]
+                write_volume(volumes[name], vol[key], refs.get((kind, vol[key][ref])))
+    return volumes, sources
+
+
 def plan_local_pod(
     deployment: dict[str, Any],
     *,
@@ -360,25 +386,7 @@ def plan_local_pod(
     subs: list[str] = []
     if not boxed:
         subs.append("WARNING: plain processes (no bubblewrap): the pod's rules are NOT enforced")
-    volumes: dict[str, Path] = {}
-    sources: dict[str, dict[str, Any]] = {}
-    for vol in pod.get("volumes") or []:
-        name = vol["name"]
-        if "persistentVolumeClaim" in vol:
-            claim = vol["persistentVolumeClaim"]["claimName"]
-            volumes[name] = claims.get(claim, root / "pvc" / claim)
-        else:
-            volumes[name] = root / "volumes" / name
-            shutil.rmtree(volumes[name], ignore_errors=True)  # emptyDirs start empty
-        volumes[name].mkdir(parents=True, exist_ok=True)
-        volumes[name].chmod(0o777) if "emptyDir" in vol else None
-        for kind, key, name_key in (
-            ("ConfigMap", "configMap", "name"),
-            ("Secret", "secret", "secretName"),
-        ):
-            if key in vol:
-                sources[name] = vol[key]
-                write_volume(volumes[name], vol[key], refs.get((kind, vol[key][name_key])))
+    volumes, sources = _plan_volumes(pod, root, claims, refs)
     ports: dict[int, int] = {}
     for port in (naming.PUBLIC_PORT, naming.ADMIN_PORT, naming.VLLM_PORT):
         ports[port] = free_port() if remap_ports else port
