@@ -9,6 +9,8 @@ import sys
 import time
 
 from loraplex.demo.chain import ROOT, run_chain
+from loraplex.devtools.bubblewrap import BubblewrapMissing
+from loraplex.devtools.kubelet import PodRuleError
 
 
 def main() -> int:
@@ -25,6 +27,9 @@ def main() -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: everything started by the demo has been stopped")
         return 130
+    except (BubblewrapMissing, PodRuleError) as exc:
+        print(f"\nthe pod cannot start here: {exc}", file=sys.stderr)
+        return 1
     print("\n==> Timings (seconds)")
     for key, value in result.timings.items():
         print(f"    {key:38s} {value:8.2f}")
