@@ -17,7 +17,7 @@ def main() -> int:
     workdir = ROOT / ".demo"
     shutil.rmtree(workdir / "pod", ignore_errors=True)
     print("loraplex demo: API stand-in + operator + the rendered pod on CPU vLLM (no GPU needed),")
-    print("each container under the pod's own rules (bubblewrap: uid, read-only root, volumes, env)")
+    print("each container under the pod's rules (bubblewrap: uid, read-only root, volumes, env)")
     print(f"work folder: {workdir} (logs under pod/logs and operator.log)")
     start = time.monotonic()
     # SIGTERM (e.g. `timeout`, a CI runner) cleans up like Ctrl-C: every task's finally runs.
