@@ -349,7 +349,8 @@ def inspect_process(pid: int) -> dict[str, Any]:
             kids = (children.read_text() if children.exists() else "").split()
         except OSError:
             kids = []
-        if not kids or b"bwrap" not in Path(f"/proc/{inner}/cmdline").read_bytes().split(b"\0")[0]:
+        argv0 = Path(f"/proc/{inner}/cmdline").read_bytes().split(b"\0")[0]
+        if not kids or Path(argv0.decode()).name != "bwrap":
             break
         inner = int(kids[0])
         children = Path(f"/proc/{inner}/task/{inner}/children")
