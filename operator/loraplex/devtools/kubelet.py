@@ -93,8 +93,9 @@ class LocalPod:
             rw = [m.target for m in box.mounts if not m.read_only] + list(box.scratch)
             ro = [m.target for m in box.mounts if m.read_only]
             root = "read-only root" if box.read_only_root else "writable root as tmpfs scratch"
+            who = "root" if box.uid == 0 else "no passwd entry"
             lines.append(
-                f"{name}: uid {box.uid} gid {box.gid} (no passwd entry), {root}, "
+                f"{name}: uid {box.uid} gid {box.gid} ({who}), {root}, "
                 f"writable: {' '.join(sorted(rw)) or '-'}; read-only: {' '.join(sorted(ro)) or '-'}"
             )
         return lines
