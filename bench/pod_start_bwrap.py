@@ -9,7 +9,10 @@ bubblewrap and as plain processes, `--runs` times each, and times:
 - vLLM ready: the start of the vLLM container to its `/health` answering 200;
 - server ready: the start of the adapter-server to its `/healthz`;
 - pod ready: the start of the pod to the adapter-server's `/readyz` (vLLM up and the pinned
-  adapter loaded): what a Service waits for.
+  adapter loaded): what a Service waits for;
+- sandbox setup: `/bin/true` run with a container's full rule set (the vLLM container's
+  mounts, passwd, namespaces) vs directly, 20 times: bubblewrap's own cost per start, which
+  the vLLM start's run-to-run noise on a shared machine would otherwise hide.
 
 The two modes alternate (sandboxed first) so load drift hits both alike. It prints a markdown
 table with the medians and the sandboxed/plain ratio, then the JSON behind it.
@@ -22,6 +25,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +77,22 @@ async def _start_once(pod: LocalPod) -> dict[str, float]:
     }
 
 
+def _setup_cost(pod: LocalPod, container: str, times: int = 20) -> dict[str, float]:
+    """Median seconds to run /bin/true under `container`'s sandbox and directly."""
+    box = pod.sandboxes[container]
+    assert box is not None
+    boxed = bubblewrap.command(box, ["/bin/true"], bubblewrap.find() or "bwrap")
+    out: dict[str, float] = {}
+    for mode, argv in (("bubblewrap", boxed), ("plain", ["/bin/true"])):
+        secs = []
+        for _ in range(times):
+            t0 = time.monotonic()
+            subprocess.run(argv, env=pod.env[container], check=True)
+            secs.append(time.monotonic() - t0)
+        out[f"{mode}_ms"] = round(statistics.median(secs) * 1000, 1)
+    return out
+
+
 def run(runs: int = 2, workdir: Path | None = None) -> dict[str, Any]:
     """`runs` pod starts in each mode, alternating; the numbers."""
     why = bubblewrap.problem()
@@ -81,6 +101,7 @@ def run(runs: int = 2, workdir: Path | None = None) -> dict[str, Any]:
     dep, refs = _rendered()
     results: dict[str, list[dict[str, float]]] = {"bubblewrap": [], "plain": []}
     rules: list[str] = []
+    setup: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="loraplex-pod-start-") as tmp:
         root = workdir or Path(tmp)
         model = make_model(root / "models" / "tiny-llama")
@@ -99,6 +120,7 @@ def run(runs: int = 2, workdir: Path | None = None) -> dict[str, Any]:
                 )
                 if mode == "bubblewrap" and not rules:
                     rules = pod.rules()
+                    setup = _setup_cost(pod, "vllm")
                 results[mode].append(asyncio.run(_start_once(pod)))
     summary: dict[str, Any] = {}
     for mode, rows in results.items():
@@ -116,6 +138,7 @@ def run(runs: int = 2, workdir: Path | None = None) -> dict[str, Any]:
     return {
         **summary,
         "bubblewrap_over_plain": ratio,
+        "sandbox_setup": setup,
         "rules": rules,
         "bwrap": bubblewrap.find(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
@@ -136,6 +159,12 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {p['median']:.2f} (runs {', '.join(f'{v:.2f}' for v in p['runs'])}) "
             f"| {r['bubblewrap_over_plain'][key]:.2f}x |"
         )
+    su = r["sandbox_setup"]
+    out.append(
+        f"| sandbox setup: /bin/true under the vLLM container's rules vs direct (ms, median "
+        f"of 20) | {su['bubblewrap_ms']:.1f} | {su['plain_ms']:.1f} | "
+        f"+{su['bubblewrap_ms'] - su['plain_ms']:.1f} ms |"
+    )
     return "\n".join(out)
 
 
