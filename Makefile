@@ -37,6 +37,7 @@ $(STAMP): pyproject.toml Makefile $(VERSIONS)
 	$(PY) -m loraplex.devtools.k8s_binaries $(VENV)/bin
 	@# checkov (own venv: its pins clash with ours) and actionlint, for tests/security.
 	sh tests/security/install_tools.sh $(VENV)
+	$(PY) -m loraplex.devtools.bubblewrap ensure
 	touch $(STAMP)
 
 test: setup

@@ -271,6 +271,7 @@ def run(hot_adds: int = 5, restarts: int = 2, workdir: Path | None = None) -> di
             "adapters": "rank 8, q/k/v/o_proj, read in place from the PVC folder",
             "max_tokens": MAX_TOKENS,
             "pod_vllm_argv": result.vllm_argv[1:],
+            "pod_rules": result.rules,
             "total_s": round(time.monotonic() - started, 1),
             "other_vllm_processes_at_start": others,
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()],

@@ -9,12 +9,15 @@ import sys
 import time
 
 from loraplex.demo.chain import ROOT, run_chain
+from loraplex.devtools.bubblewrap import BubblewrapMissing
+from loraplex.devtools.kubelet import PodRuleError
 
 
 def main() -> int:
     workdir = ROOT / ".demo"
     shutil.rmtree(workdir / "pod", ignore_errors=True)
-    print("loraplex demo: API stand-in + operator + the rendered pod on CPU vLLM (no GPU needed)")
+    print("loraplex demo: API stand-in + operator + the rendered pod on CPU vLLM (no GPU needed),")
+    print("each container under the pod's rules (bubblewrap: uid, read-only root, volumes, env)")
     print(f"work folder: {workdir} (logs under pod/logs and operator.log)")
     start = time.monotonic()
     # SIGTERM (e.g. `timeout`, a CI runner) cleans up like Ctrl-C: every task's finally runs.
@@ -24,6 +27,9 @@ def main() -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: everything started by the demo has been stopped")
         return 130
+    except (BubblewrapMissing, PodRuleError) as exc:
+        print(f"\nthe pod cannot start here: {exc}", file=sys.stderr)
+        return 1
     print("\n==> Timings (seconds)")
     for key, value in result.timings.items():
         print(f"    {key:38s} {value:8.2f}")

@@ -25,8 +25,10 @@ from loraplex.demo.tables import table
 from loraplex.devtools.emulator import RunningEmulator, running_emulator
 from loraplex.devtools.kubelet import (
     LocalPod,
+    fetch_refs,
     plan_local_pod,
     publish_pod,
+    referenced,
     start_containers,
     stop_containers,
     sync_volumes,
@@ -55,6 +57,14 @@ class ChainResult:
     deleted_error: str = ""
     tables: str = ""
     vllm_pids: tuple[int, int] = (0, 0)
+    sandboxed: bool = False
+    rules: list[str] = field(default_factory=list)
+    # What the running vLLM process looked like from the host (/proc), while it served.
+    vllm_proc: dict[str, Any] = field(default_factory=dict)
+    vllm_env: dict[str, str] = field(default_factory=dict)  # what the runner gave vLLM
+    rendered_env: dict[str, list[str]] = field(default_factory=dict)  # names, per container
+    # The rendered securityContexts: "pod" and one per container name.
+    rendered_security: dict[str, dict[str, Any]] = field(default_factory=dict)
     statuses: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,8 +98,16 @@ async def _wait(what: str, probe: Callable[[], Any], timeout: float) -> Any:
 class Chain:
     """One run of the chain; `run()` does everything and always cleans up."""
 
-    def __init__(self, workdir: Path, say: Callable[[str], None], *, remap_ports: bool = True):
+    def __init__(
+        self,
+        workdir: Path,
+        say: Callable[[str], None],
+        *,
+        remap_ports: bool = True,
+        sandbox: bool | None = None,
+    ):
         self.workdir = workdir
+        self.sandbox = sandbox
         self.say = say
         self.remap_ports = remap_ports
         self.result = ChainResult()
@@ -148,15 +166,34 @@ class Chain:
             lambda: kube.get(DEPLOYMENTS, NS, naming.deployment_name(BASE)),
             60,
         )
+        wanted = referenced(dep)  # a kubelet waits for the pod's ConfigMaps and Secrets
+        refs = await _wait(
+            "the pod's ConfigMaps and Secrets",
+            lambda: _all_refs(kube, dep, wanted),
+            60,
+        )
         self._done("apply_to_deployment", t)
         pod = plan_local_pod(
             dep,
             root=self.workdir / "pod",
             model_dir=model,
             claims=self.claims,
+            refs=refs,
             remap_ports=self.remap_ports,
+            sandbox=self.sandbox,
         )
         self.result.substitutions = pod.substitutions
+        self.result.sandboxed = pod.sandboxed
+        self.result.rules = pod.rules()
+        self.result.vllm_env = pod.env["vllm"]
+        template = dep["spec"]["template"]["spec"]
+        self.result.rendered_env = {
+            c["name"]: [e["name"] for e in c.get("env") or []] for c in template["containers"]
+        }
+        self.result.rendered_security = {
+            "pod": template.get("securityContext") or {},
+            **{c["name"]: c.get("securityContext") or {} for c in template["containers"]},
+        }
         self.result.vllm_argv = pod.argv["vllm"]
         self.result.server_argv = pod.argv["adapter-server"]
         self.say(
@@ -166,14 +203,17 @@ class Chain:
             "    rendered adapter-server container, run locally as:\n      "
             + " ".join(pod.argv["adapter-server"])
         )
+        self.say("    the pod's rules, enforced with bubblewrap:" if pod.sandboxed else "")
+        for line in pod.rules():
+            self.say(f"      - {line}")
         self.say("    substitutions (everything else is exactly as rendered):")
         for s in pod.substitutions:
             self.say(f"      - {s}")
         t = self._step("Starting the pod's containers: vLLM (CPU) then loraplex-server")
-        await sync_volumes(kube, NS, BASE, pod)
         self.pod = pod  # visible to run()'s cleanup even if interrupted while starting
         await start_containers(pod)
         self.result.vllm_pids = (pod.procs["vllm"].pid, 0)
+        self.result.vllm_proc = inspect_process(pod.procs["vllm"].pid)
         self._done("containers_started", t)
         await _wait(
             "/readyz (vLLM up, pinned adapter loaded)",
@@ -187,7 +227,7 @@ class Chain:
         """Keep mounted files and the Pod's readiness current, as a kubelet would."""
         while True:
             with contextlib.suppress(Exception):
-                await sync_volumes(kube, NS, BASE, pod)
+                await sync_volumes(kube, NS, pod)
                 ready = _get(pod.url(naming.PUBLIC_PORT) + "/readyz") == 200
                 await publish_pod(kube, NS, BASE, pod, ready=ready)
             await asyncio.sleep(1.0)
@@ -294,9 +334,49 @@ class Chain:
         return True
 
 
+async def _all_refs(kube: KubeClient, dep: dict[str, Any], wanted: set[tuple[str, str]]) -> Any:
+    refs = await fetch_refs(kube, NS, dep)
+    return refs if set(refs) >= wanted else None
+
+
+def inspect_process(pid: int) -> dict[str, Any]:
+    """The innermost process under `pid` (the container's main process inside bwrap), seen
+    from the host: its command, environment, uid map and root mount, for the test to check."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    inner = pid
+    while True:
+        try:
+            kids = (children.read_text() if children.exists() else "").split()
+        except OSError:
+            kids = []
+        argv0 = Path(f"/proc/{inner}/cmdline").read_bytes().split(b"\0")[0]
+        if not kids or Path(argv0.decode()).name != "bwrap":
+            break
+        inner = int(kids[0])
+        children = Path(f"/proc/{inner}/task/{inner}/children")
+    proc = Path(f"/proc/{inner}")
+    environ = proc.joinpath("environ").read_bytes().split(b"\0")
+    mounts = proc.joinpath("mountinfo").read_text().splitlines()
+    root = [m.split()[5] for m in mounts if m.split()[4] == "/"][-1:] or [""]
+    return {
+        "pid": inner,
+        "cmdline": proc.joinpath("cmdline").read_bytes().split(b"\0")[:-1],
+        "env": dict(e.decode().split("=", 1) for e in environ if b"=" in e),
+        "uid_map": proc.joinpath("uid_map").read_text().split(),
+        "root_mount_options": root[0],
+    }
+
+
 async def run_chain(
-    workdir: Path, say: Callable[[str], None] = print, *, remap_ports: bool = True
+    workdir: Path,
+    say: Callable[[str], None] = print,
+    *,
+    remap_ports: bool = True,
+    sandbox: bool | None = None,
 ) -> ChainResult:
-    """Run the chain in `workdir` (created if needed) and return what it observed."""
+    """Run the chain in `workdir` (created if needed) and return what it observed.
+
+    `sandbox`: see `plan_local_pod` (None: bubblewrap when it works, loud fallback otherwise).
+    """
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
-    return await Chain(workdir, say, remap_ports=remap_ports).run()
+    return await Chain(workdir, say, remap_ports=remap_ports, sandbox=sandbox).run()

@@ -20,14 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-VLLM_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
+# What CPU vLLM on this machine needs beyond a pod's env, each with the reason (the local pod
+# runner prints them as substitutions).
+VLLM_CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": ("1", "no GPU: 1 GiB of CPU KV cache"),
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": ("True", "runtime adapter loading, as the pod renders"),
+    "HF_HUB_OFFLINE": ("1", "no network here; the model is a local folder"),
+    "TRANSFORMERS_OFFLINE": ("1", "no network here; the model is a local folder"),
+    "VLLM_NO_USAGE_STATS": ("1", "no usage reports, as the pod renders"),
 }
+VLLM_ENV = {key: value for key, (value, _why) in VLLM_CPU_ENV.items()} | {"DO_NOT_TRACK": "1"}
 
 
 def free_port() -> int:
@@ -73,7 +75,16 @@ class Managed:
             return ""
 
 
-def spawn(name: str, argv: Sequence[str], log_path: Path, env: dict[str, str], url: str) -> Managed:
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    log_path: Path,
+    env: dict[str, str],
+    url: str,
+    *,
+    inherit_env: bool = True,
+) -> Managed:
+    """Start `argv` in its own process group; `inherit_env=False` gives it exactly `env`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out: IO[bytes] = log_path.open("ab")
     try:
@@ -82,7 +93,7 @@ def spawn(name: str, argv: Sequence[str], log_path: Path, env: dict[str, str], u
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **env},
+            env={**os.environ, **env} if inherit_env else dict(env),
             start_new_session=True,
         )
     finally:
