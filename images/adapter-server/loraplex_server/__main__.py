@@ -1,4 +1,9 @@
-"""`loraplex-server`: run the public and admin apps until SIGTERM."""
+"""`loraplex-server`: run the public and admin apps until SIGTERM, then drain and exit.
+
+On SIGTERM the server keeps listening while it drains: /readyz fails (so the endpoint leaves
+the Service), new inference requests get 503 with Retry-After, and in-flight ones (streams
+too) may finish for up to --drain-timeout seconds before the listeners close.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import sys
 
 from aiohttp import web
 
-from loraplex_server.app import create_app
+from loraplex_server.app import create_app, drain
 from loraplex_server.settings import Settings, parse_args
 
 log = logging.getLogger("loraplex_server")
@@ -17,7 +22,8 @@ log = logging.getLogger("loraplex_server")
 
 async def serve(settings: Settings) -> None:
     apps = create_app(settings)
-    public = web.AppRunner(apps.public, access_log=None, handle_signals=False)
+    # The drain below already waited for in-flight requests; cleanup then cuts what is left.
+    public = web.AppRunner(apps.public, access_log=None, handle_signals=False, shutdown_timeout=1)
     adm = web.AppRunner(apps.admin, access_log=None, handle_signals=False)
     await public.setup()  # starts the shared Server: manifest, registry, watchers
     await adm.setup()
@@ -37,6 +43,8 @@ async def serve(settings: Settings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        log.info("draining for up to %.0fs", settings.drain_timeout)
+        await drain(apps.server)
         log.info("shutting down")
     finally:
         await adm.cleanup()

@@ -7,14 +7,24 @@ and writes JSON.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import re
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from loraplex_server import admin, errors
-from loraplex_server.proxy import Proxy
+from loraplex_server.proxy import INFERENCE_ROUTES, PUBLIC_ROUTES, Proxy
 from loraplex_server.server import SERVER, Server
 from loraplex_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# A request target the public port considers at all: one or more plain segments, nothing else.
+# No dot segments, no percent-encoding, no backslashes, no empty segments, no absolute-form.
+_PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9_-]+)+")
 
 
 @dataclass
@@ -25,10 +35,12 @@ class Apps:
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler: admin.Handler) -> web.StreamResponse:
-    """Unknown routes and wrong methods answer in the same JSON shape as everything else."""
+async def problems(request: web.Request, handler: admin.Handler) -> web.StreamResponse:
+    """The one place request failures become responses, all in the OpenAI error shape."""
     try:
         return await handler(request)
+    except errors.Problem as exc:
+        return exc.response()
     except web.HTTPRequestEntityTooLarge:
         return errors.json_error(413, "request body is too large", code="body_too_large")
     except web.HTTPException as exc:
@@ -37,20 +49,72 @@ async def json_errors(request: web.Request, handler: admin.Handler) -> web.Strea
         return errors.json_error(exc.status, exc.reason, code=exc.reason.lower().replace(" ", "_"))
 
 
+@web.middleware
+async def path_gate(request: web.Request, handler: admin.Handler) -> web.StreamResponse:
+    """Let through only the exact spellings of `PUBLIC_ROUTES`, checked on the raw target.
+
+    Checking the raw bytes (not aiohttp's decoded, possibly normalized path) means that no
+    encoding or dot segment can make two spellings mean one route here and another in vLLM.
+    """
+    path, _, _ = request.raw_path.partition("?")
+    if not _PLAIN_PATH.fullmatch(path):
+        raise errors.Problem(
+            "the request path must be a plain route such as /v1/completions: no dot segments, "
+            "percent-encoding, backslashes or empty segments",
+            code="invalid_path",
+        )
+    method = PUBLIC_ROUTES.get(path)
+    if method is None:
+        raise errors.Problem(
+            f"no route {path[:100]}; the public port serves {', '.join(PUBLIC_ROUTES)}",
+            status=404,
+            err_type="NotFoundError",
+            code="not_found",
+        )
+    if request.method != method:
+        raise errors.Problem(f"{path} takes {method}", status=405, code="method_not_allowed")
+    if _server(request).draining and path in INFERENCE_ROUTES:
+        raise errors.Unavailable(
+            "this server is shutting down; retry on another replica",
+            code="shutting_down",
+            retry_after=1,
+        )
+    return await handler(request)
+
+
 def _server(request: web.Request) -> Server:
     return request.app[SERVER]
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
+    """Liveness: fails once vLLM, having answered before, has been silent past the bound, so
+    the kubelet restarts the pod's containers instead of leaving a hung vLLM in place."""
+    srv = _server(request)
+    dead = srv.vllm_dead_for()
+    if dead > srv.settings.vllm_dead_after:
+        return web.json_response(
+            {
+                "status": "vllm_unresponsive",
+                "vllmSilentSeconds": round(dead, 1),
+                "limit": srv.settings.vllm_dead_after,
+            },
+            status=503,
+        )
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
-    reg = _server(request).registry
-    ready = reg.ready()
+    srv = _server(request)
+    reg = srv.registry
+    ready = reg.ready() and not srv.draining
     pinned = {e.spec.name: e.state.value for e in reg.entries.values() if e.spec.pinned}
     return web.json_response(
-        {"ready": ready, "vllmHealthy": reg.vllm_healthy, "pinned": pinned},
+        {
+            "ready": ready,
+            "vllmHealthy": reg.vllm_healthy,
+            "draining": srv.draining,
+            "pinned": pinned,
+        },
         status=200 if ready else 503,
     )
 
@@ -79,22 +143,40 @@ def _proxy(request: web.Request) -> Proxy:
     return _server(request).proxy
 
 
+async def drain(server: Server) -> None:
+    """Stop taking inference requests, fail readiness, and wait for in-flight ones to finish.
+
+    Returns when none is left or after `--drain-timeout` seconds, whichever comes first; the
+    caller then closes the listeners (cutting what is still open).
+    """
+    server.draining = True
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(server.proxy.idle.wait(), server.settings.drain_timeout)
+    if server.proxy.inflight:
+        log.warning("drain timeout: cutting %d in-flight requests", server.proxy.inflight)
+
+
 def create_app(settings: Settings) -> Apps:
     server = Server(settings)
-    public = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
+    public = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[problems, path_gate]
+    )
     public[SERVER] = server
     public.cleanup_ctx.append(server.cleanup_ctx)
-    r = public.router
-    r.add_get("/healthz", healthz)
-    r.add_get("/readyz", readyz)
-    r.add_get("/metrics", metrics)
-    r.add_get("/v1/adapters", adapters)
-    r.add_get("/v1/models", models)
-    r.add_route("*", "/v1/{tail:.*}", forward)
+    handlers = {
+        "/healthz": healthz,
+        "/readyz": readyz,
+        "/metrics": metrics,
+        "/v1/adapters": adapters,
+        "/v1/models": models,
+        **dict.fromkeys(INFERENCE_ROUTES, forward),
+    }
+    for path, method in PUBLIC_ROUTES.items():
+        public.router.add_route(method, path, handlers[path])
 
     adm = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[json_errors, admin.auth_middleware(settings.admin_token_file)],
+        middlewares=[problems, admin.auth_middleware(settings.admin_token_file)],
     )
     adm[SERVER] = server
     admin.add_routes(adm)

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from typing import Any
 
 import aiohttp
@@ -39,6 +40,8 @@ class Server:
         self._proxy: Proxy | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._manifest_digest = ""
+        self.draining = False
+        self.vllm_last_ok: float | None = None  # monotonic time of vLLM's last good /health
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -70,14 +73,7 @@ class Server:
         self._registry = Registry(
             manifest, self.metrics, self.fetcher, VLLMClient(self.settings.vllm_url, self._session)
         )
-        self._proxy = Proxy(
-            self._registry,
-            self.metrics,
-            self._session,
-            self.settings.vllm_url,
-            self.settings.load_timeout,
-            self.settings.max_body_bytes,
-        )
+        self._proxy = Proxy(self._registry, self.metrics, self._session, self.settings)
         await self._registry.apply(manifest, initial=True)
         self._tasks = [
             asyncio.create_task(self._watch_vllm()),
@@ -103,6 +99,8 @@ class Server:
         first = True
         while True:
             ok = await vllm.healthy(seconds=1.0)
+            if ok:
+                self.vllm_last_ok = time.monotonic()
             if ok and (first or not self.registry.vllm_healthy):
                 log.info("vLLM is healthy")
                 await self.registry.vllm_up()
@@ -111,6 +109,13 @@ class Server:
                 await self.registry.vllm_down()
             first = False
             await asyncio.sleep(self.settings.health_interval)
+
+    def vllm_dead_for(self) -> float:
+        """Seconds since vLLM last answered /health, 0 if it never has (still starting: the
+        startup probe, not liveness, bounds that)."""
+        if self.vllm_last_ok is None:
+            return 0.0
+        return time.monotonic() - self.vllm_last_ok
 
     async def _watch_manifest(self) -> None:
         """Poll the mounted file; kubelet swaps ConfigMap files by symlink, so compare bytes."""

@@ -26,6 +26,11 @@ class Settings:
     admin_port: int = 8090
     load_timeout: float = 60.0
     max_body_bytes: int = 8 * 1024 * 1024
+    max_waiting: int = 256
+    max_waiting_per_adapter: int = 64
+    max_waiting_bytes: int = 64 * 1024 * 1024
+    drain_timeout: float = 25.0
+    vllm_dead_after: float = 60.0
     health_interval: float = 0.5
     manifest_interval: float = 1.0
     download_attempts: int = 5
@@ -55,7 +60,42 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         default=60.0,
         help="seconds a request waits for its adapter before 503",
     )
-    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=8 * 1024 * 1024,
+        help="largest request body accepted on either port (413 beyond)",
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=256,
+        help="requests that may wait for adapters to load, in total (503 beyond)",
+    )
+    p.add_argument(
+        "--max-waiting-per-adapter",
+        type=int,
+        default=64,
+        help="requests that may wait for one adapter to load (503 beyond)",
+    )
+    p.add_argument(
+        "--max-waiting-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="request-body bytes that waiting requests may hold in total (503 beyond)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=25.0,
+        help="on SIGTERM, seconds to let in-flight requests finish before exiting",
+    )
+    p.add_argument(
+        "--vllm-dead-after",
+        type=float,
+        default=60.0,
+        help="/healthz fails once vLLM, having answered before, has not for this many seconds",
+    )
     p.add_argument("--health-interval", type=float, default=0.5)
     p.add_argument("--manifest-interval", type=float, default=1.0)
     p.add_argument("--download-attempts", type=int, default=5)
@@ -85,6 +125,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         admin_port=a.admin_port,
         load_timeout=a.load_timeout,
         max_body_bytes=a.max_body_bytes,
+        max_waiting=a.max_waiting,
+        max_waiting_per_adapter=a.max_waiting_per_adapter,
+        max_waiting_bytes=a.max_waiting_bytes,
+        drain_timeout=a.drain_timeout,
+        vllm_dead_after=a.vllm_dead_after,
         health_interval=a.health_interval,
         manifest_interval=a.manifest_interval,
         download_attempts=max(1, a.download_attempts),
