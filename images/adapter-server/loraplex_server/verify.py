@@ -20,6 +20,7 @@ from loraplex_server.source_uri import parse_source_uri
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+CONFIG_MAX_BYTES = 1 << 20  # PEFT configs are a few kB; a larger one is an attack on memory
 MARKER_FILE = ".loraplex-source.json"  # our own record in the cache; not part of the digest
 
 
@@ -64,8 +65,18 @@ def read_config(root: Path) -> dict[str, Any]:
         raise errors.AdapterError(
             errors.UNSUPPORTED_ADAPTER, f"{CONFIG_FILE} is missing: not a PEFT LoRA adapter"
         )
+    size = cfg_path.stat().st_size
+    if size > CONFIG_MAX_BYTES:
+        raise errors.AdapterError(
+            errors.UNSUPPORTED_ADAPTER,
+            f"{CONFIG_FILE} is {size} bytes, over the {CONFIG_MAX_BYTES} byte limit",
+        )
     try:
         cfg = json.loads(cfg_path.read_text())
+    except RecursionError:
+        raise errors.AdapterError(
+            errors.UNSUPPORTED_ADAPTER, f"{CONFIG_FILE} is nested too deeply"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise errors.AdapterError(
             errors.UNSUPPORTED_ADAPTER, f"{CONFIG_FILE} is not valid JSON: {exc}"
