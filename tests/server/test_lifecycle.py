@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -80,11 +80,21 @@ async def test_drain_timeout_cuts_long_streams(tmp_path: Path, pvc_root: Path) -
 class HangingVLLM:
     """/health that answers, or hangs like a wedged engine."""
 
-    hang: bool = False
+    answering: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def hang(self) -> bool:
+        return not self.answering.is_set()
+
+    @hang.setter
+    def hang(self, value: bool) -> None:
+        if value:
+            self.answering.clear()
+        else:
+            self.answering.set()  # releases the held requests too
 
     async def health(self, request: web.Request) -> web.Response:
-        while self.hang:  # held until released, like a wedged engine
-            await asyncio.sleep(0.05)
+        await self.answering.wait()
         return web.Response()
 
     def app(self) -> web.Application:
@@ -99,7 +109,7 @@ async def healthz(url: str) -> tuple[int, dict[str, object]]:
 
 
 async def test_liveness_fails_when_vllm_hangs_past_the_bound(tmp_path: Path) -> None:
-    vllm = HangingVLLM(hang=True)
+    vllm = HangingVLLM()  # hung from the start
     async with serve_app(vllm.app()) as vurl:
         s = make_settings(
             tmp_path, vurl, manifest_doc([]), tmp_path, health_interval=0.1, vllm_dead_after=1.0
