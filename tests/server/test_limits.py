@@ -72,18 +72,18 @@ async def test_waiting_is_bounded_per_adapter_and_in_total(tmp_path: Path, pvc_r
         async with run_server(s) as srv, aiohttp.ClientSession() as c:
             await wait_for(lambda: srv.server.registry.entries["ad3"].state.value == "cached")
             waiters = [asyncio.create_task(post(c, srv.url, body("ad1"))) for _ in range(2)]
-            await wait_for(lambda: srv.server.proxy.waiting.count == 2)
+            await wait_for(lambda: srv.server.gate.waiting.count == 2)
             st, err, headers, took = await post(c, srv.url, body("ad1"))
             assert (st, err["error"]["code"]) == (503, "too_many_waiting")
             assert "--max-waiting-per-adapter" in err["error"]["message"]
             assert headers["Retry-After"] == "5" and took < 0.5
             waiters.append(asyncio.create_task(post(c, srv.url, body("ad2"))))
-            await wait_for(lambda: srv.server.proxy.waiting.count == 3)
+            await wait_for(lambda: srv.server.gate.waiting.count == 3)
             st, err, headers, took = await post(c, srv.url, body("ad3"))
             assert (st, err["error"]["code"]) == (503, "too_many_waiting")
             assert "--max-waiting)" in err["error"]["message"] and took < 0.5
             assert [r[0] for r in await asyncio.gather(*waiters)] == [200, 200, 200]
-            assert srv.server.proxy.waiting.count == 0 and srv.server.proxy.waiting.nbytes == 0
+            assert srv.server.gate.waiting.count == 0 and srv.server.gate.waiting.nbytes == 0
             metrics = await (await c.get(f"{srv.url}/metrics")).text()
             assert 'loraplex_server_requests_total{adapter="ad1",code="503"} 1.0' in metrics
             # loaded adapters do not wait, so the bound no longer applies to them
@@ -103,8 +103,8 @@ async def test_bytes_held_by_waiters_are_bounded(tmp_path: Path, pvc_root: Path)
         )
         async with run_server(s) as srv, aiohttp.ClientSession() as c:
             first = asyncio.create_task(post(c, srv.url, body("ad1", pad=60_000)))
-            await wait_for(lambda: srv.server.proxy.waiting.count == 1)
-            assert srv.server.proxy.waiting.nbytes > 60_000
+            await wait_for(lambda: srv.server.gate.waiting.count == 1)
+            assert srv.server.gate.waiting.nbytes > 60_000
             st, err, _, _ = await post(c, srv.url, body("ad1", pad=60_000))
             assert (st, err["error"]["code"]) == (503, "too_many_waiting")
             assert "--max-waiting-bytes" in err["error"]["message"]

@@ -11,14 +11,18 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
 from loraplex_server import admin, errors
+from loraplex_server.metrics import Metrics
 from loraplex_server.proxy import INFERENCE_ROUTES, PUBLIC_ROUTES, Proxy
 from loraplex_server.server import SERVER, Server
 from loraplex_server.settings import Settings
+from loraplex_server.workers import Status
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +86,28 @@ async def path_gate(request: web.Request, handler: admin.Handler) -> web.StreamR
     return await handler(request)
 
 
-def _server(request: web.Request) -> Server:
-    return request.app[SERVER]
+class Backend(Protocol):
+    """What the public routes need: the owner `Server`, or a `workers.Follower`."""
+
+    settings: Settings
+    metrics: Metrics
+    draining: bool
+
+    @property
+    def proxy(self) -> Proxy: ...
+
+    def status(self) -> Status: ...
+
+    def vllm_dead_for(self) -> float: ...
+
+    def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]: ...
+
+
+BACKEND = web.AppKey("backend", Backend)
+
+
+def _server(request: web.Request) -> Backend:
+    return request.app[BACKEND]
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -105,15 +129,14 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 async def readyz(request: web.Request) -> web.StreamResponse:
     srv = _server(request)
-    reg = srv.registry
-    ready = reg.ready() and not srv.draining
-    pinned = {e.spec.name: e.state.value for e in reg.entries.values() if e.spec.pinned}
+    st = srv.status()
+    ready = st.ready and not srv.draining
     return web.json_response(
         {
             "ready": ready,
-            "vllmHealthy": reg.vllm_healthy,
+            "vllmHealthy": st.vllm_healthy,
             "draining": srv.draining,
-            "pinned": pinned,
+            "pinned": st.pinned,
         },
         status=200 if ready else 503,
     )
@@ -127,8 +150,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 async def adapters(request: web.Request) -> web.StreamResponse:
-    report = _server(request).registry.report()
-    return web.json_response(report.model_dump(mode="json", by_alias=True))
+    return web.json_response(_server(request).status().adapters)
 
 
 async def models(request: web.Request) -> web.StreamResponse:
@@ -143,7 +165,28 @@ def _proxy(request: web.Request) -> Proxy:
     return _server(request).proxy
 
 
-async def drain(server: Server) -> None:
+async def take_hold(request: web.Request) -> web.StreamResponse:
+    """A follower's adapter request: load it if needed and keep it until released."""
+    try:
+        body = await request.json()
+        served, size = str(body["served"]), int(body.get("size", 0))
+    except (ValueError, KeyError, TypeError):
+        raise errors.Problem("expected {served, size}", code="invalid_hold") from None
+    hold = await request.app[SERVER].holds.take(served, size)
+    return web.json_response({"hold": hold})
+
+
+async def release_hold(request: web.Request) -> web.StreamResponse:
+    await request.app[SERVER].holds.release(request.match_info["hold"])
+    return web.json_response({})
+
+
+async def internal_status(request: web.Request) -> web.StreamResponse:
+    """For follower workers (admin port, token): the owner's view of vLLM and adapters."""
+    return web.json_response(request.app[SERVER].status().to_json())
+
+
+async def drain(server: Backend) -> None:
     """Stop taking inference requests, fail readiness, and wait for in-flight ones to finish.
 
     Returns when none is left or after `--drain-timeout` seconds, whichever comes first; the
@@ -156,13 +199,13 @@ async def drain(server: Server) -> None:
         log.warning("drain timeout: cutting %d in-flight requests", server.proxy.inflight)
 
 
-def create_app(settings: Settings) -> Apps:
-    server = Server(settings)
+def public_app(backend: Backend) -> web.Application:
+    settings = backend.settings
     public = web.Application(
         client_max_size=settings.max_body_bytes, middlewares=[problems, path_gate]
     )
-    public[SERVER] = server
-    public.cleanup_ctx.append(server.cleanup_ctx)
+    public[BACKEND] = backend
+    public.cleanup_ctx.append(backend.cleanup_ctx)
     handlers = {
         "/healthz": healthz,
         "/readyz": readyz,
@@ -173,6 +216,12 @@ def create_app(settings: Settings) -> Apps:
     }
     for path, method in PUBLIC_ROUTES.items():
         public.router.add_route(method, path, handlers[path])
+    return public
+
+
+def create_app(settings: Settings) -> Apps:
+    server = Server(settings)
+    public = public_app(server)
 
     adm = web.Application(
         client_max_size=settings.max_body_bytes,
@@ -180,4 +229,7 @@ def create_app(settings: Settings) -> Apps:
     )
     adm[SERVER] = server
     admin.add_routes(adm)
+    adm.router.add_get("/internal/status", internal_status)
+    adm.router.add_post("/internal/holds", take_hold)
+    adm.router.add_post("/internal/holds/{hold}/release", release_hold)
     return Apps(public, adm, server)

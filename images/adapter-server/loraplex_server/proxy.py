@@ -21,18 +21,16 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
 from loraplex_server import errors
-from loraplex_server.manifest import AdapterState
 from loraplex_server.metrics import Metrics
-from loraplex_server.registry import Entry, Registry
 from loraplex_server.settings import Settings
+from loraplex_server.workers import Gate
 
 log = logging.getLogger(__name__)
 
@@ -137,68 +135,21 @@ def pick_model(raw: bytes, content_type: str) -> tuple[str | None, bytes]:
     return name, raw
 
 
-@dataclass
-class WaitRoom:
-    """Bounds the requests that wait for an adapter to load: per adapter, in total, in bytes.
-
-    A waiting request holds its body; without a bound, a burst of large requests for an adapter
-    still downloading holds them all (issue 8: six 7.7 MiB bodies took the pod to 1.2 GiB).
-    Past a bound the request is refused at once with 503 and Retry-After.
-    """
-
-    per_adapter: int
-    total: int
-    max_bytes: int
-    count: int = 0
-    nbytes: int = 0
-    by_adapter: dict[str, int] = field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def enter(self, name: str, size: int) -> Iterator[None]:
-        mine = self.by_adapter.get(name, 0)
-        if mine >= self.per_adapter:
-            why = f"{mine} requests already wait for adapter `{name}` (--max-waiting-per-adapter)"
-        elif self.count >= self.total:
-            why = f"{self.count} requests already wait for adapters (--max-waiting)"
-        elif self.nbytes + size > self.max_bytes:
-            why = f"waiting requests already hold {self.nbytes} bytes (--max-waiting-bytes)"
-        else:
-            why = ""
-        if why:
-            raise errors.Unavailable(f"too many requests waiting: {why}", code="too_many_waiting")
-        self.by_adapter[name] = mine + 1
-        self.count += 1
-        self.nbytes += size
-        try:
-            yield
-        finally:
-            self.count -= 1
-            self.nbytes -= size
-            left = self.by_adapter[name] - 1
-            if left:
-                self.by_adapter[name] = left
-            else:
-                del self.by_adapter[name]
-
-
 class Proxy:
     def __init__(
         self,
-        registry: Registry,
+        gate: Gate,
         metrics: Metrics,
         session: aiohttp.ClientSession,
         settings: Settings,
     ) -> None:
-        self.registry = registry
+        self.gate = gate
         self.metrics = metrics
         self.session = session
         self.settings = settings
         self.urls = {
             p: upstream_url(settings.vllm_url, p) for p in ("/v1/models", *INFERENCE_ROUTES)
         }
-        self.waiting = WaitRoom(
-            settings.max_waiting_per_adapter, settings.max_waiting, settings.max_waiting_bytes
-        )
         self.inflight = 0
         self.idle = asyncio.Event()  # set while no inference request is in flight (drain)
         self.idle.set()
@@ -212,11 +163,11 @@ class Proxy:
                 body = await resp.json()
         except (aiohttp.ClientError, TimeoutError, ValueError):
             raise errors.Unavailable() from None
-        base = self.registry.manifest.base_served_name
+        base = self.gate.base()
         cards = [c for c in body.get("data", []) if c.get("id") == base]
         template = cards[0] if cards else {"object": "model", "owned_by": "vllm"}
         keep = ("object", "created", "owned_by", "max_model_len")
-        for name in self.registry.served_names()[1:]:
+        for name in self.gate.served_names()[1:]:
             cards.append(
                 {
                     **{k: template[k] for k in keep if k in template},
@@ -246,15 +197,17 @@ class Proxy:
                     code="body_too_large",
                 ) from None
             name, raw = pick_model(raw, request.content_type)
-            entry = self._entry(name)
-            if entry is None:
+            if name is None or name == self.gate.base():
                 label = "none" if name is None else name
                 return await self._forward(request, url, raw, label, t0)
-            label = entry.spec.served_name
-            async with self.registry.use(entry) as release:
-                if entry.state != AdapterState.LOADED:
-                    with self.waiting.enter(entry.spec.served_name, len(raw)):
-                        await self._load(entry)
+            if not self.gate.declared(name):
+                raise errors.ModelNotFound(
+                    f"The model `{name[:200]}` does not exist. "
+                    f"Served models: {', '.join(self.gate.served_names())}",
+                    param="model",
+                )
+            label = name
+            async with self.gate.hold(name, len(raw)) as release:
                 return await self._forward(request, url, raw, label, t0, release)
         except errors.Problem as exc:
             if isinstance(exc, errors.ModelNotFound):
@@ -268,36 +221,6 @@ class Proxy:
             self.inflight -= 1
             if not self.inflight:
                 self.idle.set()
-
-    def _entry(self, name: str | None) -> Entry | None:
-        if name is None or name == self.registry.manifest.base_served_name:
-            return None
-        entry = self.registry.by_served_name(name)
-        if entry is None:
-            raise errors.ModelNotFound(
-                f"The model `{name[:200]}` does not exist. "
-                f"Served models: {', '.join(self.registry.served_names())}",
-                param="model",
-            )
-        return entry
-
-    async def _load(self, entry: Entry) -> None:
-        served = entry.spec.served_name
-        try:
-            await self.registry.ensure_loaded(entry, self.settings.load_timeout)
-        except TimeoutError:
-            raise errors.Unavailable(
-                f"adapter `{served}` is still loading ({entry.state}); retry shortly",
-                code="adapter_loading",
-            ) from None
-        except errors.AdapterError as exc:
-            raise errors.Unavailable(
-                f"adapter `{served}` failed: {exc.reason}: {exc.message}",
-                code="adapter_failed",
-                retry_after=None,
-            ) from None
-        except errors.VLLMUnavailable:
-            raise errors.Unavailable() from None
 
     async def _forward(
         self,

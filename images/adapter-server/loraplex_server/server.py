@@ -26,6 +26,7 @@ from loraplex_server.proxy import Proxy
 from loraplex_server.registry import Registry
 from loraplex_server.settings import Settings
 from loraplex_server.vllm_client import VLLMClient
+from loraplex_server.workers import Holds, LocalGate, Status
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ class Server:
         self._registry = Registry(
             manifest, self.metrics, self.fetcher, VLLMClient(self.settings.vllm_url, self._session)
         )
-        self._proxy = Proxy(self._registry, self.metrics, self._session, self.settings)
+        self.gate = LocalGate(self._registry, self.settings)
+        self.holds = Holds(self.gate, lease=self.settings.load_timeout + 60)
+        self._proxy = Proxy(self.gate, self.metrics, self._session, self.settings)
         await self._registry.apply(manifest, initial=True)
         self._tasks = [
             asyncio.create_task(self._watch_vllm()),
@@ -85,7 +88,20 @@ class Server:
             len(manifest.adapters),
         )
 
+    def status(self) -> Status:
+        reg = self.registry
+        return Status(
+            ready=reg.ready(),
+            vllm_healthy=reg.vllm_healthy,
+            vllm_silent=self.vllm_dead_for(),
+            pinned={e.spec.name: e.state.value for e in reg.entries.values() if e.spec.pinned},
+            served=reg.served_names(),
+            adapters=reg.report().model_dump(mode="json", by_alias=True),
+        )
+
     async def stop(self) -> None:
+        if self._registry is not None:
+            await self.holds.close()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -7,8 +7,25 @@ and tests shorten the timings so faults show up in seconds rather than minutes.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def default_workers(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """One worker per core of the container's CPU limit (cgroup v2 `cpu.max`), rounded up;
+    without a limit, the cores this process may run on. At most 16: past that the one owner
+    process that loads adapters, not relaying, is what would need scaling."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            return max(1, min(16, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(16, len(os.sched_getaffinity(0))))
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,8 @@ class Settings:
     max_waiting_bytes: int = 64 * 1024 * 1024
     drain_timeout: float = 25.0
     vllm_dead_after: float = 60.0
+    workers: int = 1
+    role: str = "owner"
     health_interval: float = 0.5
     manifest_interval: float = 1.0
     download_attempts: int = 5
@@ -111,6 +130,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         default=60.0,
         help="seconds without a byte before a download counts as hung",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes serving the public port (SO_REUSEPORT); default: the container's CPU "
+        "limit, from cgroup cpu.max. One of them owns adapter loads and the admin port.",
+    )
+    p.add_argument("--role", choices=["owner", "follower"], default="owner", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     return Settings(
@@ -130,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         max_waiting_bytes=a.max_waiting_bytes,
         drain_timeout=a.drain_timeout,
         vllm_dead_after=a.vllm_dead_after,
+        workers=max(1, a.workers if a.workers is not None else default_workers()),
+        role=a.role,
         health_interval=a.health_interval,
         manifest_interval=a.manifest_interval,
         download_attempts=max(1, a.download_attempts),
