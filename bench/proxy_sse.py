@@ -85,10 +85,9 @@ def cpu_seconds(pids: list[int]) -> float:
 def wait_http(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                return
         time.sleep(0.2)
     raise RuntimeError(f"{url} did not answer")
 
@@ -109,8 +108,20 @@ def running(argv: list[str], cpus: str, **kw: object) -> Iterator[subprocess.Pop
 
 def loadgen(bindir: Path, url: str, streams: int, tokens: int, seconds: float, cpus: str) -> dict:
     out = subprocess.run(
-        ["taskset", "-c", cpus, str(bindir / "loadgen"), "-c", str(streams)]
-        + ["-d", f"{seconds}s", "-n", str(tokens), "-url", url],
+        [
+            "taskset",
+            "-c",
+            cpus,
+            str(bindir / "loadgen"),
+            "-c",
+            str(streams),
+            "-d",
+            f"{seconds}s",
+            "-n",
+            str(tokens),
+            "-url",
+            url,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -150,7 +161,7 @@ def proxy(checkout: Path, upstream: str, workers: int, cpus: str) -> Iterator[tu
         if workers > 1:
             argv += ["--workers", str(workers)]
         env = {**os.environ, "PYTHONPATH": str(checkout / "images" / "adapter-server")}
-        with running(argv, cpus, env=env, stderr=open(w / "server.log", "wb")) as p:  # noqa: SIM115
+        with running(argv, cpus, env=env, stderr=open(w / "server.log", "wb")) as p:
             url = f"http://127.0.0.1:{port}"
             wait_http(f"{url}/readyz")
             yield url, p.pid
@@ -164,8 +175,15 @@ def measure(
     load_cpus = "1" if workers == 1 else "0,1"
     proxy_cpus = "0" if workers == 1 else "0,1"
     with running(
-        [str(bindir / "upstream"), "-addr", f"127.0.0.1:{up_port}"]
-        + ["-itl", f"{itl}ms", "-ttft", f"{itl}ms"],
+        [
+            str(bindir / "upstream"),
+            "-addr",
+            f"127.0.0.1:{up_port}",
+            "-itl",
+            f"{itl}ms",
+            "-ttft",
+            f"{itl}ms",
+        ],
         load_cpus,
     ):
         upstream = f"http://127.0.0.1:{up_port}"
@@ -231,10 +249,18 @@ def plot(rows: list[Row], path: Path) -> None:
                 continue
             x = [r.proxy["events_s"] for r in pts]
             name = f"{label}, {workers} worker{'s' if workers > 1 else ''}"
-            a.plot(x, [r.proxy["ttfb_p50_ms"] - r.direct["ttfb_p50_ms"] for r in pts], "o-",
-                   label=f"{name} p50")
-            a.plot(x, [r.proxy["ttfb_p99_ms"] - r.direct["ttfb_p99_ms"] for r in pts], "s--",
-                   label=f"{name} p99")
+            a.plot(
+                x,
+                [r.proxy["ttfb_p50_ms"] - r.direct["ttfb_p50_ms"] for r in pts],
+                "o-",
+                label=f"{name} p50",
+            )
+            a.plot(
+                x,
+                [r.proxy["ttfb_p99_ms"] - r.direct["ttfb_p99_ms"] for r in pts],
+                "s--",
+                label=f"{name} p99",
+            )
             b.plot(x, [r.cpu_us_per_event for r in pts], "o-", label=name)
     a.set(xlabel="events/s", ylabel="TTFB overhead, ms (proxy - direct)", yscale="symlog")
     a.axhline(2, color="grey", lw=0.5)
@@ -279,8 +305,9 @@ def main() -> None:
     p.add_argument("--compare", type=Path, help="another checkout's server, e.g. /work/main")
     args = p.parse_args()
     if not (args.bin / "loadgen").exists():
-        subprocess.run([str(SSE_SRC / "build.sh")], env={**os.environ, "SSE_BIN": str(args.bin)},
-                       check=True)
+        subprocess.run(
+            [str(SSE_SRC / "build.sh")], env={**os.environ, "SSE_BIN": str(args.bin)}, check=True
+        )
     checkouts = [("this", ROOT)] + ([("compare", args.compare)] if args.compare else [])
     rows: list[Row] = []
     for label, checkout in checkouts:
@@ -295,8 +322,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "proxy_sse.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     plot(rows, ROOT / "docs" / "img" / "proxy_sse.png")
-    write_docs(rows, "flock /tmp/loraplex-heavy.lock .venv/bin/python -m bench.proxy_sse "
-               + " ".join(sys.argv[1:]))
+    write_docs(
+        rows,
+        "flock /tmp/loraplex-heavy.lock .venv/bin/python -m bench.proxy_sse "
+        + " ".join(sys.argv[1:]),
+    )
     print(table(rows))
 
 

@@ -32,9 +32,16 @@ class ServerProcess:
 
 @contextlib.asynccontextmanager
 async def server_process(
-    tmp_path: Path, vllm_url: str, pvc_root: Path, *extra: str, adapters: Any = ()
+    tmp_path: Path,
+    vllm_url: str,
+    pvc_root: Path,
+    *extra: str,
+    adapters: Any = (),
+    manifest: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[ServerProcess]:
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest_doc(list(adapters))))
+    doc = manifest or manifest_doc(list(adapters))
+    (tmp_path / "manifest.json").write_text(json.dumps(doc))
     (tmp_path / "token").write_text(TOKEN)
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
@@ -47,7 +54,7 @@ async def server_process(
         *("--port", str(port), "--admin-host", "127.0.0.1"),
         *("--admin-port", str(free_port()), "--health-interval", "0.2"),
         *extra,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})},
     )
     sp = ServerProcess(proc, f"http://127.0.0.1:{port}")
     try:

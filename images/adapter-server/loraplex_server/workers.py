@@ -231,7 +231,9 @@ class RemoteGate:
         self.waiting = WaitRoom.of(settings)
 
     def base(self) -> str:
-        return self.follower.status_.served[0] if self.follower.status_.served else ""
+        if not self.follower.status_.served:
+            raise errors.Unavailable("this worker has not heard from the owner process yet")
+        return self.follower.status_.served[0]
 
     def served_names(self) -> list[str]:
         return self.follower.status_.served
