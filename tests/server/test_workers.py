@@ -104,3 +104,23 @@ def test_workers_flag_parses() -> None:
     s = parse_args([*base, "--admin-token-file", "t", "--workers", "3"])
     assert (s.workers, s.role) == (3, "owner")
     _ = json  # keep the import list stable for the matrix above
+
+
+def test_operator_renders_workers_and_cpu_request() -> None:
+    """`--workers` follows the server container's CPU limit; the CPU request follows workers."""
+    from loraplex.api.basemodel import BaseModelSpec
+    from loraplex.render import server_args, server_resources, server_workers
+
+    def spec(resources: dict[str, object] | None) -> BaseModelSpec:
+        return BaseModelSpec.model_validate(
+            {"model": {"source": "hf://org/m"}, "server": {"resources": resources}}
+        )
+
+    assert server_workers(spec(None)) == 2
+    assert server_workers(spec({"limits": {"cpu": "3"}})) == 3
+    assert server_workers(spec({"limits": {"cpu": "1500m"}})) == 2
+    assert server_workers(spec({"limits": {"cpu": "junk"}})) == 2
+    assert server_resources(4)["requests"]["cpu"] == "2000m"
+    from loraplex_server.settings import parse_args
+
+    assert parse_args(server_args(3)).workers == 3
