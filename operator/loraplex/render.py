@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -189,7 +190,30 @@ def vllm_args(name: str, spec: BaseModelSpec, plan: Plan) -> list[str]:
     return args
 
 
-def server_args() -> list[str]:
+DEFAULT_SERVER_WORKERS = 2  # one core relays ~25k SSE events/s: about one busy GPU's output
+SERVER_CPU_PER_WORKER_M = 500  # request half a core per worker; relaying is bursty
+
+
+def server_workers(spec: BaseModelSpec) -> int:
+    """The adapter-server's worker processes: its CPU limit rounded up when the spec sets one
+    (what the server itself would read from its cgroup), else DEFAULT_SERVER_WORKERS."""
+    limits = (spec.server.resources or {}).get("limits") or {}
+    cpu = str(limits.get("cpu") or "")
+    try:
+        cores = int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    except ValueError:
+        return DEFAULT_SERVER_WORKERS
+    return max(1, min(16, math.ceil(cores)))
+
+
+def server_resources(workers: int) -> dict[str, Any]:
+    return {
+        "requests": {"cpu": f"{workers * SERVER_CPU_PER_WORKER_M}m", "memory": "256Mi"},
+        "limits": {"memory": "1Gi"},
+    }
+
+
+def server_args(workers: int = DEFAULT_SERVER_WORKERS) -> list[str]:
     """The adapter-server's flags, exactly as DESIGN.md's Commands section gives them."""
     return [
         "--vllm-url",
@@ -206,6 +230,8 @@ def server_args() -> list[str]:
         f"{naming.ADMIN_DIR}/{naming.TOKEN_KEY}",
         "--pvc-root",
         naming.PVC_ROOT,
+        "--workers",
+        str(workers),
     ]
 
 
@@ -351,14 +377,13 @@ def build_deployment(
             *loc.mounts,
         ],
         server_image=spec.server.image or images.server,
-        server_args=server_args(),
+        server_args=server_args(server_workers(spec)),
         server_env=pod.server_env(),
         server_pre_stop=["sleep", str(spec.rollout.pre_stop_seconds)],
         credentials_secret=pod.credentials(spec),
         public_port=naming.PUBLIC_PORT,
         admin_port=naming.ADMIN_PORT,
-        server_resources=spec.server.resources
-        or {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        server_resources=spec.server.resources or server_resources(server_workers(spec)),
         server_security=spec.server.security_context or pod.SERVER_SECURITY,
         server_mounts=[
             cache_mount,

@@ -157,7 +157,10 @@ async def test_examples_reconcile_into_owned_objects(
         "/etc/loraplex/admin/token",
         "--pvc-root",
         "/mnt/loraplex/pvc",
+        "--workers",
+        "2",
     ]
+    assert containers["adapter-server"]["resources"]["requests"]["cpu"] == "1000m"
     mounts = {m["mountPath"]: m for m in containers["adapter-server"]["volumeMounts"]}
     assert mounts["/mnt/loraplex/pvc/team-adapters"]["readOnly"] is True
     manifest = manifest_of(cluster, "qwen-14b")

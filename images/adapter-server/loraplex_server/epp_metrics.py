@@ -27,6 +27,7 @@ import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -52,10 +53,28 @@ VLLM_GAUGES: dict[str, frozenset[str]] = {
 class LoraState:
     """This pod's adapters as the EPP should see them."""
 
-    max_lora: int
-    running: tuple[str, ...]
-    waiting: tuple[str, ...]
-    held_requests: int
+    max_lora: int = 0
+    running: tuple[str, ...] = ()
+    waiting: tuple[str, ...] = ()
+    held_requests: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """For the owner's status, which worker processes copy (they hold no registry)."""
+        return {
+            "maxLora": self.max_lora,
+            "running": list(self.running),
+            "waiting": list(self.waiting),
+            "held": self.held_requests,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LoraState:
+        return cls(
+            max_lora=int(d.get("maxLora", 0)),
+            running=tuple(d.get("running", ())),
+            waiting=tuple(d.get("waiting", ())),
+            held_requests=int(d.get("held", 0)),
+        )
 
 
 def _block(text: str, family: str) -> tuple[int, int] | None:

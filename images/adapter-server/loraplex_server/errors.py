@@ -74,6 +74,67 @@ class VLLMUnavailable(Exception):
     """vLLM did not answer; the adapter is fine and will be loaded when vLLM is back."""
 
 
+class Problem(Exception):
+    """A request that ends in an error response: raised anywhere on the request path, turned
+    into the OpenAI error envelope once, by `app.problems` (like Starlette's HTTPException)."""
+
+    status = 400
+    err_type = "invalid_request_error"
+    code = "invalid_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        err_type: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status or self.status
+        self.code = code or self.code
+        self.err_type = err_type or self.err_type
+        self.param = param
+        self.retry_after = retry_after
+
+    def response(self) -> web.Response:
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(self.retry_after)))
+        return json_error(
+            self.status,
+            self.message,
+            err_type=self.err_type,
+            code=self.code,
+            param=self.param,
+            headers=headers or None,
+        )
+
+
+class Unavailable(Problem):
+    """503 with Retry-After: the request may succeed later (vLLM down, adapter loading, full)."""
+
+    status = 503
+    err_type = "ServiceUnavailable"
+    code = "vllm_unavailable"
+
+    def __init__(self, message: str = "vLLM is not available", **kw: Any) -> None:
+        kw.setdefault("retry_after", RETRY_AFTER_SECONDS)
+        super().__init__(message, **kw)
+
+
+RETRY_AFTER_SECONDS = 5.0
+
+
+class ModelNotFound(Problem):
+    status = 404
+    err_type = "NotFoundError"
+    code = "model_not_found"
+
+
 def error_body(message: str, err_type: str, code: str, param: str | None = None) -> dict[str, Any]:
     """The OpenAI error envelope, which the `openai` client turns into typed exceptions."""
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}

@@ -4,11 +4,27 @@
 so add a name there whenever a metric is added here. Adapters are labelled by served name;
 requests for names that are not declared share the label "unknown" so clients cannot blow up
 the series count.
+
+With --workers > 1 every process writes its samples to the directory named by
+PROMETHEUS_MULTIPROC_DIR (set by the owner before any worker imports prometheus_client), and
+`render` merges all of them, so one scrape on any process shows the whole pod. Gauges are set
+by the owner only and merged with `livemax`.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 PREFIX = "loraplex_server_"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -110,24 +126,33 @@ class Metrics:
         self.cache_size = Gauge(
             PREFIX + "cache_size_bytes",
             "Bytes of adapters installed in the cache directory.",
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.adapters = Gauge(
             PREFIX + "adapters",
             "Declared adapters by state.",
             ["state"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.vllm_healthy = Gauge(
             PREFIX + "vllm_healthy",
             "1 when vLLM's /health answered OK.",
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.generation = Gauge(
             PREFIX + "manifest_generation",
             "Generation of the manifest being served.",
+            multiprocess_mode="livemax",
             registry=r,
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        path = os.environ.get(MULTIPROC_ENV)
+        if not path:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)

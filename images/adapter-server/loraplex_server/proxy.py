@@ -1,28 +1,56 @@
-"""The public front door: every /v1/* request streamed to vLLM, adapters loaded on demand.
+"""The public front door: a fixed list of inference routes relayed to vLLM, adapters on demand.
+
+Only the routes in `PUBLIC_ROUTES` exist on the public port, matched on the raw request target
+(see `app.path_gate`); the upstream URL is the matched constant, so no spelling of a path can
+reach vLLM's admin routes (`/v1/load_lora_adapter`, `/adapters`, `/sleep`, ...).
 
 The body goes through byte for byte unless a `lora_name` field picks the adapter, in which case
 `model` is set to it and `lora_name` dropped (vLLM does not know that field). Adapters are
-registered in vLLM under their servedName, so responses and `/v1/models` show the names
-clients use. Responses are relayed chunk by chunk, so SSE streams arrive as vLLM sends them.
+registered in vLLM under their servedName, so responses and `/v1/models` show the names clients
+use. Responses are relayed chunk by chunk as they arrive, without looking inside them: usage is
+read once, from the tail of the response, so the cost per streamed token is one read and one
+write.
+
+Every failure on this path is an `errors.Problem`, turned into a response by `app.problems`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from loraplex_server import errors
 from loraplex_server.metrics import Metrics
-from loraplex_server.registry import Entry, Registry
+from loraplex_server.settings import Settings
+from loraplex_server.workers import Gate
 
 log = logging.getLogger(__name__)
+
+# The inference routes relayed to vLLM: the three OpenAI calls that take a `model` (so adapters
+# apply) and that vLLM serves for generative and embedding models. Deliberately left out:
+# /v1/responses (stores responses retrievable by id across tenants), /v1/audio/*, /v1/score,
+# /v1/rerank (other model kinds), and every root-level route (/tokenize, /pooling, /sleep,
+# /adapters, /invocations, ...), which are either admin routes or not part of the OpenAI API.
+INFERENCE_ROUTES: tuple[str, ...] = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+
+# Everything the public port answers: path -> allowed method. /v1/models and /v1/adapters are
+# ours (built from the registry), the rest are health and metrics.
+PUBLIC_ROUTES: dict[str, str] = {
+    "/healthz": "GET",
+    "/readyz": "GET",
+    "/metrics": "GET",
+    "/v1/models": "GET",
+    "/v1/adapters": "GET",
+    **dict.fromkeys(INFERENCE_ROUTES, "POST"),
+}
 
 HOP_BY_HOP = frozenset(
     {
@@ -38,97 +66,111 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-RETRY_AFTER_SECONDS = "5"
 _USAGE_PARSE_LIMIT = 1 << 20
+_TAIL_CHUNKS = 4  # vLLM writes the usage event in one piece; TCP may still split it a little
 
 
-class UsageScanner:
-    """Picks `usage` out of a JSON body or out of the SSE events, without holding the stream."""
-
-    def __init__(self, sse: bool) -> None:
-        self.sse = sse
-        self.buf = b""
-        self.prompt = 0
-        self.completion = 0
-
-    def feed(self, chunk: bytes) -> None:
-        if not self.sse:
-            if len(self.buf) < _USAGE_PARSE_LIMIT:
-                self.buf += chunk
-            return
-        self.buf += chunk
-        *lines, self.buf = self.buf.split(b"\n")
-        for line in lines:
-            if line.startswith(b"data:") and b'"usage"' in line:
-                self._take(line[5:])
-
-    def finish(self) -> None:
-        if not self.sse and len(self.buf) < _USAGE_PARSE_LIMIT:
-            self._take(self.buf)
-
-    def _take(self, raw: bytes) -> None:
-        try:
-            usage = json.loads(raw).get("usage")
-        except (ValueError, AttributeError):
-            return
-        if isinstance(usage, dict):
-            self.prompt = int(usage.get("prompt_tokens") or 0)
-            self.completion = int(usage.get("completion_tokens") or 0)
+def upstream_url(base: str, path: str) -> URL:
+    """vLLM's URL for one route constant, built without any normalization of a client path."""
+    b = URL(base)
+    assert b.host is not None, f"vLLM URL without a host: {base}"
+    return URL.build(scheme=b.scheme, host=b.host, port=b.port, path=path, encoded=True)
 
 
-def not_found(name: str, served: list[str]) -> web.Response:
-    return errors.json_error(
-        404,
-        f"The model `{name}` does not exist. Served models: {', '.join(served)}",
-        err_type="NotFoundError",
-        code="model_not_found",
-        param="model",
-    )
+def usage_of(tail: bytes, sse: bool) -> tuple[int, int]:
+    """(prompt, completion) tokens from the last `usage` vLLM reported, or (0, 0).
+
+    For SSE only the final events are scanned: vLLM sends the totals in the last data event
+    before `[DONE]` (with `stream_options.include_usage`), so no per-event work is needed.
+    """
+    if sse:
+        at = tail.rfind(b'"usage"')
+        if at < 0:
+            return 0, 0
+        start = tail.rfind(b"data:", 0, at)
+        end = tail.find(b"\n", at)
+        if start < 0:
+            return 0, 0
+        tail = tail[start + 5 : end if end >= 0 else len(tail)]
+    try:
+        usage = json.loads(tail).get("usage")
+    except (ValueError, AttributeError, RecursionError):
+        return 0, 0
+    if not isinstance(usage, dict):
+        return 0, 0
+    try:
+        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    except (TypeError, ValueError):
+        return 0, 0
+
+
+def pick_model(raw: bytes, content_type: str) -> tuple[str | None, bytes]:
+    """The model a body asks for, and the body to send (rewritten only for `lora_name`).
+
+    The parsed document is dropped before returning, so a request that then waits for its
+    adapter holds only its bytes.
+    """
+    is_json = content_type == "application/json"
+    if not raw or not (is_json or raw.lstrip()[:1] == b"{"):
+        return None, raw
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise errors.Problem("request body is nested too deeply", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        if is_json:
+            raise errors.Problem(
+                f"request body is not valid JSON: {str(exc)[:200]}", code="invalid_json"
+            ) from None
+        return None, raw
+    if not isinstance(body, dict) or not ("model" in body or "lora_name" in body):
+        return None, raw
+    name = body.get("lora_name") or body.get("model")
+    if not isinstance(name, str):
+        raise errors.Problem("`model` must be a string", param="model")
+    if "lora_name" in body:
+        del body["lora_name"]
+        body["model"] = name
+        raw = json.dumps(body).encode()
+    return name, raw
 
 
 class Proxy:
     def __init__(
         self,
-        registry: Registry,
+        gate: Gate,
         metrics: Metrics,
         session: aiohttp.ClientSession,
-        vllm_url: str,
-        load_timeout: float,
-        max_body: int,
+        settings: Settings,
     ) -> None:
-        self.max_body = max_body
-        self.registry = registry
+        self.gate = gate
         self.metrics = metrics
         self.session = session
-        self.vllm_url = vllm_url
-        self.load_timeout = load_timeout
+        self.settings = settings
+        self.urls = {
+            p: upstream_url(settings.vllm_url, p) for p in ("/v1/models", *INFERENCE_ROUTES)
+        }
+        self.inflight = 0
+        self.idle = asyncio.Event()  # set while no inference request is in flight (drain)
+        self.idle.set()
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         """vLLM's base card plus every declared adapter: they load on first use."""
         try:
             async with self.session.get(
-                f"{self.vllm_url}/v1/models", timeout=aiohttp.ClientTimeout(total=10)
+                self.urls["/v1/models"], timeout=aiohttp.ClientTimeout(total=10)
             ) as resp:
                 body = await resp.json()
         except (aiohttp.ClientError, TimeoutError, ValueError):
-            return errors.json_error(
-                503,
-                "vLLM is not available",
-                err_type="ServiceUnavailable",
-                code="vllm_unavailable",
-                headers={"Retry-After": "5"},
-            )
-        base = self.registry.manifest.base_served_name
+            raise errors.Unavailable() from None
+        base = self.gate.base()
         cards = [c for c in body.get("data", []) if c.get("id") == base]
         template = cards[0] if cards else {"object": "model", "owned_by": "vllm"}
-        for name in self.registry.served_names()[1:]:
+        keep = ("object", "created", "owned_by", "max_model_len")
+        for name in self.gate.served_names()[1:]:
             cards.append(
                 {
-                    **{
-                        k: template[k]
-                        for k in ("object", "created", "owned_by", "max_model_len")
-                        if k in template
-                    },
+                    **{k: template[k] for k in keep if k in template},
                     "id": name,
                     "root": name,
                     "parent": base,
@@ -138,94 +180,62 @@ class Proxy:
         return web.json_response({"object": "list", "data": cards})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """One inference request: pick the adapter, wait for it if needed, relay the answer."""
         t0 = time.monotonic()
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return errors.json_error(
-                413, f"request body is larger than {self.max_body} bytes", code="body_too_large"
-            )
-        body: Any = None
-        is_json = request.content_type == "application/json"
-        if raw and (is_json or raw.lstrip()[:1] == b"{"):
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                if is_json:
-                    return errors.json_error(
-                        400, f"request body is not valid JSON: {exc}", code="invalid_json"
-                    )
-        entry: Entry | None = None
+        url = self.urls[request.path]  # app.path_gate let only INFERENCE_ROUTES through
+        self.inflight += 1
+        self.idle.clear()
         label = "none"
-        if isinstance(body, dict) and ("model" in body or "lora_name" in body):
-            name = body.get("lora_name") or body.get("model")
-            if not isinstance(name, str):
-                return errors.json_error(400, "`model` must be a string", param="model")
-            base = self.registry.manifest.base_served_name
-            if name != base:
-                entry = self.registry.by_served_name(name)
-                if entry is None:
-                    self.metrics.requests.labels("unknown", "404").inc()
-                    return not_found(name, self.registry.served_names())
-            label = name
-            if "lora_name" in body:
-                body = {**body, "model": name}
-                del body["lora_name"]
-                raw = json.dumps(body).encode()
-        if entry is None:
-            return await self._forward(request, raw, label, t0)
-        async with self.registry.use(entry) as release:
-            refused = await self._load(entry)
-            if refused is not None:
-                self.metrics.requests.labels(label, str(refused.status)).inc()
-                self.metrics.request_errors.labels(label).inc()
-                return refused
-            return await self._forward(request, raw, label, t0, release)
-
-    async def _load(self, entry: Entry) -> web.Response | None:
         try:
-            await self.registry.ensure_loaded(entry, self.load_timeout)
-        except TimeoutError:
-            return errors.json_error(
-                503,
-                f"adapter `{entry.spec.served_name}` is still loading ({entry.state}); "
-                "retry shortly",
-                err_type="ServiceUnavailable",
-                code="adapter_loading",
-                headers={"Retry-After": RETRY_AFTER_SECONDS},
-            )
-        except errors.AdapterError as exc:
-            return errors.json_error(
-                503,
-                f"adapter `{entry.spec.served_name}` failed: {exc.reason}: {exc.message}",
-                err_type="ServiceUnavailable",
-                code="adapter_failed",
-            )
-        except errors.VLLMUnavailable:
-            return errors.json_error(
-                503,
-                "vLLM is not available",
-                err_type="ServiceUnavailable",
-                code="vllm_unavailable",
-                headers={"Retry-After": RETRY_AFTER_SECONDS},
-            )
-        return None
+            try:
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise errors.Problem(
+                    f"request body is larger than {self.settings.max_body_bytes} bytes "
+                    "(--max-body-bytes)",
+                    status=413,
+                    code="body_too_large",
+                ) from None
+            name, raw = pick_model(raw, request.content_type)
+            if name is None or name == self.gate.base():
+                label = "none" if name is None else name
+                return await self._forward(request, url, raw, label, t0)
+            if not self.gate.declared(name):
+                raise errors.ModelNotFound(
+                    f"The model `{name[:200]}` does not exist. "
+                    f"Served models: {', '.join(self.gate.served_names())}",
+                    param="model",
+                )
+            label = name
+            async with self.gate.hold(name, len(raw)) as release:
+                return await self._forward(request, url, raw, label, t0, release)
+        except errors.Problem as exc:
+            if isinstance(exc, errors.ModelNotFound):
+                label = "unknown"  # one label for every undeclared name: bounded series
+            if label != "none":  # an adapter was chosen (or "unknown"): count its refusal
+                self.metrics.requests.labels(label, str(exc.status)).inc()
+                if label != "unknown":
+                    self.metrics.request_errors.labels(label).inc()
+            raise
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self.idle.set()
 
     async def _forward(
         self,
         request: web.Request,
+        url: URL,
         raw: bytes,
         label: str,
         t0: float,
         accepted: Callable[[], None] | None = None,
     ) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        url = f"{self.vllm_url}{request.rel_url}"
         code = "502"
-        prepared = False
+        out: web.StreamResponse | None = None
         try:
-            async with self.session.request(
-                request.method,
+            async with self.session.post(
                 url,
                 data=raw or None,
                 headers=headers,
@@ -239,54 +249,72 @@ class Proxy:
                     if k.lower() not in HOP_BY_HOP:
                         out.headers[k] = v
                 sse = upstream.content_type == "text/event-stream"
-                scan = UsageScanner(sse)
-                first = True
                 await out.prepare(request)
-                prepared = True
-                try:
-                    async for chunk in upstream.content.iter_any():
-                        if first:
-                            self.metrics.ttfb.labels(label).observe(time.monotonic() - t0)
-                            first = False
-                        scan.feed(chunk)
-                        try:
-                            await out.write(chunk)
-                        except ConnectionError:
-                            code = "client_gone"  # the client left; stop reading vLLM too
-                            return out
-                except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
-                    code = "broken"
-                    log.warning("vLLM broke off a response: %s", exc)
-                    if sse:
-                        err = errors.error_body(
-                            "vLLM stopped mid-stream", "ServiceUnavailable", "vllm_unavailable"
-                        )
-                        with contextlib.suppress(ConnectionError):
-                            await out.write(b"data: " + json.dumps(err).encode() + b"\n\n")
-                    # Closing the connection is the honest signal once headers are out; for SSE
-                    # it also tells clients that ignore error events that the stream is cut.
-                    if request.transport is not None:
-                        request.transport.close()
-                    return out
-                scan.finish()
-                if scan.prompt or scan.completion:
-                    self.metrics.prompt_tokens.labels(label).inc(scan.prompt)
-                    self.metrics.completion_tokens.labels(label).inc(scan.completion)
-                await out.write_eof()
+                code = await self._relay(request, upstream, out, sse, label, t0) or code
                 return out
         except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
-            if prepared:
+            if out is not None:
                 raise
-            log.warning("vLLM did not answer %s: %s", request.rel_url.path, exc)
-            return errors.json_error(
-                502,
-                "vLLM is not available",
-                err_type="ServiceUnavailable",
-                code="vllm_unavailable",
-                headers={"Retry-After": RETRY_AFTER_SECONDS},
-            )
+            log.warning("vLLM did not answer %s: %s", url.path, exc)
+            raise errors.Unavailable(status=502) from None
         finally:
             self.metrics.requests.labels(label, code).inc()
             if not code.isdigit() or code.startswith(("4", "5")):
                 self.metrics.request_errors.labels(label).inc()
             self.metrics.duration.labels(label).observe(time.monotonic() - t0)
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        out: web.StreamResponse,
+        sse: bool,
+        label: str,
+        t0: float,
+    ) -> str | None:
+        """Copy vLLM's body to the client as it comes; None when it all arrived.
+
+        `out.write` waits while the client's socket buffer is full, so a slow client slows the
+        read from vLLM instead of growing a buffer here. Per chunk the loop does one read and
+        one write; the usage is parsed once from the last chunks.
+        """
+        content = upstream.content
+        write = out.write
+        tail: list[bytes] = []
+        kept = 0
+        try:
+            chunk = await content.readany()
+            self.metrics.ttfb.labels(label).observe(time.monotonic() - t0)
+            while chunk:
+                if sse:
+                    tail.append(chunk)
+                    if len(tail) > _TAIL_CHUNKS:
+                        del tail[0]
+                elif kept < _USAGE_PARSE_LIMIT:
+                    tail.append(chunk)
+                    kept += len(chunk)
+                try:
+                    await write(chunk)
+                except ConnectionError:
+                    return "client_gone"  # leaving the block closes vLLM's connection too
+                chunk = await content.readany()
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+            log.warning("vLLM broke off a response: %s", exc)
+            if sse:
+                err = errors.error_body(
+                    "vLLM stopped mid-stream", "ServiceUnavailable", "vllm_unavailable"
+                )
+                with contextlib.suppress(ConnectionError):
+                    await write(b"data: " + json.dumps(err).encode() + b"\n\n")
+            # Closing the connection is the honest signal once headers are out; for SSE it
+            # also tells clients that ignore error events that the stream is cut.
+            if request.transport is not None:
+                request.transport.close()
+            return "broken"
+        if sse or kept < _USAGE_PARSE_LIMIT:
+            prompt, completion = usage_of(b"".join(tail), sse)
+            if prompt or completion:
+                self.metrics.prompt_tokens.labels(label).inc(prompt)
+                self.metrics.completion_tokens.labels(label).inc(completion)
+        await out.write_eof()
+        return None

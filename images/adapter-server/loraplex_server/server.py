@@ -12,13 +12,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from loraplex_server.epp_metrics import VLLMMetrics
+from loraplex_server.epp_metrics import LoraState, VLLMMetrics, lora_state
 from loraplex_server.fetch import Fetcher
 from loraplex_server.manifest import AdapterManifest
 from loraplex_server.metrics import Metrics
@@ -26,6 +27,7 @@ from loraplex_server.proxy import Proxy
 from loraplex_server.registry import Registry
 from loraplex_server.settings import Settings
 from loraplex_server.vllm_client import VLLMClient
+from loraplex_server.workers import Holds, LocalGate, Status
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class Server:
         self._vllm_metrics: VLLMMetrics | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._manifest_digest = ""
+        self.draining = False
+        self.vllm_last_ok: float | None = None  # monotonic time of vLLM's last good /health
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -78,14 +82,9 @@ class Server:
         self._registry = Registry(
             manifest, self.metrics, self.fetcher, VLLMClient(self.settings.vllm_url, self._session)
         )
-        self._proxy = Proxy(
-            self._registry,
-            self.metrics,
-            self._session,
-            self.settings.vllm_url,
-            self.settings.load_timeout,
-            self.settings.max_body_bytes,
-        )
+        self.gate = LocalGate(self._registry, self.settings)
+        self.holds = Holds(self.gate, lease=self.settings.load_timeout + 60)
+        self._proxy = Proxy(self.gate, self.metrics, self._session, self.settings)
         await self._registry.apply(manifest, initial=True)
         self._tasks = [
             asyncio.create_task(self._watch_vllm()),
@@ -97,7 +96,25 @@ class Server:
             len(manifest.adapters),
         )
 
+    def lora_state(self) -> LoraState:
+        """Live, for /metrics (the EPP scrapes every ~50 ms: no full report built here)."""
+        return lora_state(self.registry)
+
+    def status(self) -> Status:
+        reg = self.registry
+        return Status(
+            ready=reg.ready(),
+            vllm_healthy=reg.vllm_healthy,
+            vllm_silent=self.vllm_dead_for(),
+            pinned={e.spec.name: e.state.value for e in reg.entries.values() if e.spec.pinned},
+            served=reg.served_names(),
+            adapters=reg.report().model_dump(mode="json", by_alias=True),
+            lora=lora_state(reg).to_json(),
+        )
+
     async def stop(self) -> None:
+        if self._registry is not None:
+            await self.holds.close()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -111,6 +128,8 @@ class Server:
         first = True
         while True:
             ok = await vllm.healthy(seconds=1.0)
+            if ok:
+                self.vllm_last_ok = time.monotonic()
             if ok and (first or not self.registry.vllm_healthy):
                 log.info("vLLM is healthy")
                 await self.registry.vllm_up()
@@ -119,6 +138,13 @@ class Server:
                 await self.registry.vllm_down()
             first = False
             await asyncio.sleep(self.settings.health_interval)
+
+    def vllm_dead_for(self) -> float:
+        """Seconds since vLLM last answered /health, 0 if it never has (still starting: the
+        startup probe, not liveness, bounds that)."""
+        if self.vllm_last_ok is None:
+            return 0.0
+        return time.monotonic() - self.vllm_last_ok
 
     async def _watch_manifest(self) -> None:
         """Poll the mounted file; kubelet swaps ConfigMap files by symlink, so compare bytes."""

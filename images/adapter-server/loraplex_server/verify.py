@@ -86,6 +86,10 @@ def read_config(root: Path) -> dict[str, Any]:
         )
     try:
         cfg = json.loads(cfg_path.read_text())
+    except RecursionError:
+        raise errors.AdapterError(
+            errors.UNSUPPORTED_ADAPTER, f"{CONFIG_FILE} is nested too deeply"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise errors.AdapterError(
             errors.UNSUPPORTED_ADAPTER, f"{CONFIG_FILE} is not valid JSON: {exc}"
