@@ -304,6 +304,16 @@ class Connection:
         return verify_cluster(cfg.cluster, cfg.user, cfg.abs_file)
 
 
+def _status_message(response: httpx2.Response) -> str | None:
+    """The API's metav1.Status message, when the error body is one (it names the field)."""
+    try:
+        body = response.json()
+    except (ValueError, httpx2.ResponseNotRead):
+        return None
+    message = body.get("message") if isinstance(body, dict) else None
+    return message if isinstance(message, str) and message else None
+
+
 def discover_connection() -> Connection:
     """Find the cluster as kubectl does: in-cluster first, then KUBECONFIG/~/.kube/config."""
     config = KubeConfig.from_env().get()
@@ -472,9 +482,12 @@ class KubeClient:
         try:
             return await coro
         except ApiError as exc:
-            raise KubeError(exc.status.code or 0, f"{what}: {exc.status.message}"[:500]) from exc
+            raise KubeError(
+                exc.status.code or 0, f"{what[:120]}: {exc.status.message}"[:500]
+            ) from exc
         except httpx2.HTTPStatusError as exc:
-            raise KubeError(exc.response.status_code, f"{what}: {exc}"[:500]) from exc
+            message = _status_message(exc.response) or str(exc)
+            raise KubeError(exc.response.status_code, f"{what[:120]}: {message}"[:500]) from exc
         except (httpx2.HTTPError, OSError) as exc:
             raise KubeError(0, f"{what}: {exc}"[:500]) from exc
 

@@ -19,7 +19,9 @@ logic reads them, and with the API semantics a long-running operator meets on a 
 - watch expiry (`expire_watches`): open watches get a 410 Gone ERROR event and watches that
   resume from an older resourceVersion get 410 at once, so clients must relist.
 
-It still does not do label selectors or schema validation: the operator filters labels
+It refuses what a real API server refuses that we can run into (see `apilimits`: object and
+body sizes, name and label lengths, immutable selectors). It still does not do label selectors
+or schema validation: the operator filters labels
 itself, and tests check schemas separately.
 """
 
@@ -41,6 +43,8 @@ import jsonpatch
 import kmock
 import yaml
 from kmock._internal import enums
+
+from loraplex.devtools import apilimits
 
 RESOURCES: dict[str, dict[str, Any]] = {
     "loraplex.io/v1alpha1/basemodels": {
@@ -73,6 +77,7 @@ CLUSTER_RESOURCES: dict[str, dict[str, Any]] = {
     "v1/namespaces": {"kind": "Namespace"},
     "kopf.dev/v1/clusterkopfpeerings": {"kind": "ClusterKopfPeering"},
 }
+KIND_BY_PLURAL = {key.rsplit("/", 1)[1]: info["kind"] for key, info in RESOURCES.items()}
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 
 
@@ -235,6 +240,12 @@ class Emulator(kmock.KubernetesEmulator):
         }
         await self._buses[res].put(gone)
 
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # aiohttp caps bodies at 1 MiB, the API server at 3 MiB: lift aiohttp's cap so that
+        # apilimits answers as the API server would (413 above 3 MiB, 422 for big objects).
+        raw_request._client_max_size = 2 * apilimits.MAX_REQUEST_BYTES
+        return await super().__call__(raw_request)
+
     def _forget_routed(self) -> None:
         """Drop requests kmock has already routed to a reaction.
 
@@ -280,6 +291,9 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _handle_checked(self, request: Any) -> aiohttp.web.StreamResponse:
         """Authentication, injected faults and the write semantics kmock leaves out."""
+        refused = self._refusal(request)
+        if refused is not None:
+            return aiohttp.web.json_response(refused.status(), status=refused.code)
         if self.tokens is not None:
             auth = str(request.headers.get("Authorization", ""))
             token = auth.removeprefix("Bearer ").strip()
@@ -541,6 +555,18 @@ class Emulator(kmock.KubernetesEmulator):
                         data.pop(key)
                 data["metadata"] = {"resourceVersion": data["metadata"]["resourceVersion"]}
         return await super()._handle(request)
+
+    def _refusal(self, request: Any) -> apilimits.Refusal | None:
+        """What a real API server would refuse about this write (see apilimits)."""
+        if request.action not in (enums.action.CREATE, enums.action.UPDATE):
+            return None
+        kind = KIND_BY_PLURAL.get(str(getattr(request.resource, "plural", "") or ""), "")
+        data = request.data if isinstance(request.data, dict) else None
+        if request.subresource or data is None:
+            return apilimits.refusal(kind, len(request.body), None)
+        before = self._current(request) if request.action == enums.action.UPDATE else None
+        after = _merged(before, data) if before is not None else data
+        return apilimits.refusal(kind, len(request.body), after, before)
 
     def _current(self, request: Any) -> dict[str, Any] | None:
         key = (request.resource, request.namespace, request.name)
