@@ -14,7 +14,7 @@ from loraplex.api.basemodel import BaseModelSpec
 from loraplex.api.loraadapter import LoRAAdapterSpec
 from loraplex.errors import InvalidSpec
 from loraplex.validation import parse_spec
-from loraplex_server.manifest import AdapterManifest, ManifestAdapter
+from loraplex_server.manifest import AdapterChecks, AdapterManifest, ManifestAdapter
 from loraplex_server.source_uri import parse_source_uri
 
 
@@ -137,6 +137,8 @@ def build_manifest(
     max_lora_rank: int,
     max_cpu_loras: int,
     accepted: Iterable[Candidate],
+    base_modules: dict[str, tuple[int, int]] | None = None,
+    checks: AdapterChecks | None = None,
 ) -> AdapterManifest:
     """The manifest for the accepted adapters, sorted by name so equal inputs give equal JSON."""
     adapters = []
@@ -163,6 +165,8 @@ def build_manifest(
         max_lora_rank=max_lora_rank,
         max_cpu_loras=max_cpu_loras,
         adapters=adapters,
+        base_modules=base_modules,
+        checks=checks or AdapterChecks(),
     )
 
 

@@ -22,6 +22,7 @@ from loraplex.adapters import (
 from loraplex.api.basemodel import BaseModelSpec
 from loraplex.errors import InvalidSpec
 from loraplex.planner import AdapterDemand, Plan, plan_base_model
+from loraplex.planner.modules import base_modules
 from loraplex.render import DEFAULT_IMAGES, Images, Owner, render_all
 from loraplex.validation import parse_spec
 from loraplex_server.manifest import AdapterManifest
@@ -71,7 +72,13 @@ def decide(
     if not plan.feasible:
         return decision
     decision.manifest = next_manifest(
-        owner.name, spec, plan, accepted, previous, previous_generation
+        owner.name,
+        spec,
+        plan,
+        accepted,
+        previous,
+        previous_generation,
+        base_modules=base_modules(spec, config_json),
     )
     decision.objects = render_all(owner, spec, plan, decision.manifest, token, images)
     return decision
@@ -84,6 +91,7 @@ def next_manifest(
     accepted: Sequence[Candidate],
     previous: AdapterManifest | None,
     previous_generation: int,
+    base_modules: dict[str, tuple[int, int]] | None = None,
 ) -> AdapterManifest:
     """The manifest to publish; its generation moves only when its content changes."""
     prev = max(previous.generation if previous else 0, previous_generation)
@@ -95,6 +103,8 @@ def next_manifest(
         max_lora_rank=plan.max_lora_rank,
         max_cpu_loras=plan.max_cpu_loras,
         accepted=accepted,
+        base_modules=base_modules,
+        checks=spec.adapter_checks,
     )
     if previous is None or not same_content(manifest, previous) or previous.generation < prev:
         manifest = manifest.model_copy(update={"generation": prev + 1})

@@ -28,6 +28,9 @@ BASEMODEL_REASONS = {
     "ScaledToZero",
 }
 ADAPTER_REASONS = {
+    "NoEffect",
+    "AwaitingProof",
+    "BaseModelMismatch",
     "BaseModelNotFound",
     "RankExceedsMax",
     "InvalidSource",

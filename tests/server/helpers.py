@@ -123,10 +123,12 @@ def manifest_doc(
     generation: int = 1,
     max_loras: int = 2,
     max_cpu_loras: int | None = None,
+    probe: bool = False,
     **kw: Any,
 ) -> dict[str, Any]:
     """A manifest; `max_cpu_loras` (the server's cap on resident adapters) defaults to
-    `max_loras` so eviction is exercised with few adapters."""
+    `max_loras` so eviction is exercised with few adapters. Probes are off unless asked:
+    tests of loads and evictions count every load, and test_probe.py covers probing."""
     return {
         "generation": generation,
         "baseServedName": "tiny",
@@ -134,6 +136,7 @@ def manifest_doc(
         "maxLoraRank": 8,
         "maxCpuLoras": max_cpu_loras or max_loras,
         "adapters": adapters,
+        "checks": {"probe": probe},
         **kw,
     }
 

@@ -20,6 +20,7 @@ RANK_MISMATCH = "RankMismatch"
 UNSUPPORTED_ADAPTER = "UnsupportedAdapter"
 INCOMPATIBLE_BASE_MODEL = "IncompatibleBaseModel"
 LOAD_FAILED = "LoadFailed"
+NO_EFFECT = "NoEffect"
 
 
 class AdapterError(Exception):

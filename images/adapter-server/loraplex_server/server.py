@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from loraplex_server.fetch import Fetcher
 from loraplex_server.manifest import AdapterManifest
 from loraplex_server.metrics import Metrics
+from loraplex_server.probe import Prober
 from loraplex_server.proxy import Proxy
 from loraplex_server.registry import Registry
 from loraplex_server.settings import Settings
@@ -68,7 +69,11 @@ class Server:
             connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
         )
         self._registry = Registry(
-            manifest, self.metrics, self.fetcher, VLLMClient(self.settings.vllm_url, self._session)
+            manifest,
+            self.metrics,
+            self.fetcher,
+            VLLMClient(self.settings.vllm_url, self._session),
+            Prober(self.settings.vllm_url, self._session),
         )
         self._proxy = Proxy(
             self._registry,

@@ -9,7 +9,7 @@ from pydantic.config import JsonDict
 
 from loraplex.api.common import CEL, Conditions, IntOrAuto, ObjectRef, Wire
 from loraplex.api.plan import PlanStatus
-from loraplex_server.manifest import ALLOWED_MAX_LORA_RANKS, check_served_name
+from loraplex_server.manifest import ALLOWED_MAX_LORA_RANKS, AdapterChecks, check_served_name
 from loraplex_server.source_uri import SourceError, parse_source_uri
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -237,6 +237,11 @@ class BaseModelSpec(Wire):
         default_factory=list, json_schema_extra={"items": _PRESERVE}
     )
     affinity: dict[str, Any] | None = Field(default=None, json_schema_extra=_PRESERVE)
+    adapter_checks: AdapterChecks = Field(
+        default_factory=AdapterChecks,
+        description="How each pod proves an adapter before it is Ready: module names and "
+        "shapes against this base, then a probe that the adapter changes the output.",
+    )
 
 
 class AdapterCounts(Wire):
