@@ -90,6 +90,9 @@ def pods(work: Path, pvc_root: Path, adapters: int) -> Iterator[tuple[list[str],
                 "maxLoras": MAX_LORAS,
                 "maxLoraRank": 8,
                 "maxCpuLoras": RESIDENT,
+                # The compiled stand-in answers without logprobs, so it cannot be probed; the
+                # probe is shown against real vLLM (tests/server/test_vllm_probe.py).
+                "checks": {"probe": False},
                 "adapters": [
                     {"name": f"a{j}", "servedName": f"a{j}", "source": f"pvc://adapters/a{j}"}
                     for j in range(adapters)

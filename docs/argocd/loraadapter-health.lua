@@ -8,6 +8,7 @@ local hs = {}
 local failure_reasons = {
   BaseModelNotFound = true,
   RankExceedsMax = true,
+  NoEffect = true,
   InvalidSource = true,
   InvalidSpec = true,
   NameConflict = true,

@@ -18,6 +18,7 @@ from loraplex.errors import InvalidSpec
 from loraplex.validation import parse_spec
 from loraplex_server.manifest import (
     DEFAULT_CACHE_BYTES,
+    AdapterChecks,
     AdapterLimits,
     AdapterManifest,
     ManifestAdapter,
@@ -206,6 +207,8 @@ def build_manifest(
     max_cpu_loras: int,
     accepted: Iterable[Candidate],
     limits: AdapterLimits | None = None,
+    base_modules: dict[str, tuple[int, int]] | None = None,
+    checks: AdapterChecks | None = None,
 ) -> AdapterManifest:
     """The manifest for the accepted adapters, sorted by name so equal inputs give equal JSON."""
     adapters = []
@@ -233,6 +236,8 @@ def build_manifest(
         max_cpu_loras=max_cpu_loras,
         limits=limits or AdapterLimits(),
         adapters=adapters,
+        base_modules=base_modules,
+        checks=checks or AdapterChecks(),
     )
 
 

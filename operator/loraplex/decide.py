@@ -24,6 +24,7 @@ from loraplex.api.basemodel import BaseModelSpec
 from loraplex.errors import InvalidSpec
 from loraplex.planner import AdapterDemand, Plan, plan_base_model
 from loraplex.planner.footprint import model_footprint
+from loraplex.planner.modules import base_modules
 from loraplex.render import (
     DEFAULT_IMAGES,
     DEFAULT_OPERATOR_PODS,
@@ -87,7 +88,13 @@ def decide(
     if not plan.feasible:
         return decision
     decision.manifest = next_manifest(
-        owner.name, spec, plan, accepted, previous, previous_generation
+        owner.name,
+        spec,
+        plan,
+        accepted,
+        previous,
+        previous_generation,
+        base_modules=base_modules(spec, config_json),
     )
     footprint = model_footprint(spec, plan.max_lora_rank, config_json)
     decision.objects = render_all(
@@ -107,6 +114,7 @@ def next_manifest(
     accepted: Sequence[Candidate],
     previous: AdapterManifest | None,
     previous_generation: int,
+    base_modules: dict[str, tuple[int, int]] | None = None,
 ) -> AdapterManifest:
     """The manifest to publish; its generation moves only when its content changes."""
     prev = max(previous.generation if previous else 0, previous_generation)
@@ -119,6 +127,8 @@ def next_manifest(
         max_cpu_loras=plan.max_cpu_loras,
         accepted=accepted,
         limits=manifest_limits(spec),
+        base_modules=base_modules,
+        checks=spec.adapter_checks,
     )
     if previous is None or not same_content(manifest, previous) or previous.generation < prev:
         manifest = manifest.model_copy(update={"generation": prev + 1})

@@ -567,6 +567,7 @@ class Reconciler:
                 verdict,
                 served_name=served if isinstance(served, str) else aname,
                 pods=views,
+                probe_required=manifest is not None and manifest.checks.probe,
             )
             phases[aname] = new.phase
             self._phases[(ns, aname)] = new.phase

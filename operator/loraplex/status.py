@@ -13,12 +13,17 @@ from typing import Any
 from loraplex.adapters import Verdict
 from loraplex.api.basemodel import AdapterCounts, BaseModelStatus, WeightsStatus
 from loraplex.api.common import Condition
-from loraplex.api.loraadapter import LoRAAdapterStatus, PodAdapterState, ReplicaCounts
+from loraplex.api.loraadapter import (
+    AdapterProof,
+    LoRAAdapterStatus,
+    PodAdapterState,
+    ReplicaCounts,
+)
 from loraplex.conditions import set_condition
 from loraplex.errors import InvalidSpec
 from loraplex.planner import Plan
 from loraplex_server.errors import FAILURE_REASONS
-from loraplex_server.manifest import AdapterReport, AdapterState
+from loraplex_server.manifest import AdapterReport, AdapterState, ProbeResult
 
 
 def _conds(
@@ -29,6 +34,20 @@ def _conds(
             conds, type_, "True" if ok else "False", reason, message, generation=generation
         )
     return conds
+
+
+def _proof(results: list[ProbeResult]) -> AdapterProof | None:
+    if not results:
+        return None
+    first = min(results, key=lambda r: r.proven_at)
+    deltas = [r.max_logprob_delta for r in results]
+    return AdapterProof(
+        digest=first.digest,
+        proven_at=first.proven_at,
+        pods=len(results),
+        probe_seconds=max(r.seconds for r in results),
+        max_logprob_delta=None if None in deltas else min(d for d in deltas if d is not None),
+    )
 
 
 def base_status(
@@ -148,8 +167,13 @@ def adapter_status(
     *,
     served_name: str | None,
     pods: list[PodView],
+    probe_required: bool = False,
 ) -> LoRAAdapterStatus:
-    """A LoRAAdapter's status: Accepted from the operator's checks, Ready from the pods."""
+    """A LoRAAdapter's status: Accepted from the operator's checks, Ready from the pods.
+
+    With probes on (spec.adapterChecks.probe), a pod counts as ready for an adapter only once
+    it has proven the adapter's current files change the model's output.
+    """
     st = old.model_copy(deep=True)
     st.observed_generation = generation
     st.served_name = served_name
@@ -175,7 +199,9 @@ def adapter_status(
     views = []
     ready = 0
     failed: AdapterReport | None = None
-    loading = downloading = False
+    loading = downloading = unproven = False
+    proofs: list[ProbeResult] = []
+    warnings: list[str] = []
     for pv in pods:
         r = pv.report
         if r is None:
@@ -189,14 +215,21 @@ def adapter_status(
                 message=r.message,
                 load_seconds=r.load_seconds,
                 last_used=r.last_used,
+                proven_at=r.proof.proven_at if r.proof else None,
             )
         )
+        if r.proof is not None and r.proof.digest == r.digest:
+            proofs.append(r.proof)
+        warnings += [w for w in r.warnings if w not in warnings]
         st.rank = r.rank or st.rank
         st.target_modules = list(r.target_modules) or st.target_modules
         st.size_bytes = r.size_bytes or st.size_bytes
         st.digest = r.digest or st.digest
-        if r.state in ready_states and pv.generation_current:
+        proven = r.proof is not None or not probe_required
+        if r.state in ready_states and pv.generation_current and proven:
             ready += 1
+        elif r.state in ready_states and pv.generation_current:
+            unproven = True
         elif r.state == AdapterState.FAILED:
             failed = r
         elif r.state == AdapterState.LOADING:
@@ -205,6 +238,13 @@ def adapter_status(
             downloading = True
     total = len(pods)
     st.pods = views
+    st.proof = _proof(proofs) or (st.proof if st.proof and st.proof.digest == st.digest else None)
+    if warnings:
+        reason, _, text = warnings[0].partition(": ")
+        st.conditions = _conds(st.conditions, generation, ("BaseModelMatch", False, reason, text))
+    elif any(c.type == "BaseModelMatch" for c in st.conditions):
+        ok = ("BaseModelMatch", True, "BaseModelMatches", "no pod reports another base model")
+        st.conditions = _conds(st.conditions, generation, ok)
     st.replicas = ReplicaCounts(ready=ready, total=total)
     st.ready = f"{ready}/{total}"
     accepted = ("Accepted", True, verdict.reason, verdict.message)
@@ -226,6 +266,13 @@ def adapter_status(
             phase, reason, msg = "Pending", "NoReadyReplicas", "waiting for a ready BaseModel pod"
         elif loading:
             phase, reason, msg = "Loading", "Loading", f"loading into vLLM ({ready}/{total} ready)"
+        elif unproven:
+            phase, reason, msg = (
+                "Loading",
+                "AwaitingProof",
+                f"verified, not yet proven to change outputs ({ready}/{total} ready): a pod "
+                "probes it when a slot is free or at its first request",
+            )
         elif downloading:
             phase, reason, msg = "Downloading", "Downloading", f"downloading ({ready}/{total})"
         else:

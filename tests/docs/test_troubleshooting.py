@@ -32,6 +32,9 @@ BASEMODEL_REASONS = {
     "ProgressDeadlineExceeded",
 }
 ADAPTER_REASONS = {
+    "NoEffect",
+    "AwaitingProof",
+    "BaseModelMismatch",
     "BaseModelNotFound",
     "RankExceedsMax",
     "InvalidSource",

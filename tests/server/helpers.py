@@ -131,10 +131,13 @@ def manifest_doc(
     max_loras: int = 2,
     max_cpu_loras: int | None = None,
     limits: dict[str, Any] | None = None,
+    probe: bool = False,
     **kw: Any,
 ) -> dict[str, Any]:
     """A manifest; `max_cpu_loras` (the server's cap on resident adapters) defaults to
-    `max_loras` so eviction is exercised with few adapters; `limits` to LOOPBACK_LIMITS."""
+    `max_loras` so eviction is exercised with few adapters; `limits` to LOOPBACK_LIMITS.
+    Probes are off unless asked: tests of loads and evictions count every load, and
+    test_vllm_probe.py covers probing."""
     return {
         "generation": generation,
         "baseServedName": "tiny",
@@ -143,6 +146,7 @@ def manifest_doc(
         "maxCpuLoras": max_cpu_loras or max_loras,
         "limits": LOOPBACK_LIMITS if limits is None else limits,
         "adapters": adapters,
+        "checks": {"probe": probe},
         **kw,
     }
 

@@ -42,6 +42,9 @@ def pods(tmp_path: Path, tiny_adapters: dict[str, Path]) -> Iterator[list[str]]:
                 "maxLoras": SLOTS,
                 "maxLoraRank": 8,
                 "maxCpuLoras": SLOTS,
+                # The compiled stand-in answers without logprobs, so it cannot be probed; the
+                # probe is shown against real vLLM (tests/server/test_vllm_probe.py).
+                "checks": {"probe": False},
                 "adapters": [
                     {"name": a, "servedName": a, "source": f"pvc://adapters/{a}"} for a in ADAPTERS
                 ],

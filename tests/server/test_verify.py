@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from loraplex_server import errors
-from loraplex_server.manifest import AdapterManifest, ManifestAdapter
+from loraplex_server.manifest import AdapterChecks, AdapterManifest, ManifestAdapter
 from loraplex_server.verify import check_config, digest_dir, verify_dir
 
 SPEC = ManifestAdapter(name="a", served_name="a", source="pvc://c/a")
@@ -53,11 +53,11 @@ CASES: list[tuple[str, dict[str, Any], str, ManifestAdapter, str | None]] = [
         None,
     ),
     (
-        "base-differs",
+        "base-differs-is-a-warning",
         {"r": 8, "base_model_name_or_path": "org/other"},
         "hf://org/model",
         SPEC,
-        errors.INCOMPATIBLE_BASE_MODEL,
+        None,
     ),
     (
         "base-local-path-uncheckable",
@@ -89,6 +89,19 @@ def test_check_config(
         with pytest.raises(errors.AdapterError) as exc:
             check_config(cfg, spec, manifest(base))
         assert exc.value.reason == reason
+
+
+def test_base_mismatch_warns_unless_strict() -> None:
+    cfg = {"r": 8, "base_model_name_or_path": "org/other"}
+    info = check_config(cfg, SPEC, manifest("hf://org/model"))
+    assert info.warnings and "BaseModelMismatch" in info.warnings[0]
+    strict = manifest("hf://org/model").model_copy(
+        update={"checks": AdapterChecks(strict_base_model=True)}
+    )
+    with pytest.raises(errors.AdapterError) as exc:
+        check_config(cfg, SPEC, strict)
+    assert exc.value.reason == errors.INCOMPATIBLE_BASE_MODEL
+    assert "strictBaseModel" in exc.value.message
 
 
 def test_missing_files_are_unsupported(tmp_path: Path) -> None:

@@ -106,6 +106,8 @@ class Backend(Protocol):
 
     def lora_state(self) -> epp_metrics.LoraState: ...
 
+    async def current_lora_state(self) -> epp_metrics.LoraState: ...
+
     def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]: ...
 
 
@@ -152,7 +154,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     """loraplex's families, then vLLM's as the endpoint picker reads them (epp_metrics)."""
     server = _server(request)
     vllm_text = await server.vllm_metrics.get()
-    epp = epp_metrics.merge(vllm_text, server.lora_state(), time.time())
+    epp = epp_metrics.merge(vllm_text, await server.current_lora_state(), time.time())
     return web.Response(
         body=server.metrics.render() + epp.encode(),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
@@ -189,6 +191,12 @@ async def take_hold(request: web.Request) -> web.StreamResponse:
 async def release_hold(request: web.Request) -> web.StreamResponse:
     await request.app[SERVER].holds.release(request.match_info["hold"])
     return web.json_response({})
+
+
+async def internal_lora(request: web.Request) -> web.StreamResponse:
+    """For follower workers' /metrics: the owner's adapters as the EPP should see them, live
+    and small (the full status would cost a report of every adapter per scrape)."""
+    return web.json_response(request.app[SERVER].lora_state().to_json())
 
 
 async def internal_status(request: web.Request) -> web.StreamResponse:
@@ -240,6 +248,7 @@ def create_app(settings: Settings) -> Apps:
     adm[SERVER] = server
     admin.add_routes(adm)
     adm.router.add_get("/internal/status", internal_status)
+    adm.router.add_get("/internal/lora", internal_lora)
     adm.router.add_post("/internal/holds", take_hold)
     adm.router.add_post("/internal/holds/{hold}/release", release_hold)
     return Apps(public, adm, server)

@@ -20,6 +20,7 @@ RANK_MISMATCH = "RankMismatch"
 UNSUPPORTED_ADAPTER = "UnsupportedAdapter"
 INCOMPATIBLE_BASE_MODEL = "IncompatibleBaseModel"
 LOAD_FAILED = "LoadFailed"
+NO_EFFECT = "NoEffect"
 ADAPTER_TOO_LARGE = "AdapterTooLarge"
 CACHE_FULL = "CacheFull"
 SOURCE_NOT_ALLOWED = "SourceNotAllowed"
@@ -39,6 +40,7 @@ FAILURE_REASONS = frozenset(
         CACHE_FULL,
         SOURCE_NOT_ALLOWED,
         DOWNLOAD_TIMEOUT,
+        NO_EFFECT,
     }
 )
 

@@ -11,6 +11,7 @@ import ipaddress
 import re
 from datetime import datetime
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -136,6 +137,32 @@ class ManifestAdapter(_Wire):
         return checked_source(value)
 
 
+class AdapterChecks(_Wire):
+    """How strictly a pod proves an adapter before calling it ready (BaseModel spec.adapterChecks).
+
+    An adapter whose module names do not match the base loads in vLLM without error and then
+    silently serves the base model's output (vLLM issue 34186); so does an untrained adapter
+    whose B matrices are zero. Checking names and shapes before the load, and probing the
+    output after it, turns both into a failed adapter with a reason instead of a wrong answer.
+    """
+
+    strict_base_model: bool = Field(
+        default=False,
+        description="Refuse an adapter whose base_model_name_or_path names another model "
+        "(default: a warning).",
+    )
+    probe: bool = Field(default=True, description="Probe every new adapter digest after load.")
+    no_effect: Literal["Refuse", "Allow"] = Field(
+        default="Refuse", description="What to do with an adapter that does not change outputs."
+    )
+    probe_tolerance: float = Field(
+        default=1e-3,
+        ge=0,
+        le=1,
+        description="Largest top-logprob difference from the base still counted as no effect.",
+    )
+
+
 class AdapterManifest(_Wire):
     """Everything a pod needs to know to serve its adapters; newer generations win."""
 
@@ -147,6 +174,12 @@ class AdapterManifest(_Wire):
     max_cpu_loras: int = Field(ge=1)
     limits: AdapterLimits = Field(default_factory=AdapterLimits)
     adapters: list[ManifestAdapter] = Field(default_factory=list)
+    base_modules: dict[str, tuple[int, int]] | None = Field(
+        default=None,
+        description="The base model's LoRA-capable modules, name -> (in, out) features, "
+        "unsharded; null when the operator does not know the model's shape.",
+    )
+    checks: AdapterChecks = Field(default_factory=AdapterChecks)
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -186,6 +219,23 @@ class AdapterState(StrEnum):
     FAILED = "failed"
 
 
+class ProbeResult(_Wire):
+    """One probe: the adapter's greedy top logprobs against the base's, on a fixed prompt."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
+    )
+
+    digest: str
+    proven_at: datetime
+    seconds: float = Field(description="Wall time of the probe (two short requests).")
+    max_logprob_delta: float | None = Field(
+        default=None, description="Largest difference from the base; null: outputs diverged."
+    )
+    tolerance: float
+    effect: bool = Field(description="Whether the adapter changed the output beyond tolerance.")
+
+
 class AdapterReport(_Wire):
     """One adapter's state on one pod, as `GET /v1/adapters` returns it."""
 
@@ -206,6 +256,12 @@ class AdapterReport(_Wire):
     attempts: int = 0
     reason: str | None = Field(default=None, description="Machine reason when failed.")
     message: str | None = Field(default=None, description="Human message when failed.")
+    warnings: list[str] = Field(
+        default_factory=list, description="Accepted, but worth a look (e.g. another base)."
+    )
+    proof: ProbeResult | None = Field(
+        default=None, description="This pod's probe of the current files, when done."
+    )
 
 
 class AdaptersResponse(_Wire):

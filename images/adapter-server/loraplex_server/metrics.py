@@ -46,6 +46,8 @@ METRIC_NAMES: tuple[str, ...] = (
     "loraplex_server_adapters",
     "loraplex_server_vllm_healthy",
     "loraplex_server_manifest_generation",
+    "loraplex_server_adapter_probes_total",
+    "loraplex_server_adapter_probe_seconds",
 )
 
 
@@ -146,6 +148,19 @@ class Metrics:
             PREFIX + "manifest_generation",
             "Generation of the manifest being served.",
             multiprocess_mode="livemax",
+            registry=r,
+        )
+
+        self.probes = Counter(
+            PREFIX + "adapter_probes",
+            "Probes of newly loaded adapter files, by outcome (effect, no_effect).",
+            ["outcome"],
+            registry=r,
+        )
+        self.probe_seconds = Histogram(
+            PREFIX + "adapter_probe_seconds",
+            "Seconds one probe took (adapter and, once per vLLM start, base requests).",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
 

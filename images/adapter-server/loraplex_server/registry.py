@@ -31,8 +31,10 @@ from loraplex_server.manifest import (
     AdaptersResponse,
     AdapterState,
     ManifestAdapter,
+    ProbeResult,
 )
 from loraplex_server.metrics import Metrics
+from loraplex_server.probe import Prober
 from loraplex_server.verify import AdapterInfo
 from loraplex_server.vllm_client import VLLMClient
 
@@ -62,6 +64,7 @@ class Entry:
     removed: bool = False
     fetch_task: asyncio.Task[None] | None = field(default=None, repr=False)
     load_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    proof: ProbeResult | None = None
 
     def touch(self) -> None:
         self.last_used = datetime.now(UTC)
@@ -83,6 +86,8 @@ class Entry:
             attempts=self.attempts,
             reason=self.reason,
             message=self.message,
+            warnings=list(info.warnings) if info else [],
+            proof=self.proof,
         )
 
 
@@ -96,12 +101,21 @@ class Registry:
     """What the pod serves, and the only code that changes adapter states."""
 
     def __init__(
-        self, manifest: AdapterManifest, metrics: Metrics, fetcher: Fetcher, vllm: VLLMClient
+        self,
+        manifest: AdapterManifest,
+        metrics: Metrics,
+        fetcher: Fetcher,
+        vllm: VLLMClient,
+        prober: Prober | None = None,
     ) -> None:
         self.manifest = manifest
         self.metrics = metrics
         self.fetcher = fetcher
         self.vllm = vllm
+        self.prober = prober
+        # Probe results by adapter digest: the same files are never probed twice on this pod.
+        self.proofs: dict[str, ProbeResult] = {}
+        self._proving = asyncio.Lock()
         self.vllm_healthy = False
         self.entries: dict[str, Entry] = {}
         self._cond = asyncio.Condition()
@@ -220,8 +234,11 @@ class Registry:
         self._set(e, S.CACHED)
         self.metrics.cache_size.set(self.fetcher.cache_size())
         log.info("adapter %s cached at %s (%s)", e.spec.name, e.path, e.info.digest)
+        e.proof = self.proofs.get(e.info.digest)
         if e.spec.pinned and self.vllm_healthy:
             self._spawn(self.ensure_loaded(e, None))
+        elif self._needs_probe(e):
+            self._spawn(self._background_proof(e), quiet=True)
 
     def _evictable(self, e: Entry) -> bool:
         return (
@@ -315,6 +332,8 @@ class Registry:
             async with self._cond:
                 self._cond.notify_all()
         e.load_seconds = time.monotonic() - t0
+        if self._needs_probe(e):
+            await self._prove(e)
         e.reload_wanted = False
         e.reason = e.message = e.detail = None
         e.touch()
@@ -322,6 +341,70 @@ class Registry:
         self.metrics.loads.labels(e.spec.served_name).inc()
         self.metrics.load_seconds.labels(e.spec.served_name).observe(e.load_seconds)
         log.info("adapter %s loaded in %.3fs", e.spec.name, e.load_seconds)
+
+    def _needs_probe(self, e: Entry) -> bool:
+        return (
+            self.prober is not None
+            and self.manifest.checks.probe
+            and e.info is not None
+            and e.info.digest not in self.proofs
+        )
+
+    async def _prove(self, e: Entry) -> None:
+        """Probe `e` (loaded, slot held); an adapter without effect is unloaded and failed."""
+        assert self.prober is not None and e.info is not None
+        checks = self.manifest.checks
+        try:
+            result = await self.prober.probe(
+                e.spec.served_name,
+                self.manifest.base_served_name,
+                e.info.digest,
+                checks.probe_tolerance,
+            )
+        except errors.AdapterError as exc:
+            await self._unload_quietly(e)
+            self._fail(e, exc)
+            raise
+        except BaseException:
+            await self._unload_quietly(e)
+            self._set(e, S.CACHED)
+            raise
+        self.proofs[e.info.digest] = e.proof = result
+        outcome = "effect" if result.effect else "no_effect"
+        self.metrics.probes.labels(outcome).inc()
+        self.metrics.probe_seconds.observe(result.seconds)
+        if result.effect or checks.no_effect == "Allow":
+            return
+        delta = "diverged" if result.max_logprob_delta is None else result.max_logprob_delta
+        refused = errors.AdapterError(
+            errors.NO_EFFECT,
+            f"the adapter does not change the model's output: top logprobs differ from the "
+            f"base's by at most {delta} (tolerance {result.tolerance}); an untrained adapter "
+            "(lora_B all zero) or target modules vLLM ignores. spec.adapterChecks.noEffect: "
+            "Allow serves it anyway",
+        )
+        await self._unload_quietly(e)
+        self._fail(e, refused)
+        raise refused
+
+    async def _background_proof(self, e: Entry) -> None:
+        """Prove a new on-demand adapter now if a slot is free, one at a time.
+
+        Never evicts for it: an adapter that serves traffic must not be pushed out for a
+        proof. With every slot taken, the proof happens at the adapter's first load instead,
+        and until then the adapter is reported unproven (not Ready).
+        """
+        async with self._proving:
+            if not (self._needs_probe(e) and e.state in _LOADABLE and self.vllm_healthy):
+                return
+            busy = sum(1 for x in self.entries.values() if x.state in _SLOT_STATES)
+            if busy >= self.manifest.max_cpu_loras:
+                return
+            await self.ensure_loaded(e, None)
+
+    async def _unload_quietly(self, e: Entry) -> None:
+        with contextlib.suppress(errors.VLLMUnavailable):
+            await self.vllm.unload(e.spec.served_name)
 
     async def _claim_slot(self, e: Entry) -> None:
         """Wait (holding the condition) until `e` fits, evicting idle LRU ones.
@@ -400,6 +483,8 @@ class Registry:
     async def vllm_down(self) -> None:
         """vLLM lost every adapter: remember which to load again when it is back."""
         self.vllm_healthy = False
+        if self.prober is not None:
+            self.prober.forget_base()
         self.metrics.vllm_healthy.set(0)
         for e in self.entries.values():
             if e.state in _SLOT_STATES:
@@ -415,6 +500,8 @@ class Registry:
         for e in self.entries.values():
             if (e.reload_wanted or e.spec.pinned) and e.state in _LOADABLE:
                 self._spawn(self.ensure_loaded(e, None))
+            elif self._needs_probe(e) and e.state in _LOADABLE:
+                self._spawn(self._background_proof(e), quiet=True)
 
     # -- helpers ---------------------------------------------------------------------------
 

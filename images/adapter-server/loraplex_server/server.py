@@ -23,6 +23,7 @@ from loraplex_server.epp_metrics import LoraState, VLLMMetrics, lora_state
 from loraplex_server.fetch import Fetcher
 from loraplex_server.manifest import AdapterManifest
 from loraplex_server.metrics import Metrics
+from loraplex_server.probe import Prober
 from loraplex_server.proxy import Proxy
 from loraplex_server.registry import Registry
 from loraplex_server.settings import Settings
@@ -80,7 +81,11 @@ class Server:
             connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
         )
         self._registry = Registry(
-            manifest, self.metrics, self.fetcher, VLLMClient(self.settings.vllm_url, self._session)
+            manifest,
+            self.metrics,
+            self.fetcher,
+            VLLMClient(self.settings.vllm_url, self._session),
+            Prober(self.settings.vllm_url, self._session),
         )
         self.gate = LocalGate(self._registry, self.settings)
         self.holds = Holds(self.gate, lease=self.settings.load_timeout + 60)
@@ -99,6 +104,9 @@ class Server:
     def lora_state(self) -> LoraState:
         """Live, for /metrics (the EPP scrapes every ~50 ms: no full report built here)."""
         return lora_state(self.registry)
+
+    async def current_lora_state(self) -> LoraState:
+        return self.lora_state()
 
     def status(self) -> Status:
         reg = self.registry

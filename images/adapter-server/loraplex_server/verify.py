@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex_server import errors
+from loraplex_server.compat import check_compat
 from loraplex_server.manifest import AdapterManifest, ManifestAdapter
 from loraplex_server.source_uri import parse_source_uri
 
@@ -37,6 +38,7 @@ class AdapterInfo:
     base_model: str = ""
     size_bytes: int = 0
     digest: str = ""
+    warnings: tuple[str, ...] = ()
 
 
 def _files(root: Path) -> list[Path]:
@@ -170,17 +172,27 @@ def check_config(
         raise errors.AdapterError(errors.UNSUPPORTED_ADAPTER, "target_modules is malformed")
     base = str(cfg.get("base_model_name_or_path") or "")
     want, have = _repo_id(manifest.base_model), _repo_id(base)
+    warnings: tuple[str, ...] = ()
     if want and have and want != have:
-        raise errors.AdapterError(
-            errors.INCOMPATIBLE_BASE_MODEL,
-            f"adapter was trained on {base!r} but this base model is {manifest.base_model!r}",
-        )
-    return AdapterInfo(rank=rank, target_modules=sorted(targets), base_model=base)
+        # Fine-tunes of a fine-tune, renamed mirrors and re-uploads name other repos with the
+        # same weights shape: the module and shape checks and the probe decide, unless the
+        # BaseModel asks for the names to match too.
+        msg = f"adapter was trained on {base!r} but this base model is {manifest.base_model!r}"
+        if manifest.checks.strict_base_model:
+            raise errors.AdapterError(
+                errors.INCOMPATIBLE_BASE_MODEL,
+                msg + " (spec.adapterChecks.strictBaseModel is true)",
+            )
+        warnings = (f"BaseModelMismatch: {msg}",)
+    return AdapterInfo(
+        rank=rank, target_modules=sorted(targets), base_model=base, warnings=warnings
+    )
 
 
 def verify_dir(root: Path, spec: ManifestAdapter, manifest: AdapterManifest) -> AdapterInfo:
     """Full check of an adapter directory; returns what the report shows about it."""
-    info = check_config(read_config(root), spec, manifest)
+    cfg = read_config(root)
+    info = check_config(cfg, spec, manifest)
     files = _files(root)
     pickled = [p.name for p in files if p.name.lower().endswith(PICKLE_SUFFIXES)]
     if pickled:
@@ -194,5 +206,6 @@ def verify_dir(root: Path, spec: ManifestAdapter, manifest: AdapterManifest) -> 
             errors.UNSUPPORTED_ADAPTER,
             f"no {SAFETENSORS_FILE}: only safetensors adapters are accepted",
         )
+    check_compat(root, cfg, manifest.base_modules)
     digest, size = digest_dir(root)
-    return AdapterInfo(info.rank, info.target_modules, info.base_model, size, digest)
+    return AdapterInfo(info.rank, info.target_modules, info.base_model, size, digest, info.warnings)

@@ -303,6 +303,7 @@ class Follower:
         self._proxy_cls = Proxy
         self._proxy: Proxy | None = None
         self._vllm_metrics: VLLMMetrics | None = None
+        self._lora_at = -1.0
 
     def token(self) -> str:
         try:
@@ -321,6 +322,24 @@ class Follower:
     def lora_state(self) -> LoraState:
         """The owner's adapters as of its last status (polled every --health-interval)."""
         return LoraState.from_json(self.status_.lora)
+
+    async def current_lora_state(self) -> LoraState:
+        """The owner's adapters now (a scrape is what the EPP routes by: a copy polled every
+        --health-interval would send requests for a just-loaded adapter elsewhere). One small
+        call per scrape at most every 25 ms; the last copy if the owner does not answer."""
+        if time.monotonic() - self._lora_at < 0.025:
+            return self.lora_state()
+        assert self._session is not None
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+            async with self._session.get(
+                f"{self.owner_url}/internal/lora",
+                headers={"Authorization": f"Bearer {self.token()}"},
+                timeout=aiohttp.ClientTimeout(total=1),
+            ) as r:
+                if r.status == 200:
+                    self.status_.lora = await r.json()
+                    self._lora_at = time.monotonic()
+        return self.lora_state()
 
     @property
     def vllm_metrics(self) -> VLLMMetrics:

@@ -16,6 +16,7 @@ from loraplex_server.manifest import (
     DEFAULT_MAX_ADAPTER_BYTES,
     DEFAULT_MAX_ADAPTER_FILES,
     DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+    AdapterChecks,
     check_host,
     check_network,
     check_served_name,
@@ -596,6 +597,12 @@ class BaseModelSpec(Wire):
                 "local to the pod: remove spec.weightsCache"
             )
         return self
+
+    adapter_checks: AdapterChecks = Field(
+        default_factory=AdapterChecks,
+        description="How each pod proves an adapter before it is Ready: module names and "
+        "shapes against this base, then a probe that the adapter changes the output.",
+    )
 
 
 class AdapterCounts(Wire):

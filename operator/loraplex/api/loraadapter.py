@@ -72,6 +72,9 @@ class PodAdapterState(Wire):
     message: str | None = None
     load_seconds: float | None = None
     last_used: datetime | None = None
+    proven_at: datetime | None = Field(
+        default=None, description="When this pod proved the current files change outputs."
+    )
 
 
 class ReplicaCounts(Wire):
@@ -79,6 +82,20 @@ class ReplicaCounts(Wire):
 
     ready: int = 0
     total: int = 0
+
+
+class AdapterProof(Wire):
+    """The probe that showed the adapter's files change the model's output."""
+
+    model_config = Wire.model_config | {"extra": "ignore"}
+
+    digest: str = Field(description="The files proven (sha256 over the adapter's files).")
+    proven_at: datetime = Field(description="The first pod's proof of these files.")
+    pods: int = Field(default=0, description="Pods that proved these files.")
+    probe_seconds: float = Field(default=0, description="Slowest probe among the pods.")
+    max_logprob_delta: float | None = Field(
+        default=None, description="Largest top-logprob change from the base (null: diverged)."
+    )
 
 
 class LoRAAdapterStatus(Wire):
@@ -96,6 +113,9 @@ class LoRAAdapterStatus(Wire):
     digest: str | None = None
     replicas: ReplicaCounts = Field(default_factory=ReplicaCounts)
     ready: str = Field(default="0/0", description="ready/total pods, for kubectl get.")
+    proof: AdapterProof | None = Field(
+        default=None, description="Shown on a pod to change outputs (spec.adapterChecks.probe)."
+    )
     pods: list[PodAdapterState] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["pod"]},
