@@ -85,6 +85,13 @@ JOBS = ResourceKind("batch", "v1", "jobs", "Job")
 PVCS = ResourceKind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
 PDBS = ResourceKind("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
 NETWORKPOLICIES = ResourceKind("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
+HPAS = ResourceKind("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler")
+# Optional APIs (spec.routing / spec.autoscaling): their CRDs may be missing from a cluster.
+INFERENCEPOOLS = ResourceKind(
+    "inference.networking.k8s.io", "v1", "inferencepools", "InferencePool"
+)
+HTTPROUTES = ResourceKind("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
+SCALEDOBJECTS = ResourceKind("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject")
 BASEMODELS = ResourceKind("loraplex.io", "v1alpha1", "basemodels", "BaseModel")
 LORAADAPTERS = ResourceKind("loraplex.io", "v1alpha1", "loraadapters", "LoRAAdapter")
 
@@ -100,6 +107,10 @@ KIND_OF: dict[str, ResourceKind] = {
         PVCS,
         PDBS,
         NETWORKPOLICIES,
+        HPAS,
+        INFERENCEPOOLS,
+        HTTPROUTES,
+        SCALEDOBJECTS,
         BASEMODELS,
         LORAADAPTERS,
     )

@@ -42,6 +42,12 @@ RULES: tuple[Rule, ...] = (
     # The pods' NetworkPolicy: read back for drift on the timer (no watch), created, corrected,
     # and deleted when spec.networkPolicy.enabled turns false (only one this BaseModel owns).
     Rule("networking.k8s.io", ("networkpolicies",), ("get", "create", "patch", "delete")),
+    # spec.routing and spec.autoscaling: created and corrected like the rest (the HPA's or
+    # KEDA's own writes to the Deployment's replicas are theirs: server-side apply yields).
+    Rule("autoscaling", ("horizontalpodautoscalers",), ("get", "create", "patch")),
+    Rule("inference.networking.k8s.io", ("inferencepools",), ("get", "create", "patch")),
+    Rule("gateway.networking.k8s.io", ("httproutes",), ("get", "create", "patch")),
+    Rule("keda.sh", ("scaledobjects",), ("get", "create", "patch")),
     # Pods are listed to push manifests to, and poll adapter state from, each ready replica.
     Rule("", ("pods",), ("list",)),
     # Events (kopf's poster, e.g. `Replanned`).

@@ -53,6 +53,7 @@ from loraplex.render import (
     plan_changes,
     replan_message,
 )
+from loraplex.routing import API_OF_KIND, RoutingProblem
 from loraplex.status import PodView, adapter_status, base_status
 from loraplex.weights import failure_message, loader_state, weights_cache
 from loraplex_server.manifest import AdapterManifest, AdaptersResponse
@@ -175,6 +176,31 @@ def secret_patch(obj: Mapping[str, Any], uid: str) -> list[dict[str, Any]]:
     return ops
 
 
+def _report_routing(
+    status: BaseModelStatus, gen: int | None, spec: Any, problem: RoutingProblem | None
+) -> None:
+    """`RoutingReady`: whether spec.routing/spec.autoscaling objects could be applied. A
+    missing CRD is named; the Deployment and Service keep serving through the plain Service."""
+    if problem is not None:
+        status.conditions = set_condition(
+            status.conditions,
+            "RoutingReady",
+            "False",
+            "CRDNotInstalled",
+            str(problem),
+            generation=gen,
+        )
+    elif spec.routing.inference_pool.enabled or spec.autoscaling.enabled:
+        status.conditions = set_condition(
+            status.conditions,
+            "RoutingReady",
+            "True",
+            "Applied",
+            "routing and autoscaling objects applied",
+            generation=gen,
+        )
+
+
 def base_of(adapter: dict[str, Any]) -> str | None:
     spec = adapter.get("spec")
     value = spec.get("baseModel") if isinstance(spec, dict) else None
@@ -224,6 +250,7 @@ class Outcome:
     verdicts: dict[str, Verdict] = field(default_factory=dict)
     writes: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
+    routing_problem: RoutingProblem | None = None
 
 
 class Reconciler:
@@ -351,6 +378,16 @@ class Reconciler:
             except OwnershipConflict as exc:
                 log.warning("BaseModel %s/%s: %s", ns, name, exc)
                 outcome.conflicts.append(str(exc))
+            except KubeError as exc:
+                api = API_OF_KIND.get((obj["apiVersion"], obj["kind"]))
+                if api is None or exc.status != 404:
+                    raise
+                # The CRD is not installed: name it; everything else keeps being applied.
+                outcome.routing_problem = RoutingProblem(
+                    api, f"{obj['kind']} {obj['metadata']['name']}", "install it, or turn it off"
+                )
+        if decision.routing_problem is not None and outcome.routing_problem is None:
+            outcome.routing_problem = decision.routing_problem
         if not spec.network_policy.enabled and await self._retire_networkpolicy(owner):
             outcome.writes.append(f"-NetworkPolicy/{naming.networkpolicy_name(name)}")
         deployment = await self.kube.get(DEPLOYMENTS, ns, naming.deployment_name(name))
@@ -374,6 +411,7 @@ class Reconciler:
             weights=weights,
         )
         self._report_conflicts(status, gen, outcome.conflicts)
+        _report_routing(status, gen, spec, outcome.routing_problem)
         await self._write_base(ns, name, bm, status)
         return outcome
 

@@ -28,6 +28,7 @@ from loraplex.devtools.operator_proc import OperatorProcess
 from loraplex.kube import (
     BASEMODELS,
     DEPLOYMENTS,
+    KIND_OF,
     LORAADAPTERS,
     NETWORKPOLICIES,
     PDBS,
@@ -322,6 +323,49 @@ async def test_restart_converges_without_duplicates(
     assert manifest_of(cluster, "qwen-14b")["generation"] == after["generation"]  # type: ignore[index]
 
 
+ROUTED = {
+    "inferencePool": {
+        "enabled": True,
+        "endpointPicker": {"name": "epp"},
+        "httpRoute": {"gateway": {"name": "gw"}},
+    }
+}
+ROUTING_EDITS = [
+    ("inference.networking.k8s.io/v1/inferencepools", "routed", {"targetPorts": [{"number": 1}]}),
+    ("gateway.networking.k8s.io/v1/httproutes", "routed", {"parentRefs": [{"name": "other"}]}),
+    ("keda.sh/v1alpha1/scaledobjects", "routed", {"maxReplicaCount": 9}),
+    ("autoscaling/v2/horizontalpodautoscalers", "scaled", {"maxReplicas": 9}),
+]
+
+
+async def exercise_routing(cluster: Cluster, kube: KubeClient) -> None:
+    routed = json.loads(json.dumps(examples()[0]))
+    routed["metadata"]["name"] = "routed"
+    routed["spec"]["routing"] = ROUTED
+    routed["spec"]["autoscaling"] = {
+        "enabled": True,
+        "engine": "keda",
+        "maxReplicas": 2,
+        "prometheusAddress": "http://prometheus.monitoring:9090",
+    }
+    scaled = json.loads(json.dumps(examples()[0]))
+    scaled["metadata"]["name"] = "scaled"
+    scaled["spec"]["autoscaling"] = {"enabled": True, "engine": "hpa", "maxReplicas": 2}
+    await kube.apply(routed)
+    await kube.apply(scaled)
+    for res, name, edit in ROUTING_EDITS:
+        obj = await eventually(lambda r=res, n=name: one(cluster, r, n), what=f"{res} {name}")  # type: ignore[misc]
+        kind = next(k for k in KIND_OF.values() if res.endswith(f"/{k.plural}"))
+        want = {k: obj["spec"][k] for k in edit if k in obj["spec"]}
+        await kube.patch(kind, NS, name, {"spec": edit})
+
+        def restored(r: str = res, n: str = name, w: dict[str, Any] = want) -> bool:
+            spec = (one(cluster, r, n) or {}).get("spec", {})
+            return all(spec.get(k) == v for k, v in w.items())
+
+        await eventually(restored, what=f"{name} corrected")
+
+
 async def exercise_networkpolicy(cluster: Cluster, kube: KubeClient) -> None:
     """Open the admin port by hand (corrected), then turn the policy off (deleted)."""
     policy = await eventually(lambda: one(cluster, NETPOL, "qwen-14b"), what="NetworkPolicy")
@@ -405,6 +449,9 @@ async def test_rbac_is_exactly_the_calls_the_operator_makes(
         ),
         what="PDB corrected",
     )
+    # spec.routing and spec.autoscaling: InferencePool, HTTPRoute, a KEDA ScaledObject and an
+    # HPA, each hand-edited and put back.
+    await exercise_routing(cluster, kube)
     calls = cluster.operator_calls()
     refused = [c for c in calls if c.code == 403]
     assert refused == [], "the API server refused calls the chart's RBAC does not allow"

@@ -497,6 +497,8 @@ class ControlPlane:
     def install(self) -> None:
         """Our CRDs (until Established), the operator's namespace, service account and RBAC."""
         self.kubectl("apply", "-f", str(CRDS))
+        # The optional APIs spec.routing/spec.autoscaling use (their projects' own CRDs).
+        self.kubectl("apply", "-f", str(REPO / "tests" / "fixtures" / "crds"))
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
         self.kubectl("create", "namespace", OPERATOR_NAMESPACE)
         rendered = subprocess.run(
@@ -595,7 +597,13 @@ class ControlPlane:
         return base + (f"/{name}" if name else "")
 
     def objects_of(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
-        resp = self.session().get(self.url + self.path(resource, namespace), timeout=30)
+        for _ in range(50):
+            resp = self.session().get(self.url + self.path(resource, namespace), timeout=30)
+            # 429: the API server's priority and fairness (or a CRD whose storage is still
+            # being set up) asks us to come back: do so, as kubectl does.
+            if resp.status_code != 429:
+                break
+            time.sleep(min(float(resp.headers.get("Retry-After", "1") or 1), 2.0))
         resp.raise_for_status()
         items: list[dict[str, Any]] = resp.json()["items"]
         return items
@@ -669,7 +677,8 @@ class ControlPlane:
             "-n",
             namespace,
             "basemodels,loraadapters,deployments,replicasets,pods,configmaps,secrets,events,"
-            "networkpolicies,horizontalpodautoscalers,jobs,persistentvolumeclaims,poddisruptionbudgets",
+            "networkpolicies,horizontalpodautoscalers,jobs,persistentvolumeclaims,poddisruptionbudgets,"
+            "inferencepools,httproutes,scaledobjects",
             "--all",
             "--wait=false",
             "--ignore-not-found",

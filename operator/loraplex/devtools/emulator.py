@@ -68,6 +68,12 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "batch/v1/jobs": {"kind": "Job", "subresources": {"status"}},
     "v1/persistentvolumeclaims": {"kind": "PersistentVolumeClaim"},
     "policy/v1/poddisruptionbudgets": {"kind": "PodDisruptionBudget"},
+    "autoscaling/v2/horizontalpodautoscalers": {"kind": "HorizontalPodAutoscaler"},
+    # Optional CRDs (spec.routing, spec.autoscaling), as if installed; a test removes one to
+    # see the operator name a missing CRD.
+    "inference.networking.k8s.io/v1/inferencepools": {"kind": "InferencePool"},
+    "gateway.networking.k8s.io/v1/httproutes": {"kind": "HTTPRoute"},
+    "keda.sh/v1alpha1/scaledobjects": {"kind": "ScaledObject"},
     "v1/events": {"kind": "Event"},
     "events.k8s.io/v1/events": {"kind": "Event"},
 }
@@ -304,6 +310,13 @@ class Emulator(kmock.KubernetesEmulator):
             self.authenticated.add((agent.split("/")[0], token))
         method = str(getattr(request.method, "value", request.method)).upper()
         res = request.resource
+        if res is not None and res.plural and res.version:
+            # As a real API server: a resource no installed API or CRD serves is a 404.
+            path = "/".join(
+                p for p in (str(res.group or ""), str(res.version), str(res.plural)) if p
+            )
+            if path not in self.resources:
+                return _status(404, "NotFound", "the server could not find the requested resource")
         for fault in self.faults:
             if (
                 fault.served < fault.times
