@@ -98,6 +98,9 @@ async def serve_follower(settings: Settings) -> None:
     )
     await runner.setup()
     try:
+        # Join the shared port only once the owner's state is known: a request this worker
+        # took earlier could only be answered 503.
+        await follower.wait_for_owner()
         await web.TCPSite(runner, settings.host, settings.port, reuse_port=True).start()
         await _until_signal()
         await drain(follower)

@@ -304,6 +304,7 @@ class Follower:
         self._proxy: Proxy | None = None
         self._vllm_metrics: VLLMMetrics | None = None
         self._lora_at = -1.0
+        self._heard = asyncio.Event()
 
     def token(self) -> str:
         try:
@@ -358,6 +359,11 @@ class Follower:
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
+    async def wait_for_owner(self, seconds: float = 300.0) -> None:
+        """Until the first status from the owner arrived (it polls from cleanup_ctx)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._heard.wait(), seconds)
+
     async def _poll_owner(self) -> None:
         parent = os.getppid()
         assert self._session is not None
@@ -375,6 +381,7 @@ class Follower:
                     if r.status == 200:
                         self.status_ = Status.from_json(await r.json())
                         self._owner_ok = time.monotonic()
+                        self._heard.set()
             await asyncio.sleep(self.settings.health_interval)
 
     async def cleanup_ctx(self, app: web.Application) -> Any:
