@@ -161,8 +161,12 @@ class LocalGate:
     @contextlib.asynccontextmanager
     async def hold(self, served: str, size: int) -> AsyncIterator[Release]:
         entry = self.registry.by_served_name(served)
-        if entry is None:
-            raise errors.ModelNotFound(f"The model `{served[:200]}` does not exist.")
+        if entry is None:  # removed since a worker's copy of the status said otherwise
+            raise errors.ModelNotFound(
+                f"The model `{served[:200]}` does not exist. "
+                f"Served models: {', '.join(self.served_names())}",
+                param="model",
+            )
         async with self.registry.use(entry) as release:
             if entry.state != AdapterState.LOADED:
                 with self.waiting.enter(served, size):
