@@ -108,6 +108,8 @@ class Backend(Protocol):
 
     async def current_lora_state(self) -> epp_metrics.LoraState: ...
 
+    async def current_status(self) -> Status: ...
+
     def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]: ...
 
 
@@ -162,7 +164,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 async def adapters(request: web.Request) -> web.StreamResponse:
-    return web.json_response(_server(request).status().adapters)
+    return web.json_response((await _server(request).current_status()).adapters)
 
 
 async def models(request: web.Request) -> web.StreamResponse:

@@ -108,6 +108,9 @@ class Server:
     async def current_lora_state(self) -> LoraState:
         return self.lora_state()
 
+    async def current_status(self) -> Status:
+        return self.status()
+
     def status(self) -> Status:
         reg = self.registry
         return Status(

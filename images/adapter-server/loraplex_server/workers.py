@@ -363,6 +363,21 @@ class Follower:
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
+    async def current_status(self) -> Status:
+        """The owner's status now, for listings a client just changed by its own request (the
+        copy polled every --health-interval may predate it); the copy if the owner is silent."""
+        assert self._session is not None
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+            async with self._session.get(
+                f"{self.owner_url}/internal/status",
+                headers={"Authorization": f"Bearer {self.token()}"},
+                timeout=aiohttp.ClientTimeout(total=2),
+            ) as r:
+                if r.status == 200:
+                    self.status_ = Status.from_json(await r.json())
+                    self._owner_ok = time.monotonic()
+        return self.status_
+
     async def wait_for_owner(self, seconds: float = 300.0) -> None:
         """Until the first status from the owner arrived (it polls from cleanup_ctx)."""
         with contextlib.suppress(TimeoutError):
