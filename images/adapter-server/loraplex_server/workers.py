@@ -366,6 +366,10 @@ class Follower:
     async def current_status(self) -> Status:
         """The owner's status now, for listings a client just changed by its own request (the
         copy polled every --health-interval may predate it); the copy if the owner is silent."""
+        await self._fetch_owner_status()
+        return self.status_
+
+    async def _fetch_owner_status(self) -> None:
         assert self._session is not None
         with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
             async with self._session.get(
@@ -376,7 +380,7 @@ class Follower:
                 if r.status == 200:
                     self.status_ = Status.from_json(await r.json())
                     self._owner_ok = time.monotonic()
-        return self.status_
+                    self._heard.set()
 
     async def wait_for_owner(self, seconds: float = 300.0) -> None:
         """Until the first status from the owner arrived (it polls from cleanup_ctx)."""
@@ -391,16 +395,7 @@ class Follower:
                 log.error("owner process is gone; exiting")
                 os.kill(os.getpid(), 15)
                 return
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
-                async with self._session.get(
-                    f"{self.owner_url}/internal/status",
-                    headers={"Authorization": f"Bearer {self.token()}"},
-                    timeout=aiohttp.ClientTimeout(total=2),
-                ) as r:
-                    if r.status == 200:
-                        self.status_ = Status.from_json(await r.json())
-                        self._owner_ok = time.monotonic()
-                        self._heard.set()
+            await self._fetch_owner_status()
             await asyncio.sleep(self.settings.health_interval)
 
     async def cleanup_ctx(self, app: web.Application) -> Any:
