@@ -48,7 +48,7 @@ class Prober:
 
     base_url: str
     session: aiohttp.ClientSession
-    seconds: float = 20.0
+    seconds: float = 120.0  # a cold CPU vLLM's first LoRA batch can take tens of seconds
     _base: tuple[str, Positions] | None = None
 
     def forget_base(self) -> None:

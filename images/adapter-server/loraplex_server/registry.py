@@ -181,6 +181,10 @@ class Registry:
                     e.spec = spec
                     if spec.pinned and e.state in _LOADABLE and self.vllm_healthy:
                         self._spawn(self.ensure_loaded(e, None))
+                    elif e.state == S.LOADED and self._needs_probe(e):
+                        self._spawn(self._prove_loaded(e), quiet=True)  # probes just turned on
+                    elif e.state in _LOADABLE and self._needs_probe(e):
+                        self._spawn(self._background_proof(e), quiet=True)
             async with self._cond:
                 self._cond.notify_all()
             self._update_gauges()
@@ -365,6 +369,12 @@ class Registry:
             await self._unload_quietly(e)
             self._fail(e, exc)
             raise
+        except errors.VLLMUnavailable as exc:
+            # The probe could not run (a cold vLLM's first requests can be slow): the adapter
+            # loaded fine and stays, unproven (not Ready upstream), and is probed again later.
+            log.warning("adapter %s: probe deferred: %s", e.spec.name, exc)
+            self._spawn(self._prove_later(e), quiet=True)
+            return
         except BaseException:
             await self._unload_quietly(e)
             self._set(e, S.CACHED)
@@ -401,6 +411,20 @@ class Registry:
             if busy >= self.manifest.max_cpu_loras:
                 return
             await self.ensure_loaded(e, None)
+
+    async def _prove_later(self, e: Entry, delay: float = 10.0) -> None:
+        await asyncio.sleep(delay)
+        if not e.removed and e.state == S.LOADED and self._needs_probe(e):
+            await self._prove_loaded(e)
+
+    async def _prove_loaded(self, e: Entry) -> None:
+        """Prove an adapter that was loaded before probes were asked for, or whose probe
+        could not run (held against eviction meanwhile)."""
+        async with self._proving, self.use(e):
+            if e.state != S.LOADED or not self._needs_probe(e):
+                return
+            with contextlib.suppress(errors.AdapterError, errors.VLLMUnavailable):
+                await self._prove(e)
 
     async def _unload_quietly(self, e: Entry) -> None:
         with contextlib.suppress(errors.VLLMUnavailable):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import urllib.request
 from collections.abc import Callable
@@ -66,6 +67,32 @@ class ChainResult:
     # The rendered securityContexts: "pod" and one per container name.
     rendered_security: dict[str, dict[str, Any]] = field(default_factory=dict)
     statuses: dict[str, Any] = field(default_factory=dict)
+
+
+ARCHITECTURE_SUBSTITUTION = (
+    "BaseModel spec.model.architecture: the tiny model's shape, so the plan and the pods' "
+    "adapter checks (module names and sizes) judge the adapters against the model that runs"
+)
+
+
+def _shape_of(model: Path) -> dict[str, Any]:
+    """spec.model.architecture for the tiny model that stands in for the example's."""
+    cfg = json.loads((model / "config.json").read_text())
+    keys = (
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "tie_word_embeddings",
+    )
+    camel = {
+        k: "".join(w.capitalize() if i else w for i, w in enumerate(k.split("_"))) for k in keys
+    }
+    return {camel[k]: cfg[k] for k in keys if cfg.get(k) is not None}
 
 
 def _examples() -> list[dict[str, Any]]:
@@ -160,6 +187,8 @@ class Chain:
         await asyncio.sleep(1.5)  # the operator starts watching
         apply_start = time.monotonic()
         for doc in _examples():
+            if doc["kind"] == "BaseModel":
+                doc["spec"]["model"]["architecture"] = _shape_of(model)
             await kube.apply(doc)
         dep = await _wait(
             "the operator's Deployment",
@@ -182,7 +211,7 @@ class Chain:
             remap_ports=self.remap_ports,
             sandbox=self.sandbox,
         )
-        self.result.substitutions = pod.substitutions
+        self.result.substitutions = [*pod.substitutions, ARCHITECTURE_SUBSTITUTION]
         self.result.sandboxed = pod.sandboxed
         self.result.rules = pod.rules()
         self.result.vllm_env = pod.env["vllm"]
@@ -207,7 +236,7 @@ class Chain:
         for line in pod.rules():
             self.say(f"      - {line}")
         self.say("    substitutions (everything else is exactly as rendered):")
-        for s in pod.substitutions:
+        for s in self.result.substitutions:
             self.say(f"      - {s}")
         t = self._step("Starting the pod's containers: vLLM (CPU) then loraplex-server")
         self.pod = pod  # visible to run()'s cleanup even if interrupted while starting
