@@ -76,6 +76,7 @@ async def test_demo_chain_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
         "env ",
         "PATH=",
         "writable root",
+        "spec.model.architecture",  # the tiny model's shape, for the plan and adapter checks
     )
     for sub in result.substitutions:
         assert any(word in sub for word in allowed), f"unexpected substitution: {sub}"
