@@ -247,7 +247,9 @@ class RemoteGate:
         return self.follower.status_.served
 
     def declared(self, served: str) -> bool:
-        return served in self.follower.status_.served[1:]
+        """Always: the owner decides (its hold answers 404 with the served list). A copy of its
+        status may predate a manifest just pushed, and must not turn a new adapter away."""
+        return True
 
     @contextlib.asynccontextmanager
     async def hold(self, served: str, size: int) -> AsyncIterator[Release]:
