@@ -22,6 +22,7 @@ from loraplex import naming
 from loraplex.devtools.emulator import running_emulator
 from loraplex.devtools.operator_proc import OperatorProcess
 from loraplex.kube import Connection, KubeClient
+from loraplex_server import manifest_shards
 
 
 def _bm(i: int) -> dict[str, Any]:
@@ -87,10 +88,17 @@ async def run(
                 while time.monotonic() - start < timeout:
                     peak = max(peak, op.rss_bytes())
                     counts = {}
-                    for cm in cluster.emulator.objects_of("v1/configmaps", "default"):
+                    cms = cluster.emulator.objects_of("v1/configmaps", "default")
+                    by_name = {cm["metadata"]["name"]: cm for cm in cms}
+                    for cm in cms:
+                        if naming.MANIFEST_KEY not in (cm.get("data") or {}):
+                            continue  # a shard; read through its index
                         base = cm["metadata"]["labels"][naming.BASE_LABEL]
-                        manifest = json.loads(cm["data"][naming.MANIFEST_KEY])
-                        counts[base] = len(manifest["adapters"])
+                        try:
+                            manifest = manifest_shards.from_configmaps(cm, by_name)
+                        except (manifest_shards.TornManifest, ValueError):
+                            continue
+                        counts[base] = len(manifest.adapters)
                     if counts == expected:
                         done_at = time.monotonic() - start
                         break

@@ -34,6 +34,7 @@ from loraplex.render import (
 from loraplex.routing import ALL_APIS, Capabilities, RoutingProblem
 from loraplex.validation import parse_spec
 from loraplex_server.manifest import AdapterManifest
+from loraplex_server.manifest_shards import ManifestTooLarge
 
 
 @dataclass
@@ -86,7 +87,10 @@ def decide(
     decision.manifest = next_manifest(
         owner.name, spec, plan, accepted, previous, previous_generation
     )
-    decision.objects = render_all(owner, spec, plan, decision.manifest, token, images, operator)
+    try:
+        decision.objects = render_all(owner, spec, plan, decision.manifest, token, images, operator)
+    except ManifestTooLarge as exc:
+        return Decision(invalid=InvalidSpec("LoRAAdapters", str(exc)), spec=spec, plan=plan)
     try:
         decision.objects += render_routing(owner, spec, caps)
     except RoutingProblem as exc:

@@ -9,6 +9,7 @@ pods. Adapters live only in the ConfigMap, so adding one never changes the pod t
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from loraplex.api.basemodel import BaseModelSpec
 from loraplex.planner import Plan, vllm_flags
 from loraplex.routing import ALL_APIS, Capabilities, build_routing_objects
 from loraplex.versions import DEFAULT_ENGINE_IMAGE
+from loraplex_server import manifest_shards
 from loraplex_server.manifest import AdapterManifest
 from loraplex_server.source_uri import parse_source_uri
 
@@ -219,7 +221,7 @@ def _volumes(spec: BaseModelSpec, name: str, loc: ModelLocation) -> list[dict[st
         cache = {"name": "adapter-cache", "emptyDir": {"sizeLimit": spec.adapter_cache.size_limit}}
     vols = [
         cache,
-        {"name": "manifest", "configMap": {"name": naming.configmap_name(name)}},
+        manifest_volume(name),
         {
             "name": "admin-token",
             "secret": {"secretName": naming.secret_name(name), "defaultMode": 0o440},
@@ -397,20 +399,52 @@ def build_networkpolicy(
     return policy
 
 
-def manifest_json(manifest: AdapterManifest) -> str:
-    return json.dumps(manifest.model_dump(by_alias=True, mode="json"), indent=2, sort_keys=True)
+def manifest_volume(base: str) -> dict[str, Any]:
+    """The index and every shard slot in one projected volume. The slot list is fixed (not
+    the shards in use), so the pod template never changes with the adapters."""
+    shards = [
+        {"configMap": {"name": naming.manifest_shard_name(base, n), "optional": True}}
+        for n in range(manifest_shards.MAX_SHARDS)
+    ]
+    sources = [{"configMap": {"name": naming.configmap_name(base)}}, *shards]
+    return {"name": "manifest", "projected": {"sources": sources}}
 
 
-def build_configmap(owner: Owner, manifest: AdapterManifest) -> dict[str, Any]:
-    return _render(
+def build_manifest_configmaps(owner: Owner, manifest: AdapterManifest) -> list[dict[str, Any]]:
+    """The shard ConfigMaps, then the index ConfigMap: apply in this order, so a complete
+    generation is stored before the index names it (see loraplex_server.manifest_shards).
+
+    Raises `ManifestTooLarge` when even the compressed manifest has no room in the slots.
+    """
+    index, chunks = manifest_shards.split(
+        manifest, lambda n: naming.manifest_shard_name(owner.name, n)
+    )
+    generation = {f"{API_GROUP}/manifest-generation": str(manifest.generation)}
+    shards = [
+        _render(
+            "configmap.yaml.j2",
+            name=ref.name,
+            namespace=owner.namespace,
+            labels=naming.labels(owner.name),
+            annotations=generation,
+            owner_refs=owner.refs(),
+            data=None,
+            binary_data={ref.key: base64.b64encode(chunk).decode()},
+        )
+        for ref, chunk in zip(index.shards, chunks, strict=True)
+    ]
+    doc = index.model_dump(by_alias=True, mode="json")
+    index_cm = _render(
         "configmap.yaml.j2",
         name=naming.configmap_name(owner.name),
         namespace=owner.namespace,
         labels=naming.labels(owner.name),
-        annotations={f"{API_GROUP}/manifest-generation": str(manifest.generation)},
+        annotations=generation,
         owner_refs=owner.refs(),
-        data={naming.MANIFEST_KEY: manifest_json(manifest)},
+        data={naming.MANIFEST_KEY: json.dumps(doc, indent=2, sort_keys=True)},
+        binary_data=None,
     )
+    return [*shards, index_cm]
 
 
 def build_secret(owner: Owner, token: str) -> dict[str, Any]:
@@ -439,7 +473,7 @@ def render_all(
     policy = build_networkpolicy(owner, spec, operator)
     return [
         build_secret(owner, token),
-        build_configmap(owner, manifest),
+        *build_manifest_configmaps(owner, manifest),
         *([policy] if policy else []),
         build_deployment(owner, spec, plan, images),
         build_service(owner),

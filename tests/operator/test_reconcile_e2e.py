@@ -25,12 +25,14 @@ from loraplex.devtools.emulator import RunningEmulator
 from loraplex.devtools.operator_proc import OperatorProcess
 from loraplex.kube import (
     BASEMODELS,
+    CONFIGMAPS,
     DEPLOYMENTS,
     LORAADAPTERS,
     NETWORKPOLICIES,
     SERVICES,
     KubeClient,
 )
+from loraplex_server import manifest_shards
 from tests.operator.conftest import eventually
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(240)]
@@ -57,7 +59,9 @@ def manifest_of(cluster: RunningEmulator, base: str) -> dict[str, Any] | None:
     cm = one(cluster, "v1/configmaps", naming.configmap_name(base))
     if cm is None:
         return None
-    data: dict[str, Any] = json.loads(cm["data"][naming.MANIFEST_KEY])
+    shards = {o["metadata"]["name"]: o for o in cluster.emulator.objects_of("v1/configmaps", NS)}
+    manifest = manifest_shards.from_configmaps(cm, shards)
+    data: dict[str, Any] = manifest.model_dump(by_alias=True, mode="json")
     return data
 
 
@@ -293,10 +297,39 @@ async def test_restart_converges_without_duplicates(
     )
     after = manifest_of(cluster, "qwen-14b")
     assert after["generation"] == before["generation"] + 1  # type: ignore[index]
-    for res in ("apps/v1/deployments", "v1/services", "v1/configmaps", "v1/secrets"):
+    for res in ("apps/v1/deployments", "v1/services", "v1/secrets"):
         assert len(cluster.emulator.objects_of(res, NS)) == 1, res
+    names = sorted(o["metadata"]["name"] for o in cluster.emulator.objects_of("v1/configmaps", NS))
+    assert names == ["qwen-14b-adapters", "qwen-14b-manifest-0"]  # the index and one shard
     await asyncio.sleep(3)  # a further timer tick changes nothing
     assert manifest_of(cluster, "qwen-14b")["generation"] == after["generation"]  # type: ignore[index]
+
+
+async def exercise_stale_shard(cluster: RunningEmulator, kube: KubeClient) -> None:
+    """An index naming a second shard (as after a manifest that shrank, or a crash mid-write):
+    the operator republishes and deletes the shard no index names any more."""
+    index_cm = one(cluster, "v1/configmaps", naming.configmap_name("qwen-14b"))
+    assert index_cm is not None
+    index = json.loads(index_cm["data"][naming.MANIFEST_KEY])
+    stale = naming.manifest_shard_name("qwen-14b", 1)
+    index["shards"].append({**index["shards"][0], "name": stale, "key": "shard-1.gz"})
+    shard = json.loads(json.dumps(one(cluster, "v1/configmaps", index["shards"][0]["name"])))
+    shard["metadata"] = {
+        "name": stale,
+        "namespace": NS,
+        "ownerReferences": shard["metadata"]["ownerReferences"],
+    }
+    shard["binaryData"] = {"shard-1.gz": ""}
+    await kube.create(CONFIGMAPS, NS, shard)
+    await kube.patch(
+        CONFIGMAPS,
+        NS,
+        naming.configmap_name("qwen-14b"),
+        {"data": {naming.MANIFEST_KEY: json.dumps(index)}},
+    )
+    await kube.patch(BASEMODELS, NS, "qwen-14b", {"metadata": {"labels": {"poke": "1"}}})
+    await eventually(lambda: one(cluster, "v1/configmaps", stale) is None, what="shard deleted")
+    await eventually(lambda: adapter_names(cluster, "qwen-14b"), what="index republished")
 
 
 async def exercise_networkpolicy(cluster: RunningEmulator, kube: KubeClient) -> None:
@@ -338,6 +371,7 @@ async def test_rbac_is_exactly_the_calls_the_operator_makes(
     """Every request is allowed by loraplex.rbac, and every rule is used (peering aside)."""
     await apply_all(kube, examples())
     await eventually(lambda: adapter_names(cluster, "qwen-14b"), what="manifest")
+    await exercise_stale_shard(cluster, kube)
     # Drift: a hand edit (patch back), a deleted Service (created again).
     await kube.patch(DEPLOYMENTS, NS, "qwen-14b", {"spec": {"replicas": 5}})
     await kube.delete(SERVICES, NS, "qwen-14b")

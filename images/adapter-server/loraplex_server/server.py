@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
+import time
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
+from loraplex_server import manifest_shards
 from loraplex_server.epp_metrics import VLLMMetrics
 from loraplex_server.fetch import Fetcher
 from loraplex_server.manifest import AdapterManifest
@@ -64,12 +65,24 @@ class Server:
         return self._proxy
 
     def read_manifest(self) -> tuple[str, AdapterManifest]:
-        raw = self.settings.manifest.read_bytes()
-        return _digest(raw), AdapterManifest.model_validate(json.loads(raw))
+        return manifest_shards.read_mounted(self.settings.manifest)
+
+    async def _first_manifest(self) -> tuple[str, AdapterManifest]:
+        """A complete generation: while the kubelet has refreshed only some of the shards,
+        wait for the rest (bounded by manifest_wait), never start on half of one."""
+        deadline = time.monotonic() + self.settings.manifest_wait
+        while True:
+            try:
+                return self.read_manifest()
+            except manifest_shards.TornManifest as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("mounted manifest not consistent yet (%s); waiting", exc)
+            await asyncio.sleep(self.settings.manifest_interval)
 
     async def start(self) -> None:
         """Read the mounted manifest (a bad one stops the process: the operator wrote it)."""
-        digest, manifest = self.read_manifest()
+        digest, manifest = await self._first_manifest()
         self._manifest_digest = digest
         self.fetcher.clean_temp()
         self._session = aiohttp.ClientSession(
@@ -132,12 +145,17 @@ class Server:
             digest = _digest(raw)
             if digest == self._manifest_digest:
                 continue
-            self._manifest_digest = digest  # report a bad file once, not every poll
             try:
-                manifest = AdapterManifest.model_validate(json.loads(raw))
-            except (ValueError, ValidationError) as exc:
+                _, manifest = await asyncio.to_thread(self.read_manifest)
+            except manifest_shards.TornManifest as exc:
+                # Some shards are not refreshed yet: keep serving, look again next poll.
+                log.debug("mounted manifest not consistent yet: %s", exc)
+                continue
+            except (OSError, ValueError, ValidationError) as exc:
+                self._manifest_digest = digest  # report a bad file once, not every poll
                 log.error("mounted manifest is invalid, keeping the current one: %s", exc)
                 continue
+            self._manifest_digest = digest
             if await self.registry.apply(manifest):
                 log.info("manifest generation %d applied from file", manifest.generation)
 

@@ -28,6 +28,9 @@ class Settings:
     max_body_bytes: int = 8 * 1024 * 1024
     health_interval: float = 0.5
     manifest_interval: float = 1.0
+    # How long a starting pod waits for the kubelet to mount a consistent set of manifest
+    # shards (it refreshes each ConfigMap on its own sync, about a minute at worst).
+    manifest_wait: float = 180.0
     download_attempts: int = 5
     download_backoff: float = 1.0
     download_read_timeout: float = 60.0
@@ -58,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     p.add_argument("--health-interval", type=float, default=0.5)
     p.add_argument("--manifest-interval", type=float, default=1.0)
+    p.add_argument(
+        "--manifest-wait",
+        type=float,
+        default=180.0,
+        help="seconds a starting server waits for a consistent set of manifest shards",
+    )
     p.add_argument("--download-attempts", type=int, default=5)
     p.add_argument(
         "--download-backoff",
@@ -87,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         max_body_bytes=a.max_body_bytes,
         health_interval=a.health_interval,
         manifest_interval=a.manifest_interval,
+        manifest_wait=a.manifest_wait,
         download_attempts=max(1, a.download_attempts),
         download_backoff=a.download_backoff,
         download_read_timeout=a.download_read_timeout,

@@ -24,6 +24,7 @@ from typing import Any
 from loraplex import naming
 from loraplex.devtools.processes import VLLM_ENV, Managed, free_port, spawn, wait_http
 from loraplex.kube import CONFIGMAPS, DEPLOYMENTS, PODS, SECRETS, KubeClient
+from loraplex_server import manifest_shards
 
 
 @dataclass
@@ -147,12 +148,18 @@ async def sync_volumes(kube: KubeClient, namespace: str, base: str, pod: LocalPo
     """Write the ConfigMap and Secret into their volume folders, as the kubelet does."""
     cm = await kube.get(CONFIGMAPS, namespace, naming.configmap_name(base))
     if cm is not None:
-        for key, value in (cm.get("data") or {}).items():
-            target = pod.volumes["manifest"] / key
-            if not target.exists() or target.read_text() != value:
-                tmp = target.with_suffix(".tmp")
-                tmp.write_text(value)
-                tmp.replace(target)
+        # The projected volume: shards first, index last (a pod may still catch a torn set
+        # between two syncs, as with a real kubelet; the server verifies digests).
+        shards = [await kube.get(CONFIGMAPS, namespace, n) for n in manifest_shards.shard_names(cm)]
+        for obj in [*(s for s in shards if s is not None), cm]:
+            files = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
+            files |= {k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()}
+            for key, value in files.items():
+                target = pod.volumes["manifest"] / key
+                if not target.exists() or target.read_bytes() != value:
+                    tmp = target.with_suffix(".tmp")
+                    tmp.write_bytes(value)
+                    tmp.replace(target)
     secret = await kube.get(SECRETS, namespace, naming.secret_name(base))
     if secret is not None:
         data = {k: v for k, v in (secret.get("stringData") or {}).items()}
