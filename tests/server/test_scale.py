@@ -1,0 +1,147 @@
+"""The server with 10,000 declared adapters, against a fake vLLM (in process, loopback only).
+
+Matrix: a pod starting on a sharded manifest serves the whole generation; a pod starting on a
+torn set (index of generation 2, a shard still of generation 1) waits and starts on the
+complete generation 2, never on part of it; a running pod that sees a torn set keeps serving
+its generation and takes the next one once consistent; the admin push of a 10,000-adapter
+manifest (plain and gzip-encoded) is accepted at the production body limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from loraplex_server import manifest_shards as ms
+from loraplex_server.manifest import AdapterManifest
+
+from .helpers import FakeVLLM, make_settings, manifest_doc, run_server, serve_app, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+PRODUCTION_BODY_LIMIT = 8 * 1024 * 1024  # settings.py's --max-body-bytes default
+
+
+@pytest.fixture
+def pvc_root(tiny_adapters: dict[str, Path]) -> Path:
+    return tiny_adapters["ad0"].parent.parent
+
+
+def many(n: int, generation: int = 1) -> dict[str, Any]:
+    """`n` declared adapters that all read the same tiny adapter from the PVC."""
+    adapters = [
+        {"name": f"t-{i:05d}", "servedName": f"t-{i:05d}", "source": "pvc://adapters/ad0"}
+        for i in range(n)
+    ]
+    return manifest_doc(adapters, generation, max_loras=2, max_cpu_loras=4)
+
+
+def write_sharded(folder: Path, doc: dict[str, Any], shard_bytes: int = 16 * 1024) -> None:
+    """What the projected volume holds: shards beside the index file."""
+    index, chunks = ms.split(
+        AdapterManifest.model_validate(doc), lambda n: f"x-manifest-{n}", shard_bytes=shard_bytes
+    )
+    for ref, chunk in zip(index.shards, chunks, strict=True):
+        (folder / ref.key).write_bytes(chunk)
+    (folder / "manifest.json").write_text(index.model_dump_json(by_alias=True))
+
+
+async def adapters_of(url: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/v1/adapters") as r:
+        assert r.status == 200
+        body: dict[str, Any] = await r.json()
+        return body
+
+
+async def test_a_pod_starting_on_shards_serves_the_whole_generation(
+    tmp_path: Path, pvc_root: Path
+) -> None:
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(tmp_path, vurl, many(1), pvc_root)
+        write_sharded(tmp_path, many(10_000, generation=7))
+        async with run_server(settings) as srv:
+            body = await adapters_of(srv.url)
+            assert body["generation"] == 7
+            assert len(body["adapters"]) == 10_000
+
+
+async def test_a_torn_set_at_start_is_waited_out_never_half_applied(
+    tmp_path: Path, pvc_root: Path
+) -> None:
+    old, new = many(3000, generation=1), many(3001, generation=2)
+    write_sharded(tmp_path, old)
+    old_files = {p.name: p.read_bytes() for p in tmp_path.glob("shard-*.gz")}
+    write_sharded(tmp_path, new)
+    new_files = {p.name: p.read_bytes() for p in tmp_path.glob("shard-*.gz")}
+    changed = next(k for k in old_files if old_files[k] != new_files[k])
+    (tmp_path / changed).write_bytes(old_files[changed])  # the kubelet is behind on one shard
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(tmp_path, vurl, many(1), pvc_root, manifest_wait=30.0)
+        write_sharded(tmp_path, new)  # make_settings wrote a plain manifest; restore the index
+        (tmp_path / changed).write_bytes(old_files[changed])
+
+        async def kubelet_catches_up() -> None:
+            await asyncio.sleep(1.0)
+            (tmp_path / changed).write_bytes(new_files[changed])
+
+        catch_up = asyncio.create_task(kubelet_catches_up())
+        async with run_server(settings) as srv:
+            assert catch_up.done()  # the server did not start before the set was whole
+            body = await adapters_of(srv.url)
+            assert body["generation"] == 2 and len(body["adapters"]) == 3001
+        await catch_up
+
+
+async def test_a_running_pod_keeps_its_generation_through_a_torn_set(
+    tmp_path: Path, pvc_root: Path
+) -> None:
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(tmp_path, vurl, many(1), pvc_root)
+        write_sharded(tmp_path, many(3000, generation=1))
+        async with run_server(settings) as srv:
+            assert (await adapters_of(srv.url))["generation"] == 1
+            new = many(3001, generation=2)
+            index, chunks = ms.split(
+                AdapterManifest.model_validate(new), lambda n: f"x-{n}", shard_bytes=16 * 1024
+            )
+            # The index arrives first; the shards lag behind.
+            (tmp_path / "manifest.json").write_text(index.model_dump_json(by_alias=True))
+            await asyncio.sleep(4 * settings.manifest_interval)
+            body = await adapters_of(srv.url)
+            assert body["generation"] == 1 and len(body["adapters"]) == 3000
+            for ref, chunk in zip(index.shards, chunks, strict=True):
+                (tmp_path / ref.key).write_bytes(chunk)
+            await wait_for(lambda: srv.server.registry.manifest.generation == 2)
+            assert len(srv.server.registry.entries) == 3001
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+async def test_admin_push_of_ten_thousand_adapters(
+    tmp_path: Path, pvc_root: Path, encoding: str
+) -> None:
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(
+            tmp_path, vurl, many(1), pvc_root, max_body_bytes=PRODUCTION_BODY_LIMIT
+        )
+        async with run_server(settings) as srv:
+            raw = json.dumps(many(10_000, generation=5)).encode()
+            headers = {**srv.auth, "Content-Type": "application/json"}
+            if encoding == "gzip":
+                raw = gzip.compress(raw)
+                headers["Content-Encoding"] = "gzip"
+            async with (
+                aiohttp.ClientSession() as s,
+                s.put(f"{srv.admin}/admin/manifest", data=raw, headers=headers) as r,
+            ):
+                assert r.status == 200, await r.text()
+                body = await r.json()
+            assert body["generation"] == 5 and len(body["adapters"]) == 10_000
