@@ -51,6 +51,10 @@ def write_sharded(folder: Path, doc: dict[str, Any], shard_bytes: int = 16 * 102
     (folder / "manifest.json").write_text(index.model_dump_json(by_alias=True))
 
 
+def shard_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.glob("shard-*.gz")}
+
+
 async def adapters_of(url: str) -> dict[str, Any]:
     async with aiohttp.ClientSession() as s, s.get(f"{url}/v1/adapters") as r:
         assert r.status == 200
@@ -76,9 +80,9 @@ async def test_a_torn_set_at_start_is_waited_out_never_half_applied(
 ) -> None:
     old, new = many(3000, generation=1), many(3001, generation=2)
     write_sharded(tmp_path, old)
-    old_files = {p.name: p.read_bytes() for p in tmp_path.glob("shard-*.gz")}
+    old_files = shard_files(tmp_path)
     write_sharded(tmp_path, new)
-    new_files = {p.name: p.read_bytes() for p in tmp_path.glob("shard-*.gz")}
+    new_files = shard_files(tmp_path)
     changed = next(k for k in old_files if old_files[k] != new_files[k])
     (tmp_path / changed).write_bytes(old_files[changed])  # the kubelet is behind on one shard
     vllm = FakeVLLM()

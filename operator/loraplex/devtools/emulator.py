@@ -4,7 +4,9 @@ kmock's `KubernetesEmulator` keeps objects in memory and serves list/watch/get/c
 merge-patch/delete over real HTTP. As its docs invite, we extend it with the metadata a real
 API server assigns (uid, creationTimestamp, resourceVersion, names from generateName, and a
 generation that moves only when the spec does), because the operator's `observedGeneration`
-logic reads them. It still does not do label selectors, garbage collection or schema
+logic reads them. It refuses what a real API server refuses that we can run into (see
+`apilimits`: object and body sizes, name and label lengths, immutable selectors). It still
+does not do label selectors, garbage collection or schema
 validation: the operator filters labels itself, and tests check ownerReferences and schemas
 separately.
 """
@@ -24,6 +26,8 @@ from typing import Any
 import aiohttp.web
 import kmock
 from kmock._internal import enums
+
+from loraplex.devtools import apilimits
 
 RESOURCES: dict[str, dict[str, Any]] = {
     "loraplex.io/v1alpha1/basemodels": {
@@ -53,6 +57,7 @@ CLUSTER_RESOURCES: dict[str, dict[str, Any]] = {
     "v1/namespaces": {"kind": "Namespace"},
     "kopf.dev/v1/clusterkopfpeerings": {"kind": "ClusterKopfPeering"},
 }
+KIND_BY_PLURAL = {key.rsplit("/", 1)[1]: info["kind"] for key, info in RESOURCES.items()}
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 
 
@@ -91,6 +96,12 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self.log: list[LoggedRequest] = []
 
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # aiohttp caps bodies at 1 MiB, the API server at 3 MiB: lift aiohttp's cap so that
+        # apilimits answers as the API server would (413 above 3 MiB, 422 for big objects).
+        raw_request._client_max_size = 2 * apilimits.MAX_REQUEST_BYTES
+        return await super().__call__(raw_request)
+
     def _forget_routed(self) -> None:
         """Drop requests kmock has already routed to a reaction.
 
@@ -122,6 +133,9 @@ class Emulator(kmock.KubernetesEmulator):
                     user_agent=str(request.headers.get("User-Agent", "")),
                 )
             )
+        refused = self._refusal(request)
+        if refused is not None:
+            return aiohttp.web.json_response(refused.status(), status=refused.code)
         data = request.data
         if request.resource is not None and isinstance(data, dict):
             meta = (
@@ -158,6 +172,18 @@ class Emulator(kmock.KubernetesEmulator):
                         data.pop(key)
                 data["metadata"] = {"resourceVersion": data["metadata"]["resourceVersion"]}
         return await super()._handle(request)
+
+    def _refusal(self, request: Any) -> apilimits.Refusal | None:
+        """What a real API server would refuse about this write (see apilimits)."""
+        if request.action not in (enums.action.CREATE, enums.action.UPDATE):
+            return None
+        kind = KIND_BY_PLURAL.get(str(getattr(request.resource, "plural", "") or ""), "")
+        data = request.data if isinstance(request.data, dict) else None
+        if request.subresource or data is None:
+            return apilimits.refusal(kind, len(request.body), None)
+        before = self._current(request) if request.action == enums.action.UPDATE else None
+        after = _merged(before, data) if before is not None else data
+        return apilimits.refusal(kind, len(request.body), after, before)
 
     def _current(self, request: Any) -> dict[str, Any] | None:
         key = (request.resource, request.namespace, request.name)
