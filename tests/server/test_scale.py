@@ -4,7 +4,9 @@ Matrix: a pod starting on a sharded manifest serves the whole generation; a pod 
 torn set (index of generation 2, a shard still of generation 1) waits and starts on the
 complete generation 2, never on part of it; a running pod that sees a torn set keeps serving
 its generation and takes the next one once consistent; the admin push of a 10,000-adapter
-manifest (plain and gzip-encoded) is accepted at the production body limit.
+manifest (plain and gzip-encoded) is accepted at the production body limit; GET /v1/adapters
+pages (limit/continue, bad values 400, no limit = everything) and the operator's poller
+follows the pages; /v1/models and a page of /v1/adapters answer fast with 10,000 declared.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from loraplex.podsync import PodSync, PodTarget
 from loraplex_server import manifest_shards as ms
 from loraplex_server.manifest import AdapterManifest
 
@@ -149,3 +153,56 @@ async def test_admin_push_of_ten_thousand_adapters(
                 assert r.status == 200, await r.text()
                 body = await r.json()
             assert body["generation"] == 5 and len(body["adapters"]) == 10_000
+
+
+async def test_adapters_are_paged_and_the_operator_poller_follows_pages(
+    tmp_path: Path, pvc_root: Path
+) -> None:
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(tmp_path, vurl, many(2500, generation=3), pvc_root)
+        async with run_server(settings) as srv, aiohttp.ClientSession() as s:
+            names: list[str] = []
+            token: str | None = None
+            pages = 0
+            while True:
+                q = {"limit": "1000", **({"continue": token} if token else {})}
+                async with s.get(f"{srv.url}/v1/adapters", params=q) as r:
+                    assert r.status == 200
+                    page = await r.json()
+                pages += 1
+                assert len(page["adapters"]) <= 1000 and page["generation"] == 3
+                names += [a["name"] for a in page["adapters"]]
+                token = page["continue"]
+                if not token:
+                    break
+            assert pages == 3 and names == sorted(f"t-{i:05d}" for i in range(2500))
+            whole = await adapters_of(srv.url)  # no limit: everything, as before
+            assert len(whole["adapters"]) == 2500 and whole["continue"] is None
+            for bad in ({"limit": "0"}, {"limit": "x"}, {"limit": "1001"}, {"continue": "../a"}):
+                async with s.get(f"{srv.url}/v1/adapters", params=bad) as r:
+                    assert r.status == 400
+                    assert (await r.json())["error"]["param"] in bad
+            port = int(srv.url.rsplit(":", 1)[1])
+            poller = PodSync()
+            try:
+                report = await poller.poll(PodTarget("p", "127.0.0.1", port, 0))
+            finally:
+                await poller.close()
+            assert report is not None and len(report.adapters) == 2500
+
+
+async def test_lists_stay_fast_with_ten_thousand_adapters(tmp_path: Path, pvc_root: Path) -> None:
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(tmp_path, vurl, many(10_000), pvc_root)
+        async with run_server(settings) as srv, aiohttp.ClientSession() as s:
+            timings = {}
+            for path in ("/v1/models", "/v1/adapters?limit=1000", "/v1/adapters"):
+                start = time.monotonic()
+                async with s.get(f"{srv.url}{path}") as r:
+                    assert r.status == 200
+                    await r.read()
+                timings[path] = time.monotonic() - start
+            assert timings["/v1/models"] < 1.0, timings
+            assert timings["/v1/adapters?limit=1000"] < 0.5, timings

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from loraplex_server import admin, epp_metrics, errors
+from loraplex_server import admin, epp_metrics, errors, pages
 from loraplex_server.proxy import Proxy
 from loraplex_server.server import SERVER, Server
 from loraplex_server.settings import Settings
@@ -68,7 +68,11 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 async def adapters(request: web.Request) -> web.StreamResponse:
-    report = _server(request).registry.report()
+    try:
+        limit, after = pages.page_args(request.query)
+    except pages.BadPage as exc:
+        return errors.json_error(400, str(exc), param=exc.param, code="invalid_page")
+    report = pages.adapters_page(_server(request).registry, limit, after)
     return web.json_response(report.model_dump(mode="json", by_alias=True))
 
 
