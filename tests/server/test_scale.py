@@ -24,6 +24,7 @@ import pytest
 from loraplex.podsync import PodSync, PodTarget
 from loraplex_server import manifest_shards as ms
 from loraplex_server.manifest import AdapterManifest
+from loraplex_server.metrics import Metrics
 
 from .helpers import FakeVLLM, make_settings, manifest_doc, run_server, serve_app, wait_for
 
@@ -206,3 +207,29 @@ async def test_lists_stay_fast_with_ten_thousand_adapters(tmp_path: Path, pvc_ro
                 timings[path] = time.monotonic() - start
             assert timings["/v1/models"] < 1.0, timings
             assert timings["/v1/adapters?limit=1000"] < 0.5, timings
+
+
+def test_adapter_series_are_bounded_to_the_recently_used() -> None:
+    m = Metrics(max_adapter_series=3)
+    for i in range(10_000):
+        m.requests.labels(f"t-{i:05d}", "200").inc()
+        m.duration.labels(f"t-{i:05d}").observe(0.1)
+    m.requests.labels("t-09999", "200").inc()  # recent: keeps its series
+    m.requests.labels("unknown", "404").inc()  # shared labels are never evicted
+    text = m.render().decode()
+    labelled = {
+        line.split('adapter="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("loraplex_server_requests_total{")
+    }
+    assert labelled == {"t-09997", "t-09998", "t-09999", "unknown"}
+    assert 'loraplex_server_requests_total{adapter="t-09999",code="200"} 2.0' in text
+    durations = {
+        ln.split('adapter="')[1].split('"')[0]
+        for ln in text.splitlines()
+        if ln.startswith("loraplex_server_request_duration")
+    }
+    assert durations == {"t-09997", "t-09998", "t-09999"}  # nothing left of the other 9,997
+    off = Metrics(max_adapter_series=0)
+    off.requests.labels("t-1", "200").inc()
+    assert 'adapter="other"' in off.render().decode()

@@ -4,11 +4,24 @@
 so add a name there whenever a metric is added here. Adapters are labelled by served name;
 requests for names that are not declared share the label "unknown" so clients cannot blow up
 the series count.
+
+Label cardinality is bounded for declared adapters too: with 10,000 adapters on a pod, one
+series per adapter per family (histograms: 17 series each) would be hundreds of thousands of
+series per pod. `AdapterSeries` keeps its own series only for the `max_adapter_series` (200)
+adapters used most recently; when a new adapter needs a series, the least recently used one's
+series are removed from every family and it is counted under adapter="other" from then on
+until it is among the recent ones again. Sums over all adapters stay right (`sum(rate(...))`
+sees the removed series end and "other" grow); per-adapter detail is kept where it is wanted,
+for the adapters in use. The gauge of adapters by state is per state, not per adapter.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Any, Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 PREFIX = "loraplex_server_"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -33,10 +46,78 @@ METRIC_NAMES: tuple[str, ...] = (
 )
 
 
+OTHER = "other"
+_SHARED = frozenset({OTHER, "unknown"})
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class AdapterSeries:
+    """Which adapters get series of their own: the `limit` used most recently (see above)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._families: list[MetricWrapperBase] = []
+
+    def label(self, adapter: str) -> str:
+        if adapter in _SHARED:
+            return adapter
+        if adapter in self._recent:
+            self._recent.move_to_end(adapter)
+            return adapter
+        if self.limit <= 0:
+            return OTHER
+        if len(self._recent) >= self.limit:
+            old, _ = self._recent.popitem(last=False)
+            self._drop(old)
+        self._recent[adapter] = None
+        return adapter
+
+    def _drop(self, adapter: str) -> None:
+        for family in self._families:
+            # prometheus_client has no "remove by one label"; its children are keyed by tuple.
+            for values in [v for v in list(family._metrics) if v and v[0] == adapter]:
+                family.remove(*values)
+
+
+class Bounded(Generic[M]):
+    """A family whose first label is the adapter, passed through `AdapterSeries`."""
+
+    def __init__(self, family: M, series: AdapterSeries) -> None:
+        self.family = family
+        self._series = series
+        series._families.append(family)
+
+    def labels(self, adapter: str, *rest: str) -> M:
+        child: M = self.family.labels(self._series.label(adapter), *rest)
+        return child
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.family, name)
+
+
 class Metrics:
     """All collectors, created once per app so tests can run several apps in one process."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_adapter_series: int = 200) -> None:
+        self.series = AdapterSeries(max_adapter_series)
+        self._init_families()
+        for name in (
+            "requests",
+            "request_errors",
+            "ttfb",
+            "duration",
+            "prompt_tokens",
+            "completion_tokens",
+            "loads",
+            "load_seconds",
+            "evictions",
+            "failures",
+            "download_bytes",
+        ):
+            setattr(self, name, Bounded(getattr(self, name), self.series))
+
+    def _init_families(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             PREFIX + "requests",
