@@ -1,0 +1,155 @@
+"""One BaseModel with 10,000 LoRAAdapters, inside the limits a real kube-apiserver enforces.
+
+Matrix (issue 14, point 2): the operator's reconcile of a BaseModel with 10,000 adapters
+stores its manifest as an index and gzip shards, every object under the API server's 1 MiB,
+with no request refused (the emulator refuses what the API server refuses; with
+`--kube=real` the real kube-apiserver does); the stored manifest joins back to all 10,000;
+the BaseModel's status holds counts, not lists (`kubectl get bm` columns are short scalars);
+a 10,001st adapter applied later is in the stored manifest after one more pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from loraplex import naming
+from loraplex.kube import BASEMODELS, LORAADAPTERS, KubeClient
+from loraplex.podsync import PodSync
+from loraplex.reconcile import Reconciler
+from loraplex_server import manifest_shards
+from tests.operator.conftest import Cluster, EmulatedCluster
+
+pytestmark = [pytest.mark.operator, pytest.mark.timeout(900)]
+ROOT = Path(__file__).resolve().parents[2]
+NS = "default"
+BASE = "big"
+N = 10_000
+CONFIGMAP_LIMIT = 1024 * 1024
+
+
+def basemodel() -> dict[str, Any]:
+    return {
+        "apiVersion": "loraplex.io/v1alpha1",
+        "kind": "BaseModel",
+        "metadata": {"name": BASE, "namespace": NS},
+        "spec": {"model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct"}, "gpu": {"product": "L40S"}},
+    }
+
+
+def adapter(i: int) -> dict[str, Any]:
+    """An https archive with its digest: the least compressible kind of manifest entry."""
+    return {
+        "apiVersion": "loraplex.io/v1alpha1",
+        "kind": "LoRAAdapter",
+        "metadata": {"name": f"tenant-{i:05d}", "namespace": NS},
+        "spec": {
+            "baseModel": BASE,
+            "source": f"https://adapters.example.com/tenants/tenant-{i:05d}/v3.tar.gz",
+            "sha256": hashlib.sha256(f"tenant-{i}".encode()).hexdigest(),
+            "rank": 8,
+        },
+    }
+
+
+async def create_all(cluster: Cluster, kube: KubeClient, objs: list[dict[str, Any]]) -> None:
+    if isinstance(cluster, EmulatedCluster):  # as if applied earlier: no 10,000 POSTs to wait for
+        for obj in objs:
+            plural = "basemodels" if obj["kind"] == "BaseModel" else "loraadapters"
+            cluster.running.emulator.preload(f"loraplex.io/v1alpha1/{plural}", obj)
+        return
+    sem = asyncio.Semaphore(32)
+
+    async def one(obj: dict[str, Any]) -> None:
+        async with sem:
+            await kube.create(BASEMODELS if obj["kind"] == "BaseModel" else LORAADAPTERS, NS, obj)
+
+    await asyncio.gather(*(one(o) for o in objs))
+
+
+@pytest.fixture
+async def reconciler(cluster: Cluster) -> AsyncIterator[Reconciler]:
+    client = KubeClient(cluster.connection(), user_agent="loraplex-operator/test")
+    yield Reconciler(client, PodSync(), token_key=b"k" * 32, sync_pods=False)
+    await client.close()
+
+
+def stored(cluster: Cluster) -> tuple[list[dict[str, Any]], Any]:
+    """Our ConfigMaps for BASE and the manifest they hold."""
+    cms = [
+        c
+        for c in cluster.objects_of("v1/configmaps", NS)
+        if (c["metadata"].get("labels") or {}).get(naming.BASE_LABEL) == BASE
+    ]
+    by_name = {c["metadata"]["name"]: c for c in cms}
+    return cms, manifest_shards.from_configmaps(by_name[naming.configmap_name(BASE)], by_name)
+
+
+def printer_columns(obj: dict[str, Any]) -> dict[str, Any]:
+    """What `kubectl get bm` shows: each additionalPrinterColumn's jsonPath resolved."""
+    crd = yaml.safe_load((ROOT / "crds" / "loraplex.io_basemodels.yaml").read_text())
+    out = {}
+    for col in crd["spec"]["versions"][0]["additionalPrinterColumns"]:
+        node: Any = obj
+        for part in col["jsonPath"].lstrip(".").split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[col["name"]] = node
+    return out
+
+
+async def test_ten_thousand_adapters_on_one_base_model_within_api_limits(
+    cluster: Cluster, kube: KubeClient, reconciler: Reconciler
+) -> None:
+    await create_all(cluster, kube, [basemodel(), *(adapter(i) for i in range(N))])
+    outcome = await reconciler.reconcile_base(NS, BASE)
+    assert outcome.result == "ok" and not outcome.conflicts, outcome
+    assert outcome.manifest is not None and len(outcome.manifest.adapters) == N
+
+    cms, manifest = stored(cluster)
+    assert len(manifest.adapters) == N
+    # As one ConfigMap (before) the manifest could not be stored: more than 1 MiB of JSON.
+    assert len(manifest_shards.manifest_bytes(manifest)) > CONFIGMAP_LIMIT
+    assert len(cms) >= 3  # the index and two shards
+    for cm in cms:
+        body = {k: cm.get(k) for k in ("data", "binaryData") if cm.get(k)}
+        assert len(json.dumps(body)) < 0.85 * CONFIGMAP_LIMIT, cm["metadata"]["name"]
+    if isinstance(cluster, EmulatedCluster):  # the emulator refused nothing the server would
+        # (404s are reads of what does not exist yet, and the Secret's guarded patch before
+        # its create.)
+        refused = [
+            (r.method, r.plural, r.name, r.status)
+            for r in cluster.running.emulator.log
+            if (r.status or 0) >= 400 and r.status != 404
+        ]
+        assert refused == []
+
+    bm = await kube.get(BASEMODELS, NS, BASE)
+    assert bm is not None
+    status = bm["status"]
+    assert status["adapters"]["declared"] == N
+    text = json.dumps(status)
+    assert len(text) < 8192, len(text)  # counts, conditions and the plan: no per-adapter list
+    assert "tenant-0" not in text
+    columns = printer_columns(bm)
+    assert columns["Adapters"] == f"0/{N}"
+    for name, value in columns.items():
+        assert value is None or isinstance(value, str | int | float), (name, value)
+
+    # The 10,001st: one more pass stores it (the operator's watch starts that pass at once).
+    await kube.create(LORAADAPTERS, NS, adapter(N))
+    start = time.monotonic()
+    outcome = await reconciler.reconcile_base(NS, BASE)
+    took = time.monotonic() - start
+    assert outcome.result == "ok" and outcome.manifest is not None
+    _, manifest = stored(cluster)
+    assert len(manifest.adapters) == N + 1
+    assert any(a.name == f"tenant-{N:05d}" for a in manifest.adapters)
+    print(f"reconcile pass storing the 10,001st adapter: {took:.2f}s")
