@@ -37,7 +37,7 @@ from loraplex import naming
 from loraplex.devtools.emulator import running_emulator
 from loraplex.devtools.operator_proc import OperatorProcess
 from loraplex.kube import LORAADAPTERS, Connection, KubeClient
-from loraplex_server.manifest import AdapterManifest
+from loraplex_server import manifest_shards
 
 
 def _bm(i: int) -> dict[str, Any]:
@@ -90,17 +90,6 @@ SUITE = (
 )
 TARGET_SECONDS = 60.0
 TARGET_RSS_MB = 300.0
-
-
-def _manifests(cluster: Any) -> dict[str, Any]:
-    """Each BaseModel's published manifest."""
-    out = {}
-    for cm in cluster.emulator.objects_of("v1/configmaps", "default"):
-        data = cm.get("data") or {}
-        if naming.MANIFEST_KEY in data:
-            manifest = AdapterManifest.model_validate_json(data[naming.MANIFEST_KEY])
-            out[cm["metadata"]["labels"][naming.BASE_LABEL]] = manifest
-    return out
 
 
 def _statuses_done(cluster: Any) -> int:
@@ -210,6 +199,23 @@ def _table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def _manifests(cluster: Any) -> dict[str, Any]:
+    """Each BaseModel's published manifest (index + shards), leaving out one caught between
+    its shard and index writes."""
+    cms = cluster.emulator.objects_of("v1/configmaps", "default")
+    by_name = {cm["metadata"]["name"]: cm for cm in cms}
+    out = {}
+    for cm in cms:
+        if naming.MANIFEST_KEY not in (cm.get("data") or {}):
+            continue  # a shard; read through its index
+        try:
+            manifest = manifest_shards.from_configmaps(cm, by_name)
+        except (manifest_shards.TornManifest, ValueError):
+            continue
+        out[cm["metadata"]["labels"][naming.BASE_LABEL]] = manifest
+    return out
+
+
 def _operator_traffic(
     cluster: Any, since: int, until: int | None = None
 ) -> tuple[int, int, Counter[str]]:
@@ -238,11 +244,7 @@ async def hot_add(
                 per_base = {f"base-{b:02d}" for b in range(bases)}
 
                 def counts() -> dict[str, int]:
-                    out = {}
-                    for cm in cluster.emulator.objects_of("v1/configmaps", "default"):
-                        base = cm["metadata"]["labels"][naming.BASE_LABEL]
-                        out[base] = len(json.loads(cm["data"][naming.MANIFEST_KEY])["adapters"])
-                    return out
+                    return {b: len(m.adapters) for b, m in _manifests(cluster).items()}
 
                 while time.monotonic() - start < timeout:
                     c = counts()
@@ -271,15 +273,8 @@ async def hot_add(
                 base = new["spec"]["baseModel"]
                 await client.apply(new)
                 while time.monotonic() - t0 < timeout:
-                    cm = next(
-                        (
-                            c
-                            for c in cluster.emulator.objects_of("v1/configmaps", "default")
-                            if c["metadata"]["labels"][naming.BASE_LABEL] == base
-                        ),
-                        None,
-                    )
-                    names = json.loads(cm["data"][naming.MANIFEST_KEY])["adapters"] if cm else []
+                    published = _manifests(cluster).get(base)
+                    names = [a.model_dump() for a in published.adapters] if published else []
                     obj = await client.get(LORAADAPTERS, "default", "hot-added")
                     if any(a["name"] == "hot-added" for a in names) and (
                         (obj or {}).get("status") or {}

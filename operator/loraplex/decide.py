@@ -37,6 +37,7 @@ from loraplex.render import (
 from loraplex.routing import ALL_APIS, Capabilities, RoutingProblem
 from loraplex.validation import parse_spec
 from loraplex_server.manifest import AdapterManifest
+from loraplex_server.manifest_shards import ManifestTooLarge
 
 
 @dataclass
@@ -97,9 +98,12 @@ def decide(
         base_modules=base_modules(spec, config_json),
     )
     footprint = model_footprint(spec, plan.max_lora_rank, config_json)
-    decision.objects = render_all(
-        owner, spec, plan, decision.manifest, token, images, operator, footprint=footprint
-    )
+    try:
+        decision.objects = render_all(
+            owner, spec, plan, decision.manifest, token, images, operator, footprint=footprint
+        )
+    except ManifestTooLarge as exc:
+        return Decision(invalid=InvalidSpec("LoRAAdapters", str(exc)), spec=spec, plan=plan)
     try:
         decision.objects += render_routing(owner, spec, caps)
     except RoutingProblem as exc:

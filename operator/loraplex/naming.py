@@ -33,6 +33,11 @@ def configmap_name(base: str) -> str:
     return f"{base}-adapters"
 
 
+def manifest_shard_name(base: str, n: int) -> str:
+    """ConfigMap slot `n` of the sharded manifest (see loraplex_server.manifest_shards)."""
+    return f"{base}-manifest-{n}"
+
+
 def secret_name(base: str) -> str:
     return f"{base}-admin"
 

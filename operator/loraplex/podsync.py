@@ -74,6 +74,9 @@ def ready_pods(pods: Sequence[Mapping[str, Any]]) -> list[PodTarget]:
     return sorted(out, key=lambda p: p.name)
 
 
+POLL_PAGE = 1000  # adapters per GET /v1/adapters page (the server's maximum)
+
+
 class PodSync:
     """Talks to adapter-servers; one aiohttp session shared by all pods."""
 
@@ -109,14 +112,30 @@ class PodSync:
         return False
 
     async def poll(self, pod: PodTarget) -> AdaptersResponse | None:
-        """GET /v1/adapters from one pod; None when it cannot be read."""
+        """GET /v1/adapters from one pod, page by page; None when it cannot be read whole.
+
+        Pages bound each response (10,000 adapters are ~3 MB in one); a generation that moves
+        between pages makes the result None, and the next pass polls again. A server without
+        paging ignores `limit` and answers in one page."""
         url = f"http://{pod.ip}:{pod.public_port}/v1/adapters"
+        params = {"limit": str(POLL_PAGE)}
+        whole: AdaptersResponse | None = None
         try:
             sess = await self._sess()
-            async with sess.get(url) as resp:
-                if resp.status != 200:
+            while True:
+                async with sess.get(url, params=params) as resp:
+                    if resp.status != 200:
+                        return None
+                    page = AdaptersResponse.model_validate(await resp.json())
+                if whole is None:
+                    whole = page
+                elif page.generation != whole.generation:
                     return None
-                return AdaptersResponse.model_validate(await resp.json())
+                else:
+                    whole = whole.model_copy(update={"adapters": whole.adapters + page.adapters})
+                if not page.continue_:
+                    return whole.model_copy(update={"continue_": None})
+                params = {"limit": str(POLL_PAGE), "continue": page.continue_}
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.info("poll of pod %s failed: %s", pod.name, type(exc).__name__)
             return None

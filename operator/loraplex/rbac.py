@@ -31,7 +31,10 @@ RULES: tuple[Rule, ...] = (
     # What a BaseModel owns: watched for drift, created, corrected. Never deleted by us:
     # ownerReferences let Kubernetes collect them with their BaseModel.
     Rule("apps", ("deployments",), (*READ, "create", "patch")),
-    Rule("", ("services", "configmaps"), (*READ, "create", "patch")),
+    Rule("", ("services",), (*READ, "create", "patch")),
+    # ConfigMaps: the manifest index and its shards; a shard the index no longer names (the
+    # manifest shrank) is deleted, only when this BaseModel is its controller.
+    Rule("", ("configmaps",), (*READ, "create", "patch", "delete")),
     Rule("", ("secrets",), ("create", "patch")),
     Rule("policy", ("poddisruptionbudgets",), ("get", "create", "patch")),
     # The weights cache: its PVC and loader Job are created once and never patched (a Job's

@@ -56,6 +56,7 @@ from loraplex.render import (
 from loraplex.routing import API_OF_KIND, RoutingProblem
 from loraplex.status import PodView, adapter_status, base_status
 from loraplex.weights import failure_message, loader_state, weights_cache
+from loraplex_server import manifest_shards
 from loraplex_server.manifest import AdapterManifest, AdaptersResponse
 
 log = logging.getLogger("loraplex.reconcile")
@@ -265,15 +266,6 @@ def read_local_config(raw_spec: Any) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def stored_manifest(cm: dict[str, Any] | None) -> AdapterManifest | None:
-    if cm is None:
-        return None
-    try:
-        return AdapterManifest.model_validate_json((cm.get("data") or {})[naming.MANIFEST_KEY])
-    except (KeyError, ValueError):
-        return None
-
-
 def _status_model(model: Any, raw: Any) -> Any:
     try:
         return model.model_validate(raw or {})
@@ -367,7 +359,7 @@ class Reconciler:
         old = _status_model(BaseModelStatus, bm.get("status"))
         owner = Owner(name, ns, str(meta.get("uid", "")))
         token = admin_token(self.token_key, ns, name, owner.uid)
-        stored = stored_manifest(await self.kube.get(CONFIGMAPS, ns, naming.configmap_name(name)))
+        stored, stored_shards = await self._stored_manifest(ns, name)
         decision = decide(
             owner,
             bm.get("spec"),
@@ -403,6 +395,13 @@ class Reconciler:
             outcome.result = "infeasible"
             return outcome
         weights: WeightsStatus | None = None
+        index_name = naming.configmap_name(name)
+        shard_names = {
+            o["metadata"]["name"]
+            for o in decision.objects
+            if o["kind"] == "ConfigMap" and o["metadata"]["name"] != index_name
+        }
+        shard_conflict = False
         for obj in decision.objects:
             try:
                 if obj["kind"] == "Job":
@@ -412,11 +411,16 @@ class Reconciler:
                     # Held back until the weights are cached: a pod started now would find an
                     # empty folder. A running Deployment keeps serving its current weights.
                     continue
+                if shard_conflict and obj["metadata"]["name"] == index_name:
+                    # Never name a generation whose shards were not all stored: pods would
+                    # wait on a torn set. They keep the index (and generation) they have.
+                    continue
                 if await self._ensure(obj, owner_body=bm, uid=owner.uid, plan=plan):
                     outcome.writes.append(f"{obj['kind']}/{obj['metadata']['name']}")
             except OwnershipConflict as exc:
                 log.warning("BaseModel %s/%s: %s", ns, name, exc)
                 outcome.conflicts.append(str(exc))
+                shard_conflict = shard_conflict or obj["metadata"]["name"] in shard_names
             except KubeError as exc:
                 api = API_OF_KIND.get((obj["apiVersion"], obj["kind"]))
                 if api is None or exc.status != 404:
@@ -427,6 +431,10 @@ class Reconciler:
                 )
         if decision.routing_problem is not None and outcome.routing_problem is None:
             outcome.routing_problem = decision.routing_problem
+        if not shard_conflict:
+            for stale in [s for s in stored_shards if s not in shard_names]:
+                if await self._retire_shard(owner, stale):
+                    outcome.writes.append(f"-ConfigMap/{stale}")
         if not spec.network_policy.enabled and await self._retire_networkpolicy(owner):
             outcome.writes.append(f"-NetworkPolicy/{naming.networkpolicy_name(name)}")
         deployment = await self.kube.get(DEPLOYMENTS, ns, naming.deployment_name(name))
@@ -589,6 +597,37 @@ class Reconciler:
                 if exc.status != 409:  # 409: created meanwhile, patch it (guarded) instead
                     raise
         raise KubeError(409, f"Secret {ns}/{name}: still conflicting after retries")
+
+    async def _stored_manifest(
+        self, ns: str, name: str
+    ) -> tuple[AdapterManifest | None, list[str]]:
+        """The manifest published last (None if absent or torn) and the shards it names.
+
+        Costs the index GET plus one GET per shard (two for 10,000 adapters)."""
+        index_cm = await self.kube.get(CONFIGMAPS, ns, naming.configmap_name(name))
+        if index_cm is None:
+            return None, []
+        refs = manifest_shards.shard_names(index_cm)
+        shards = {}
+        for ref in refs:
+            cm = await self.kube.get(CONFIGMAPS, ns, ref)
+            if cm is not None:
+                shards[ref] = cm
+        try:
+            return manifest_shards.from_configmaps(index_cm, shards), refs
+        except (manifest_shards.TornManifest, ValueError) as exc:
+            log.warning("stored manifest of %s/%s unreadable (%s); republishing", ns, name, exc)
+            return None, refs
+
+    async def _retire_shard(self, owner: Owner, name: str) -> bool:
+        """Delete a manifest shard the new index no longer names (only one we own), so a
+        manifest that shrank leaves nothing behind."""
+        observed = await self.kube.get(CONFIGMAPS, owner.namespace, name)
+        if observed is None or owned_by(observed, owner.uid) is not None:
+            return False
+        await self.kube.delete(CONFIGMAPS, owner.namespace, name)
+        log.info("deleted unreferenced manifest shard ConfigMap %s/%s", owner.namespace, name)
+        return True
 
     async def _retire_networkpolicy(self, owner: Owner) -> bool:
         """spec.networkPolicy.enabled turned off: delete the policy we made earlier (only one

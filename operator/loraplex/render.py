@@ -10,6 +10,7 @@ pods. Adapters live only in the ConfigMap, so adding one never changes the pod t
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -28,6 +29,7 @@ from loraplex.routing import ALL_APIS, Capabilities, build_routing_objects
 from loraplex.sizing import PROBE_PERIOD_SECONDS, SCRATCH_LIMIT, PodSizing, pod_sizing
 from loraplex.versions import DEFAULT_ENGINE_IMAGE
 from loraplex.weights import WEIGHTS_MOUNT, WeightsCache, weights_cache
+from loraplex_server import manifest_shards
 from loraplex_server.manifest import AdapterManifest
 from loraplex_server.source_uri import parse_source_uri
 
@@ -277,7 +279,7 @@ def _volumes(
         cache = {"name": "adapter-cache", "emptyDir": {"sizeLimit": spec.adapter_cache.size_limit}}
     vols = [
         cache,
-        {"name": "manifest", "configMap": {"name": naming.configmap_name(name)}},
+        manifest_volume(name),
         {
             "name": "admin-token",
             "secret": {"secretName": naming.secret_name(name), "defaultMode": 0o440},
@@ -577,20 +579,52 @@ def build_networkpolicy(
     return policy
 
 
-def manifest_json(manifest: AdapterManifest) -> str:
-    return json.dumps(manifest.model_dump(by_alias=True, mode="json"), indent=2, sort_keys=True)
+def manifest_volume(base: str) -> dict[str, Any]:
+    """The index and every shard slot in one projected volume. The slot list is fixed (not
+    the shards in use), so the pod template never changes with the adapters."""
+    shards = [
+        {"configMap": {"name": naming.manifest_shard_name(base, n), "optional": True}}
+        for n in range(manifest_shards.MAX_SHARDS)
+    ]
+    sources = [{"configMap": {"name": naming.configmap_name(base)}}, *shards]
+    return {"name": "manifest", "projected": {"sources": sources}}
 
 
-def build_configmap(owner: Owner, manifest: AdapterManifest) -> dict[str, Any]:
-    return _render(
+def build_manifest_configmaps(owner: Owner, manifest: AdapterManifest) -> list[dict[str, Any]]:
+    """The shard ConfigMaps, then the index ConfigMap: apply in this order, so a complete
+    generation is stored before the index names it (see loraplex_server.manifest_shards).
+
+    Raises `ManifestTooLarge` when even the compressed manifest has no room in the slots.
+    """
+    index, chunks = manifest_shards.split(
+        manifest, lambda n: naming.manifest_shard_name(owner.name, n)
+    )
+    generation = {f"{API_GROUP}/manifest-generation": str(manifest.generation)}
+    shards = [
+        _render(
+            "configmap.yaml.j2",
+            name=ref.name,
+            namespace=owner.namespace,
+            labels=naming.labels(owner.name),
+            annotations=generation,
+            owner_refs=owner.refs(),
+            data=None,
+            binary_data={ref.key: base64.b64encode(chunk).decode()},
+        )
+        for ref, chunk in zip(index.shards, chunks, strict=True)
+    ]
+    doc = index.model_dump(by_alias=True, mode="json")
+    index_cm = _render(
         "configmap.yaml.j2",
         name=naming.configmap_name(owner.name),
         namespace=owner.namespace,
         labels=naming.labels(owner.name),
-        annotations={f"{API_GROUP}/manifest-generation": str(manifest.generation)},
+        annotations=generation,
         owner_refs=owner.refs(),
-        data={naming.MANIFEST_KEY: manifest_json(manifest)},
+        data={naming.MANIFEST_KEY: json.dumps(doc, indent=2, sort_keys=True)},
+        binary_data=None,
     )
+    return [*shards, index_cm]
 
 
 def build_secret(owner: Owner, token: str) -> dict[str, Any]:
@@ -619,7 +653,7 @@ def render_all(
     the Deployment, which the operator holds back until the Job has succeeded (see
     loraplex.weights)."""
     policy = build_networkpolicy(owner, spec, operator)
-    objs = [build_secret(owner, token), build_configmap(owner, manifest)]
+    objs = [build_secret(owner, token), *build_manifest_configmaps(owner, manifest)]
     objs += [policy] if policy else []
     cache = weights_cache(owner.name, spec)
     if cache is not None:

@@ -14,6 +14,7 @@ mounts, env), starts it the way `make demo` and the e2e chain do (`plan_local_po
 | exactly the rendered env     | test_env_is_exactly_the_rendered_env                      |
 | kubelet refusals             | test_missing_secret_ref_*, test_run_as_non_root_*         |
 | shared, fresh emptyDirs      | test_empty_dir_is_fresh_and_shared_between_containers     |
+| projected manifest volume    | test_projected_manifest_volume_*                          |
 | bwrap missing: CI fails      | test_missing_bwrap_*                                      |
 
 Without a working bwrap these tests skip outside CI and fail in CI (`CI=true`).
@@ -21,6 +22,7 @@ Without a working bwrap these tests skip outside CI and fail in CI (`CI=true`).
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
@@ -30,9 +32,18 @@ from typing import Any
 
 import pytest
 
+from loraplex import naming
 from loraplex.devtools import bubblewrap
-from loraplex.devtools.kubelet import LocalPod, PodRuleError, plan_local_pod, start_container
+from loraplex.devtools.kubelet import (
+    LocalPod,
+    PodRuleError,
+    plan_local_pod,
+    start_container,
+    volume_files,
+    write_volume,
+)
 from loraplex.offline import render_paths
+from loraplex_server import manifest_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -230,7 +241,7 @@ def test_env_is_exactly_the_rendered_env(
     monkeypatch.setenv("LORAPLEX_LEAK_CANARY", "host-only")
     dep, refs = copy.deepcopy(rendered)
     secret = next(k for k in refs if k[0] == "Secret")[1]
-    cm = next(k for k in refs if k[0] == "ConfigMap")[1]
+    cm = next(k for k in refs if k[0] == "ConfigMap" and k[1].endswith("-adapters"))[1]
     refs[("ConfigMap", "extra")] = {"data": {"A": "1", "B": "2"}}
     c = _container(dep, "adapter-server")
     c["envFrom"] = [{"configMapRef": {"name": "extra"}, "prefix": "X_"}]
@@ -338,3 +349,111 @@ def test_mount_points_are_made_inside_the_sandbox_not_on_the_host(tmp_path: Path
     ]
     assert argv[argv.index("--remount-ro") + 1] == "/etc"
     assert argv.index("--remount-ro") > argv.index("/etc/loraplex/manifest")
+
+
+# Reads the mounted manifest the way the adapter-server does, inside the sandbox.
+READ_MANIFEST = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from loraplex_server import manifest_shards
+folder = Path(sys.argv[2])
+out = {"files": sorted(f for f in os.listdir(folder) if not f.startswith(".."))}
+try:
+    _, m = manifest_shards.read_mounted(folder / "manifest.json")
+    out["generation"], out["adapters"] = m.generation, len(m.adapters)
+except manifest_shards.TornManifest as exc:
+    out["torn"] = str(exc)
+try:
+    open(folder / "probe", "w")
+    out["write"] = "ok"
+except OSError as exc:
+    out["write"] = exc.strerror
+print(json.dumps(out))
+"""
+
+
+def _manifest_refs(
+    refs: dict[tuple[str, str], dict[str, Any]], generation: int, shard_bytes: int
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """`refs` with the example manifest republished as `generation`, cut into shards of
+    `shard_bytes` (the shard ConfigMaps it no longer uses are gone, as the operator deletes
+    them)."""
+    index_name = naming.configmap_name("qwen-14b")
+    old = manifest_shards.from_configmaps(
+        refs[("ConfigMap", index_name)],
+        {name: o for (kind, name), o in refs.items() if kind == "ConfigMap"},
+    )
+    manifest = old.model_copy(update={"generation": generation})
+    index, chunks = manifest_shards.split(
+        manifest, lambda n: naming.manifest_shard_name("qwen-14b", n), shard_bytes=shard_bytes
+    )
+    out = {k: v for k, v in refs.items() if k[0] != "ConfigMap"}
+    for ref, chunk in zip(index.shards, chunks, strict=True):
+        out[("ConfigMap", ref.name)] = {
+            "metadata": {"name": ref.name},
+            "binaryData": {ref.key: base64.b64encode(chunk).decode()},
+        }
+    out[("ConfigMap", index_name)] = {
+        "metadata": {"name": index_name},
+        "data": {naming.MANIFEST_KEY: index.model_dump_json(by_alias=True)},
+    }
+    return out
+
+
+def test_projected_manifest_volume_is_the_index_and_its_shards_read_only(
+    rendered: Any, tmp_path: Path
+) -> None:
+    """The manifest volume is projected (index + optional shard slots): the pod sees the index
+    and exactly the shards that exist, read-only; a new generation in more shards, and a later
+    one in fewer, replace the files whole (the slots no longer stored disappear)."""
+    dep, refs = copy.deepcopy(rendered)
+    vol = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "manifest")
+    slots = vol["projected"]["sources"][1:]
+    assert len(slots) == manifest_shards.MAX_SHARDS and all(
+        s["configMap"]["optional"] for s in slots
+    )
+    pod = _probe_pod(dep, tmp_path, refs=refs)
+    name = "probe-adapter-server"
+    server_src = str(Path(manifest_shards.__file__).resolve().parents[1])
+
+    def seen() -> dict[str, Any]:
+        pod.argv[name] = [pod.argv[name][0], "-c", READ_MANIFEST, server_src, naming.MANIFEST_DIR]
+        return _seen(pod, name)
+
+    first = seen()
+    assert first["files"] == ["manifest.json", "shard-0.gz"]
+    assert first["write"] == "Read-only file system"
+    gen = first["generation"]
+    assert first["adapters"] >= 2
+
+    three = _manifest_refs(refs, gen + 1, shard_bytes=200)
+    write_volume(pod.volumes["manifest"], volume_files(vol, three))
+    second = seen()
+    shards = sorted(k for k in second["files"] if k.startswith("shard-"))
+    assert len(shards) >= 2, second
+    assert (second["generation"], second["adapters"]) == (gen + 1, first["adapters"])
+
+    one = _manifest_refs(refs, gen + 2, shard_bytes=manifest_shards.SHARD_BYTES)
+    write_volume(pod.volumes["manifest"], volume_files(vol, one))
+    third = seen()
+    assert third["files"] == ["manifest.json", "shard-0.gz"]
+    assert third["generation"] == gen + 2
+
+
+def test_projected_manifest_volume_torn_set_is_refused_by_the_reader(
+    rendered: Any, tmp_path: Path
+) -> None:
+    """Objects of a projected volume come from different moments (each from its own watch):
+    a new index beside an old shard is seen as torn, never read as a manifest."""
+    dep, refs = copy.deepcopy(rendered)
+    vol = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "manifest")
+    pod = _probe_pod(dep, tmp_path, refs=refs)
+    newer = _manifest_refs(refs, 99, shard_bytes=manifest_shards.SHARD_BYTES)
+    index_name = naming.configmap_name("qwen-14b")
+    torn = {**refs, ("ConfigMap", index_name): newer[("ConfigMap", index_name)]}
+    write_volume(pod.volumes["manifest"], volume_files(vol, torn))
+    name = "probe-adapter-server"
+    server_src = str(Path(manifest_shards.__file__).resolve().parents[1])
+    pod.argv[name] = [pod.argv[name][0], "-c", READ_MANIFEST, server_src, naming.MANIFEST_DIR]
+    assert "does not match generation 99" in _seen(pod, name)["torn"]

@@ -418,6 +418,7 @@ async def test_deleting_a_basemodel_collects_what_it_owns(
         (DEPLOYMENTS, "gc"),
         (SERVICES, "gc"),
         (CONFIGMAPS, naming.configmap_name("gc")),
+        (CONFIGMAPS, naming.manifest_shard_name("gc", 0)),
         (SECRETS, naming.secret_name("gc")),
         (NETWORKPOLICIES, naming.networkpolicy_name("gc")),
     ]

@@ -11,7 +11,6 @@ applied LoRAAdapter still reaches the manifest and gets a status.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -24,6 +23,7 @@ from loraplex import naming
 from loraplex.devtools.emulator import RunningEmulator, write_kubeconfig
 from loraplex.devtools.operator_proc import OperatorProcess
 from loraplex.kube import LORAADAPTERS, Connection, KubeClient
+from loraplex_server import manifest_shards
 from tests.operator.conftest import eventually
 from tests.operator.test_api_semantics import bm, exec_user, write_exec_plugin
 
@@ -51,11 +51,15 @@ def adapter(name: str, base: str) -> dict[str, Any]:
 
 
 def manifest_names(cluster: RunningEmulator, base: str) -> list[str]:
-    for cm in cluster.emulator.objects_of("v1/configmaps", NS):
-        if cm["metadata"]["name"] == naming.configmap_name(base):
-            manifest = json.loads(cm["data"][naming.MANIFEST_KEY])
-            return sorted(a["name"] for a in manifest["adapters"])
-    return []
+    cms = {cm["metadata"]["name"]: cm for cm in cluster.emulator.objects_of("v1/configmaps", NS)}
+    index = cms.get(naming.configmap_name(base))
+    if index is None:
+        return []
+    try:
+        manifest = manifest_shards.from_configmaps(index, cms)
+    except manifest_shards.TornManifest:
+        return []  # caught between the shard and index writes: look again
+    return sorted(a.name for a in manifest.adapters)
 
 
 async def stop(*procs: OperatorProcess) -> None:

@@ -27,6 +27,7 @@ from loraplex import handlers, naming, rbac
 from loraplex.devtools.operator_proc import OperatorProcess
 from loraplex.kube import (
     BASEMODELS,
+    CONFIGMAPS,
     DEPLOYMENTS,
     KIND_OF,
     LORAADAPTERS,
@@ -35,6 +36,7 @@ from loraplex.kube import (
     SERVICES,
     KubeClient,
 )
+from loraplex_server import manifest_shards
 from tests.operator.conftest import Cluster, cached_basemodel, eventually
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(240)]
@@ -61,7 +63,12 @@ def manifest_of(cluster: Cluster, base: str) -> dict[str, Any] | None:
     cm = one(cluster, "v1/configmaps", naming.configmap_name(base))
     if cm is None:
         return None
-    data: dict[str, Any] = json.loads(cm["data"][naming.MANIFEST_KEY])
+    shards = {o["metadata"]["name"]: o for o in cluster.objects_of("v1/configmaps", NS)}
+    try:
+        manifest = manifest_shards.from_configmaps(cm, shards)
+    except manifest_shards.TornManifest:
+        return None  # caught between the operator's shard and index writes: look again
+    data: dict[str, Any] = manifest.model_dump(by_alias=True, mode="json")
     return data
 
 
@@ -202,9 +209,9 @@ async def test_adapter_changes_touch_only_the_manifest(
         lambda: adapter_names(cluster, "qwen-14b") == ["sql-expert", "support-bot"],
         what="initial manifest",
     )
-    # The ConfigMap is written before the Deployment in one pass: wait for both.
+    # The ConfigMaps are written before the Deployment in one pass: wait for both.
     template = await eventually(lambda: pod_template(cluster, "qwen-14b"), what="deployment")
-    gen0 = manifest_of(cluster, "qwen-14b")["generation"]  # type: ignore[index]
+    gen0 = (await eventually(lambda: manifest_of(cluster, "qwen-14b")))["generation"]
 
     new = adapter_obj("chat-helper", "qwen-14b", "s3://adapters-bucket/chat-helper", rank=8)
     await kube.apply(new)
@@ -212,13 +219,14 @@ async def test_adapter_changes_touch_only_the_manifest(
         lambda: "chat-helper" in (adapter_names(cluster, "qwen-14b") or []),
         what="hot-added adapter in the manifest",
     )
-    gen1 = manifest_of(cluster, "qwen-14b")["generation"]  # type: ignore[index]
+    gen1 = (await eventually(lambda: manifest_of(cluster, "qwen-14b")))["generation"]
     assert gen1 > gen0
 
     await kube.patch(LORAADAPTERS, NS, "chat-helper", {"spec": {"servedName": "chatty"}})
     await eventually(
         lambda: any(
-            a["servedName"] == "chatty" for a in manifest_of(cluster, "qwen-14b")["adapters"]
+            a["servedName"] == "chatty"
+            for a in (manifest_of(cluster, "qwen-14b") or {"adapters": []})["adapters"]
         ),  # type: ignore[index]
         what="changed servedName in the manifest",
     )
@@ -233,7 +241,7 @@ async def test_adapter_changes_touch_only_the_manifest(
     )
     await asyncio.sleep(1)
     assert pod_template(cluster, "qwen-14b") == template, "adapter changes must not roll pods"
-    assert manifest_of(cluster, "qwen-14b")["generation"] > gen1  # type: ignore[index]
+    assert (await eventually(lambda: manifest_of(cluster, "qwen-14b")))["generation"] > gen1
 
 
 async def test_real_spec_change_rolls_and_drift_is_corrected(
@@ -303,25 +311,65 @@ async def test_restart_converges_without_duplicates(
     await asyncio.to_thread(operator.stop)
     extra = adapter_obj("while-down", "qwen-14b", "hf://org/while-down")
     await kube.apply(extra)
-    before = manifest_of(cluster, "qwen-14b")
+    before = await eventually(lambda: manifest_of(cluster, "qwen-14b"))
     operator.start()
     await eventually(
         lambda: "while-down" in (adapter_names(cluster, "qwen-14b") or []),
         what="adapter created while the operator was down",
         timeout=60,
     )
-    after = manifest_of(cluster, "qwen-14b")
-    assert after["generation"] == before["generation"] + 1  # type: ignore[index]
+    after = await eventually(lambda: manifest_of(cluster, "qwen-14b"))
+    assert after["generation"] == before["generation"] + 1
     for res in ("apps/v1/deployments", "v1/services", "v1/configmaps", "v1/secrets"):
         # Only ours: a real cluster also has the `kubernetes` Service and kube-root-ca.crt.
-        ours = [
-            o
+        ours = sorted(
+            o["metadata"]["name"]
             for o in cluster.objects_of(res, NS)
             if (o["metadata"].get("labels") or {}).get("app.kubernetes.io/managed-by") == "loraplex"
-        ]
-        assert len(ours) == 1, res
+        )
+        if res == "v1/configmaps":  # the index and one shard
+            assert ours == ["qwen-14b-adapters", "qwen-14b-manifest-0"]
+        else:
+            assert len(ours) == 1, res
     await asyncio.sleep(3)  # a further timer tick changes nothing
-    assert manifest_of(cluster, "qwen-14b")["generation"] == after["generation"]  # type: ignore[index]
+    settled = await eventually(lambda: manifest_of(cluster, "qwen-14b"))
+    assert settled["generation"] == after["generation"]
+
+
+async def exercise_stale_shard(cluster: Cluster, kube: KubeClient) -> None:
+    """An index naming a second shard (as after a manifest that shrank): the operator
+    republishes and deletes the shard no index names any more."""
+    index_cm = one(cluster, "v1/configmaps", naming.configmap_name("qwen-14b"))
+    assert index_cm is not None
+    index = json.loads(index_cm["data"][naming.MANIFEST_KEY])
+    stale = naming.manifest_shard_name("qwen-14b", 1)
+    index["shards"].append({**index["shards"][0], "name": stale, "key": "shard-1.gz"})
+    shard = json.loads(json.dumps(one(cluster, "v1/configmaps", index["shards"][0]["name"])))
+    shard["metadata"] = {
+        "name": stale,
+        "namespace": NS,
+        "labels": shard["metadata"]["labels"],
+        "ownerReferences": shard["metadata"]["ownerReferences"],
+    }
+    shard["binaryData"] = {"shard-1.gz": ""}
+    await kube.create(CONFIGMAPS, NS, shard)
+    pokes = itertools.count()
+
+    async def deleted() -> bool:
+        if one(cluster, "v1/configmaps", stale) is None:
+            return True
+        current = one(cluster, "v1/configmaps", naming.configmap_name("qwen-14b")) or {}
+        if stale not in (current.get("data") or {}).get(naming.MANIFEST_KEY, ""):
+            # (Re)publish the index naming the stale shard (a pass still running from earlier
+            # events may have overwritten it before reading it), then make the operator look.
+            patch = {"data": {naming.MANIFEST_KEY: json.dumps(index)}}
+            await kube.patch(CONFIGMAPS, NS, naming.configmap_name("qwen-14b"), patch)
+            poke = adapter_obj(f"poke-{next(pokes)}", "qwen-14b", "hf://org/poke")
+            await kube.apply(poke)
+        return False
+
+    await eventually(deleted, what="stale shard deleted", timeout=60)
+    await eventually(lambda: adapter_names(cluster, "qwen-14b"), what="index republished")
 
 
 ROUTED = {
@@ -455,6 +503,7 @@ async def test_rbac_is_exactly_the_calls_the_operator_makes(
     """Every request is allowed by loraplex.rbac, and every rule is used (peering aside)."""
     await apply_all(kube, examples())
     await eventually(lambda: adapter_names(cluster, "qwen-14b"), what="manifest")
+    await exercise_stale_shard(cluster, kube)
     # Drift: a hand edit (patch back), a deleted Service (created again).
     await kube.patch(DEPLOYMENTS, NS, "qwen-14b", {"spec": {"replicas": 5}})
     await kube.delete(SERVICES, NS, "qwen-14b")

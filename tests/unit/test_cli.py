@@ -28,7 +28,8 @@ def test_render_prints_what_the_operator_applies(capsys: pytest.CaptureFixture[s
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [d["kind"] for d in docs] == [
         "Secret",
-        "ConfigMap",
+        "ConfigMap",  # manifest shard 0
+        "ConfigMap",  # manifest index, after its shards
         "NetworkPolicy",
         "Deployment",
         "Service",

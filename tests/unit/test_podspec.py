@@ -207,6 +207,7 @@ def test_production_example_renders_valid_objects(version: str) -> None:
     kinds = [o["kind"] for o in objs]
     assert kinds == [
         "Secret",
+        "ConfigMap",  # the manifest's shard, then its index
         "ConfigMap",
         "NetworkPolicy",
         "PersistentVolumeClaim",

@@ -188,7 +188,8 @@ def test_render_all_orders_secret_and_configmap_before_the_deployment() -> None:
         generation=1, base_served_name="b", max_loras=1, max_lora_rank=8, max_cpu_loras=1
     )
     kinds = [o["kind"] for o in render_all(OWNER, spec, plan, manifest, "t")]
-    assert kinds == ["Secret", "ConfigMap", "NetworkPolicy", "Deployment", "Service"]
+    # shard(s) before the index that names them, both before the Deployment that mounts them
+    assert kinds == ["Secret", "ConfigMap", "ConfigMap", "NetworkPolicy", "Deployment", "Service"]
     assert build_deployment(OWNER, spec, plan, __import__("loraplex.render").render.Images())
 
 

@@ -14,11 +14,11 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from loraplex_server import admin, epp_metrics, errors
+from loraplex_server import admin, epp_metrics, errors, pages
 from loraplex_server.metrics import Metrics
 from loraplex_server.proxy import INFERENCE_ROUTES, PUBLIC_ROUTES, Proxy
 from loraplex_server.server import SERVER, Server
@@ -110,6 +110,8 @@ class Backend(Protocol):
 
     async def current_status(self) -> Status: ...
 
+    async def adapters_page(self, limit: int | None, after: str | None) -> dict[str, Any]: ...
+
     def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]: ...
 
 
@@ -164,7 +166,17 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 async def adapters(request: web.Request) -> web.StreamResponse:
-    return web.json_response((await _server(request).current_status()).adapters)
+    """One page (`?limit=&continue=`) or, without `limit`, every adapter: built by the owner
+    from its registry whichever process answers, so pages are the same on every worker."""
+    return await _adapters_page(_server(request), request)
+
+
+async def _adapters_page(backend: Backend, request: web.Request) -> web.StreamResponse:
+    try:
+        limit, after = pages.page_args(request.query)
+    except pages.BadPage as exc:
+        return errors.json_error(400, str(exc), param=exc.param, code="invalid_page")
+    return web.json_response(await backend.adapters_page(limit, after))
 
 
 async def models(request: web.Request) -> web.StreamResponse:
@@ -186,8 +198,12 @@ async def take_hold(request: web.Request) -> web.StreamResponse:
         served, size = str(body["served"]), int(body.get("size", 0))
     except (ValueError, KeyError, TypeError):
         raise errors.Problem("expected {served, size}", code="invalid_hold") from None
-    hold = await request.app[SERVER].holds.take(served, size)
-    return web.json_response({"hold": hold})
+    server = request.app[SERVER]
+    hold = await server.holds.take(served, size)
+    # Every adapter request passes here or through the owner's own proxy: the owner's
+    # metric-series order is the pod's, and the follower labels this request by its answer.
+    own = server.metrics.series.label(served) == served
+    return web.json_response({"hold": hold, "series": own})
 
 
 async def release_hold(request: web.Request) -> web.StreamResponse:
@@ -198,12 +214,23 @@ async def release_hold(request: web.Request) -> web.StreamResponse:
 async def internal_lora(request: web.Request) -> web.StreamResponse:
     """For follower workers' /metrics: the owner's adapters as the EPP should see them, live
     and small (the full status would cost a report of every adapter per scrape)."""
-    return web.json_response(request.app[SERVER].lora_state().to_json())
+    server = request.app[SERVER]
+    series = {"series": server.metrics.series.own(), "base": sorted(server.metrics.series.base)}
+    return web.json_response({**server.lora_state().to_json(), **series})
 
 
 async def internal_status(request: web.Request) -> web.StreamResponse:
-    """For follower workers (admin port, token): the owner's view of vLLM and adapters."""
-    return web.json_response(request.app[SERVER].status().to_json())
+    """For follower workers (admin port, token): the owner's view of vLLM and adapters. The
+    served names (10,000 with 10,000 adapters) only when `?generation=` is not the current one."""
+    have = request.query.get("generation", "")
+    status = request.app[SERVER].status()
+    with_names = not have.isdigit() or int(have) != status.generation
+    return web.json_response(status.to_json(served=with_names))
+
+
+async def internal_adapters(request: web.Request) -> web.StreamResponse:
+    """A follower's `GET /v1/adapters`: the same page, from the owner's registry."""
+    return await _adapters_page(request.app[SERVER], request)
 
 
 async def drain(server: Backend) -> None:
@@ -251,6 +278,7 @@ def create_app(settings: Settings) -> Apps:
     admin.add_routes(adm)
     adm.router.add_get("/internal/status", internal_status)
     adm.router.add_get("/internal/lora", internal_lora)
+    adm.router.add_get("/internal/adapters", internal_adapters)
     adm.router.add_post("/internal/holds", take_hold)
     adm.router.add_post("/internal/holds/{hold}/release", release_hold)
     return Apps(public, adm, server)

@@ -275,3 +275,8 @@ class AdaptersResponse(_Wire):
     base_served_name: str
     vllm_healthy: bool
     adapters: list[AdapterReport] = Field(default_factory=list)
+    continue_: str | None = Field(
+        default=None,
+        alias="continue",
+        description="Set when a `limit` cut the list: pass it as `?continue=` for the next page.",
+    )

@@ -166,6 +166,7 @@ class Registry:
                 return False
             self.manifest = manifest
             self.metrics.generation.set(manifest.generation)
+            self.metrics.series.base = {manifest.base_served_name}
             wanted = {a.name: a for a in manifest.adapters}
             for name, e in list(self.entries.items()):
                 spec = wanted.get(name)

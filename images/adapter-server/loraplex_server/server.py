@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import time
 from typing import Any
@@ -19,6 +18,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
+from loraplex_server import manifest_shards, pages
 from loraplex_server.epp_metrics import LoraState, VLLMMetrics, lora_state
 from loraplex_server.fetch import Fetcher
 from loraplex_server.manifest import AdapterManifest
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings.max_adapter_series, idle_after=settings.adapter_series_idle)
         self.fetcher = Fetcher(settings, self.metrics)
         self._session: aiohttp.ClientSession | None = None
         self._registry: Registry | None = None
@@ -69,12 +69,24 @@ class Server:
         return self._proxy
 
     def read_manifest(self) -> tuple[str, AdapterManifest]:
-        raw = self.settings.manifest.read_bytes()
-        return _digest(raw), AdapterManifest.model_validate(json.loads(raw))
+        return manifest_shards.read_mounted(self.settings.manifest)
+
+    async def _first_manifest(self) -> tuple[str, AdapterManifest]:
+        """A complete generation: while the kubelet has refreshed only some of the shards,
+        wait for the rest (bounded by manifest_wait), never start on half of one."""
+        deadline = time.monotonic() + self.settings.manifest_wait
+        while True:
+            try:
+                return self.read_manifest()
+            except manifest_shards.TornManifest as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("mounted manifest not consistent yet (%s); waiting", exc)
+            await asyncio.sleep(self.settings.manifest_interval)
 
     async def start(self) -> None:
         """Read the mounted manifest (a bad one stops the process: the operator wrote it)."""
-        digest, manifest = self.read_manifest()
+        digest, manifest = await self._first_manifest()
         self._manifest_digest = digest
         await asyncio.to_thread(self.fetcher.clean_temp)
         self._session = aiohttp.ClientSession(
@@ -111,7 +123,13 @@ class Server:
     async def current_status(self) -> Status:
         return self.status()
 
+    async def adapters_page(self, limit: int | None, after: str | None) -> dict[str, Any]:
+        page = pages.adapters_page(self.registry, limit, after)
+        return page.model_dump(mode="json", by_alias=True)
+
     def status(self) -> Status:
+        """For health routes and followers' polls: small (no adapter report) except `served`,
+        which a follower takes only when the generation changed (see app.internal_status)."""
         reg = self.registry
         return Status(
             ready=reg.ready(),
@@ -119,7 +137,8 @@ class Server:
             vllm_silent=self.vllm_dead_for(),
             pinned={e.spec.name: e.state.value for e in reg.entries.values() if e.spec.pinned},
             served=reg.served_names(),
-            adapters=reg.report().model_dump(mode="json", by_alias=True),
+            generation=reg.manifest.generation,
+            series=self.metrics.series.own(),
             lora=lora_state(reg).to_json(),
         )
 
@@ -169,12 +188,17 @@ class Server:
             digest = _digest(raw)
             if digest == self._manifest_digest:
                 continue
-            self._manifest_digest = digest  # report a bad file once, not every poll
             try:
-                manifest = AdapterManifest.model_validate(json.loads(raw))
-            except (ValueError, ValidationError) as exc:
+                _, manifest = await asyncio.to_thread(self.read_manifest)
+            except manifest_shards.TornManifest as exc:
+                # Some shards are not refreshed yet: keep serving, look again next poll.
+                log.debug("mounted manifest not consistent yet: %s", exc)
+                continue
+            except (OSError, ValueError, ValidationError) as exc:
+                self._manifest_digest = digest  # report a bad file once, not every poll
                 log.error("mounted manifest is invalid, keeping the current one: %s", exc)
                 continue
+            self._manifest_digest = digest
             if await self.registry.apply(manifest):
                 log.info("manifest generation %d applied from file", manifest.generation)
 

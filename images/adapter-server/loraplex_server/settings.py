@@ -52,6 +52,13 @@ class Settings:
     role: str = "owner"
     health_interval: float = 0.5
     manifest_interval: float = 1.0
+    # How long a starting pod waits for the kubelet to mount a consistent set of manifest
+    # shards (it refreshes each ConfigMap on its own sync, about a minute at worst).
+    manifest_wait: float = 180.0
+    # Adapters with metric series of their own (metrics.AdapterSeries), and how long one must
+    # be idle before a newcomer takes its slot.
+    max_adapter_series: int = 200
+    adapter_series_idle: float = 300.0
     download_attempts: int = 5
     download_backoff: float = 1.0
     download_read_timeout: float = 60.0
@@ -117,6 +124,24 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
     p.add_argument("--health-interval", type=float, default=0.5)
     p.add_argument("--manifest-interval", type=float, default=1.0)
+    p.add_argument(
+        "--manifest-wait",
+        type=float,
+        default=180.0,
+        help="seconds a starting server waits for a consistent set of manifest shards",
+    )
+    p.add_argument(
+        "--max-adapter-series",
+        type=int,
+        default=200,
+        help="adapters with metric series of their own; the rest count under adapter=other",
+    )
+    p.add_argument(
+        "--adapter-series-idle",
+        type=float,
+        default=300.0,
+        help="seconds an adapter's series must be unused before another adapter takes it",
+    )
     p.add_argument("--download-attempts", type=int, default=5)
     p.add_argument(
         "--download-backoff",
@@ -161,6 +186,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         role=a.role,
         health_interval=a.health_interval,
         manifest_interval=a.manifest_interval,
+        manifest_wait=a.manifest_wait,
+        max_adapter_series=max(0, a.max_adapter_series),
+        adapter_series_idle=max(0.0, a.adapter_series_idle),
         download_attempts=max(1, a.download_attempts),
         download_backoff=a.download_backoff,
         download_read_timeout=a.download_read_timeout,

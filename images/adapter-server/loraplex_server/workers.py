@@ -47,36 +47,43 @@ Release = Callable[[], None]
 
 @dataclass
 class Status:
-    """What the public health and listing routes show; the owner's, copied to followers."""
+    """What the public health routes show; the owner's, copied to followers every
+    --health-interval. Small on purpose: no adapter report (a follower asks the owner for a
+    page of `GET /v1/adapters`), and the served names only when the generation changed."""
 
     ready: bool = False
     vllm_healthy: bool = False
     vllm_silent: float = 0.0
     pinned: dict[str, str] = field(default_factory=dict)
     served: list[str] = field(default_factory=list)
-    adapters: dict[str, Any] = field(default_factory=dict)
+    generation: int = -1
+    series: list[str] = field(default_factory=list)  # adapters with metric series of their own
     lora: dict[str, Any] = field(default_factory=dict)  # epp_metrics.LoraState, for /metrics
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, served: bool = True) -> dict[str, Any]:
         return {
             "ready": self.ready,
             "vllmHealthy": self.vllm_healthy,
             "vllmSilent": self.vllm_silent,
             "pinned": self.pinned,
-            "served": self.served,
-            "adapters": self.adapters,
+            "served": self.served if served else None,
+            "generation": self.generation,
+            "series": self.series,
             "lora": self.lora,
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Status:
+    def from_json(cls, d: dict[str, Any], previous: Status | None = None) -> Status:
+        """`previous` supplies the served names when the owner left them out (unchanged)."""
+        served = d.get("served")
         return cls(
             ready=bool(d["ready"]),
             vllm_healthy=bool(d["vllmHealthy"]),
             vllm_silent=float(d["vllmSilent"]),
             pinned=dict(d["pinned"]),
-            served=list(d["served"]),
-            adapters=dict(d["adapters"]),
+            served=list(served) if served is not None else list((previous or cls()).served),
+            generation=int(d.get("generation", -1)),
+            series=list(d.get("series") or []),
             lora=dict(d.get("lora") or {}),
         )
 
@@ -167,6 +174,9 @@ class LocalGate:
                 f"Served models: {', '.join(self.served_names())}",
                 param="model",
             )
+        # A use, for metric series (every adapter request of the pod passes here, a
+        # follower's through its hold): before the load, so the load is counted under it.
+        self.registry.metrics.series.label(served)
         async with self.registry.use(entry) as release:
             if entry.state != AdapterState.LOADED:
                 with self.waiting.enter(served, size):
@@ -254,7 +264,10 @@ class RemoteGate:
     @contextlib.asynccontextmanager
     async def hold(self, served: str, size: int) -> AsyncIterator[Release]:
         with self.waiting.enter(served, size):
-            hold = await self._call("/internal/holds", {"served": served, "size": size})
+            doc = await self._call("/internal/holds", {"served": served, "size": size})
+        hold = str(doc.get("hold", ""))
+        if doc.get("series"):  # the owner counts `served` among the recent: label it so here
+            self.follower.metrics.series.admit(served)
         released = False
 
         def release() -> None:
@@ -268,7 +281,7 @@ class RemoteGate:
         finally:
             release()
 
-    async def _call(self, path: str, body: dict[str, Any]) -> str:
+    async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
             async with self.session.post(
                 f"{self.follower.owner_url}{path}",
@@ -289,7 +302,7 @@ class RemoteGate:
                 err_type=err.get("type"),
                 retry_after=float(retry) if retry else None,
             )
-        return str(doc.get("hold", ""))
+        return doc if isinstance(doc, dict) else {}
 
 
 class Follower:
@@ -299,7 +312,7 @@ class Follower:
         from loraplex_server.proxy import Proxy
 
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings.max_adapter_series, decides=False)
         self.draining = False
         self.status_ = Status()
         self.owner_url = f"http://127.0.0.1:{settings.admin_port}"
@@ -337,6 +350,7 @@ class Follower:
         if time.monotonic() - self._lora_at < 0.025:
             return self.lora_state()
         assert self._session is not None
+        asked_at = time.monotonic()
         with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
             async with self._session.get(
                 f"{self.owner_url}/internal/lora",
@@ -344,7 +358,10 @@ class Follower:
                 timeout=aiohttp.ClientTimeout(total=1),
             ) as r:
                 if r.status == 200:
-                    self.status_.lora = await r.json()
+                    doc = await r.json()
+                    own, base = doc.pop("series", []), doc.pop("base", [])
+                    self.metrics.series.mirror(own, base, asked_at)
+                    self.status_.lora = doc
                     self._lora_at = time.monotonic()
         return self.lora_state()
 
@@ -373,16 +390,38 @@ class Follower:
 
     async def _fetch_owner_status(self) -> None:
         assert self._session is not None
+        asked_at = time.monotonic()
         with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
             async with self._session.get(
                 f"{self.owner_url}/internal/status",
+                params={"generation": str(self.status_.generation)},
                 headers={"Authorization": f"Bearer {self.token()}"},
                 timeout=aiohttp.ClientTimeout(total=2),
             ) as r:
                 if r.status == 200:
-                    self.status_ = Status.from_json(await r.json())
+                    self.status_ = Status.from_json(await r.json(), self.status_)
+                    base = self.status_.served[:1]
+                    self.metrics.series.mirror(self.status_.series, base, asked_at)
                     self._owner_ok = time.monotonic()
                     self._heard.set()
+
+    async def adapters_page(self, limit: int | None, after: str | None) -> dict[str, Any]:
+        """The owner's page, so paging reads one registry whichever worker answers."""
+        assert self._session is not None
+        params = {k: v for k, v in (("limit", limit), ("continue", after)) if v is not None}
+        try:
+            async with self._session.get(
+                f"{self.owner_url}/internal/adapters",
+                params={k: str(v) for k, v in params.items()},
+                headers={"Authorization": f"Bearer {self.token()}"},
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as r:
+                doc = await r.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            raise errors.Unavailable("the adapter owner process is not answering") from None
+        if r.status != 200 or not isinstance(doc, dict):
+            raise errors.Unavailable("the adapter owner process could not list adapters")
+        return doc
 
     async def wait_for_owner(self, seconds: float = 300.0) -> None:
         """Until the first status from the owner arrived (it polls from cleanup_ctx)."""

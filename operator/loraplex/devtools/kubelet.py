@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from loraplex import naming
@@ -152,6 +152,16 @@ def _data(kind: str, obj: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _files(kind: str, obj: dict[str, Any]) -> dict[str, bytes]:
+    """A ConfigMap's or Secret's keys as file contents: text values and, for a ConfigMap,
+    its `binaryData` (base64 in the API, raw bytes in the volume)."""
+    out = {k: v.encode() for k, v in _data(kind, obj).items()}
+    if kind == "ConfigMap":
+        for key, value in (obj.get("binaryData") or {}).items():
+            out[key] = base64.b64decode(value)
+    return out
+
+
 def _field(path: str, fields: Mapping[str, str], where: str) -> str:
     if path not in fields:
         raise PodRuleError(f"{where}: fieldRef {path!r} is not supported by the local pod runner")
@@ -197,57 +207,109 @@ def container_env(c: dict[str, Any], refs: Refs, fields: Mapping[str, str]) -> d
     return env
 
 
-def referenced(deployment: dict[str, Any]) -> set[tuple[str, str]]:
-    """Every (kind, name) of ConfigMap/Secret the pod reads, in volumes and env."""
+# A volume source's (kind, key in the volume, key naming the object).
+_VOLUME_KINDS = (("ConfigMap", "configMap", "name"), ("Secret", "secret", "secretName"))
+
+
+def _volume_refs(vol: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(kind, object name, source) for each ConfigMap/Secret a volume is filled from: one for
+    a `configMap`/`secret` volume, one per source of a `projected` volume, in its order."""
+    sources = [vol] if "projected" not in vol else (vol["projected"].get("sources") or [])
+    out = []
+    for src in sources:
+        for kind, key, ref in _VOLUME_KINDS:
+            if key in src:
+                out.append((kind, src[key][ref], src[key]))
+    return out
+
+
+def referenced(deployment: dict[str, Any], *, optional: bool = False) -> set[tuple[str, str]]:
+    """Every (kind, name) of ConfigMap/Secret the pod reads, in volumes and env; the ones
+    marked `optional` only when asked (a kubelet starts the pod without them)."""
     pod = deployment["spec"]["template"]["spec"]
     out: set[tuple[str, str]] = set()
     for vol in pod.get("volumes") or []:
-        if "configMap" in vol:
-            out.add(("ConfigMap", vol["configMap"]["name"]))
-        if "secret" in vol:
-            out.add(("Secret", vol["secret"]["secretName"]))
+        for kind, name, src in _volume_refs(vol):
+            if optional or not src.get("optional"):
+                out.add((kind, name))
     for c in pod["containers"]:
         for src in c.get("envFrom") or []:
             for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
-                if key in src:
+                if key in src and (optional or not src[key].get("optional")):
                     out.add((kind, src[key]["name"]))
         for e in c.get("env") or []:
             frm = e.get("valueFrom") or {}
             for kind, key in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
-                if key in frm:
+                if key in frm and (optional or not frm[key].get("optional")):
                     out.add((kind, frm[key]["name"]))
     return out
 
 
 async def fetch_refs(kube: KubeClient, namespace: str, deployment: dict[str, Any]) -> Refs:
-    """The ConfigMaps and Secrets the pod refers to, as they are now (missing ones left out)."""
+    """The ConfigMaps and Secrets the pod refers to, optional ones included, as they are now
+    (missing ones left out)."""
     apis = {"ConfigMap": CONFIGMAPS, "Secret": SECRETS}
     out: dict[tuple[str, str], dict[str, Any]] = {}
-    for kind, name in sorted(referenced(deployment)):
+    for kind, name in sorted(referenced(deployment, optional=True)):
         obj = await kube.get(apis[kind], namespace, name)
         if obj is not None:
             out[(kind, name)] = obj
     return out
 
 
-def write_volume(folder: Path, source: dict[str, Any], obj: dict[str, Any] | None) -> None:
-    """Fill a ConfigMap/Secret volume's folder as the kubelet does: keys (or items) as files."""
-    kind = "ConfigMap" if "name" in source else "Secret"
-    data = _data(kind, obj) if obj is not None else {}
-    items = source.get("items") or [{"key": k, "path": k} for k in sorted(data)]
-    mode = source.get("defaultMode", 0o644)
-    for item in items:
-        if item["key"] not in data:
-            continue
-        target = folder / item["path"]
+def volume_files(vol: Mapping[str, Any], refs: Refs) -> dict[str, tuple[bytes, int]]:
+    """The files (path -> content, mode) a kubelet puts in a ConfigMap, Secret or projected
+    volume: each source's keys (or its `items`), later sources over earlier ones. A missing
+    object contributes nothing (the kubelet would wait for a required one; the caller checks
+    `referenced` first)."""
+    files: dict[str, tuple[bytes, int]] = {}
+    default = (vol.get("projected") or {}).get("defaultMode", 0o644)
+    for kind, name, src in _volume_refs(vol):
+        obj = refs.get((kind, name))
+        data = _files(kind, obj) if obj is not None else {}
+        items = src.get("items") or [{"key": k, "path": k} for k in sorted(data)]
+        mode = src.get("defaultMode", default)
+        for item in items:
+            if item["key"] in data:
+                files[item["path"]] = (data[item["key"]], item.get("mode", mode))
+    return files
+
+
+def write_volume(folder: Path, files: Mapping[str, tuple[bytes, int]]) -> None:
+    """Make `folder` show exactly `files`, the way the kubelet's atomic writer keeps a
+    ConfigMap, Secret or projected volume: the payload goes into a fresh hidden folder, the
+    `..data` symlink is renamed onto it (one atomic step, so a reader never sees half a
+    payload), and each top-level name is a symlink through `..data`. Files whose key (or whole
+    optional object) is gone disappear with the old payload."""
+    data = folder / "..data"
+    if data.is_dir() and _payload(data) == {p: v for p, (v, _) in files.items()}:
+        return
+    fresh = folder / f"..{time.time_ns()}"
+    for path, (value, mode) in files.items():
+        target = fresh / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        value = data[item["key"]]
-        if target.exists() and target.read_text() == value:
-            continue
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(value)
-        tmp.chmod(item.get("mode", mode))
-        tmp.replace(target)
+        target.write_bytes(value)
+        target.chmod(mode)
+    fresh.mkdir(parents=True, exist_ok=True)
+    old = data.resolve() if data.is_symlink() else None
+    link = folder / "..data_tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(fresh.name, target_is_directory=True)
+    link.replace(data)
+    tops = {PurePosixPath(p).parts[0] for p in files}
+    for top in tops:
+        entry = folder / top
+        if not entry.is_symlink():
+            entry.symlink_to(f"..data/{top}")
+    for entry in folder.iterdir():
+        if not entry.name.startswith("..") and entry.name not in tops:
+            entry.unlink() if entry.is_symlink() or entry.is_file() else shutil.rmtree(entry)
+    if old is not None and old.parent == folder.resolve():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _payload(data: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(data)): p.read_bytes() for p in data.rglob("*") if p.is_file()}
 
 
 def _user(pod: dict[str, Any], c: dict[str, Any], subs: list[str]) -> tuple[int, int]:
@@ -342,10 +404,9 @@ def _plan_volumes(
     pod: dict[str, Any], root: Path, claims: dict[str, Path], refs: Refs
 ) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
     """A host folder per volume (emptyDirs fresh and open to any uid, as the kubelet makes
-    them; ConfigMaps and Secrets filled), and the ConfigMap/Secret sources to keep in sync."""
+    them; ConfigMap, Secret and projected volumes filled), and those volumes, to keep in sync."""
     volumes: dict[str, Path] = {}
     sources: dict[str, dict[str, Any]] = {}
-    kinds = (("ConfigMap", "configMap", "name"), ("Secret", "secret", "secretName"))
     for vol in pod.get("volumes") or []:
         name = vol["name"]
         if "persistentVolumeClaim" in vol:
@@ -357,10 +418,9 @@ def _plan_volumes(
         volumes[name].mkdir(parents=True, exist_ok=True)
         if "emptyDir" in vol:
             volumes[name].chmod(0o777)
-        for kind, key, ref in kinds:
-            if key in vol:
-                sources[name] = vol[key]
-                write_volume(volumes[name], vol[key], refs.get((kind, vol[key][ref])))
+        if _volume_refs(vol):
+            sources[name] = vol
+            write_volume(volumes[name], volume_files(vol, refs))
     return volumes, sources
 
 
@@ -485,19 +545,22 @@ def _plain_paths(pod: dict[str, Any], volumes: dict[str, Path], root: Path) -> A
 
 
 async def sync_volumes(kube: KubeClient, namespace: str, pod: LocalPod) -> None:
-    """Keep ConfigMap and Secret volumes' files current, as the kubelet does."""
-    for name, source in pod.sources.items():
-        api, obj_name = (
-            (CONFIGMAPS, source["name"])
-            if "name" in source
-            else (
-                SECRETS,
-                source["secretName"],
-            )
-        )
-        obj = await kube.get(api, namespace, obj_name)
-        if obj is not None:
-            write_volume(pod.volumes[name], source, obj)
+    """Keep ConfigMap, Secret and projected volumes' files current, as the kubelet does.
+
+    Each object is read on its own (a kubelet reads each from its own watch, so a projected
+    volume can hold objects from different moments: its reader must cope). While a required
+    object is missing the volume keeps what it has, as the kubelet does."""
+    apis = {"ConfigMap": CONFIGMAPS, "Secret": SECRETS}
+    for name, vol in pod.sources.items():
+        refs: dict[tuple[str, str], dict[str, Any]] = {}
+        missing = False
+        for kind, obj_name, src in _volume_refs(vol):
+            obj = await kube.get(apis[kind], namespace, obj_name)
+            if obj is not None:
+                refs[(kind, obj_name)] = obj
+            missing = missing or (obj is None and not src.get("optional"))
+        if not missing:
+            write_volume(pod.volumes[name], volume_files(vol, refs))
 
 
 async def wait_healthy(proc: Managed, path: str, timeout: float) -> None:

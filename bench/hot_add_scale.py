@@ -1,0 +1,254 @@
+"""Hot add of the 10,001st adapter: `kubectl apply` to the first completion through the pod.
+
+One BaseModel with N (default 10,000) LoRAAdapters already applied, the operator running and
+settled, and one pod: the real adapter-server process in front of the compiled vLLM stand-in
+(`shared/bench/sse`, adapter slots and loads simulated), its manifest mounted as the projected
+volume (index + gzip shards, kept current the way the kubelet does, every second) and its Pod
+object published so the operator pushes manifests to its admin port. Then a new LoRAAdapter is
+applied and the clock runs until `POST /v1/completions` with that adapter's name answers 200
+through the server (requests every 20 ms). Repeated `--adds` times (the 10,001st, 10,002nd,
+...); the API limits the emulator enforces (1 MiB objects, 3 MiB bodies) are on throughout.
+
+    flock /tmp/loraplex-heavy.lock python -m bench.hot_add_scale --adapters 10000
+
+Prints one JSON object: time to converge, to settle, and per add: apply -> manifest published
+(index names it), apply -> first completion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from loraplex import naming
+from loraplex.demo.chain import _shape_of as shape_of
+from loraplex.devtools import ssebench
+from loraplex.devtools.emulator import RunningEmulator, running_emulator
+from loraplex.devtools.kubelet import LocalPod, publish_pod, sync_volumes
+from loraplex.devtools.operator_proc import OperatorProcess
+from loraplex.devtools.processes import start_server
+from loraplex.devtools.tinymodel import make_adapter, make_model
+from loraplex.kube import DEPLOYMENTS, SECRETS, Connection, KubeClient
+from loraplex_server import manifest_shards
+
+NS = "default"
+BASE = "tiny"
+CLAIM = "team-adapters"
+
+
+def basemodel(model: Path) -> dict[str, Any]:
+    """The BaseModel, declaring the tiny model's architecture (as the demo does), so adapters
+    are checked against the shapes the stand-in serves."""
+    return {
+        "apiVersion": "loraplex.io/v1alpha1",
+        "kind": "BaseModel",
+        "metadata": {"name": BASE, "namespace": NS},
+        "spec": {
+            "model": {"source": "hf://Qwen/Qwen2.5-7B-Instruct", "architecture": shape_of(model)},
+            "gpu": {"product": "H100-80GB"},
+            "adapterVolumes": [{"claimName": CLAIM}],
+            # The stand-in returns no logprobs to probe with (real vLLM does): names and
+            # shapes are still checked against the declared architecture.
+            "adapterChecks": {"probe": False},
+        },
+    }
+
+
+def lora(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "loraplex.io/v1alpha1",
+        "kind": "LoRAAdapter",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"baseModel": BASE, "source": f"pvc://{CLAIM}/a", "rank": 8},
+    }
+
+
+def names(cluster: RunningEmulator) -> set[str]:
+    m = published(cluster)
+    return {a.name for a in m.adapters} if m is not None else set()
+
+
+def published(cluster: RunningEmulator) -> Any:
+    """The manifest the operator stored (None between a shard and its index, or before)."""
+    cms = {c["metadata"]["name"]: c for c in cluster.emulator.objects_of("v1/configmaps", NS)}
+    index = cms.get(naming.configmap_name(BASE))
+    if index is None:
+        return None
+    try:
+        return manifest_shards.from_configmaps(index, cms)
+    except (manifest_shards.TornManifest, ValueError):
+        return None
+
+
+async def until(what: str, check: Any, timeout: float, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        await asyncio.sleep(every)
+    raise TimeoutError(what)
+
+
+async def kubelet(kube: KubeClient, pod: LocalPod) -> None:
+    """The projected manifest volume, refreshed every second as a kubelet would."""
+    while True:
+        await sync_volumes(kube, NS, pod)
+        await asyncio.sleep(1.0)
+
+
+async def first_completion(url: str, model: str, timeout: float = 60) -> int:
+    """POST until 200; returns the number of attempts."""
+    body = {"model": model, "prompt": "hello", "max_tokens": 4}
+    deadline = time.monotonic() + timeout
+    attempts, last = 0, b""
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            attempts += 1
+            async with s.post(f"{url}/v1/completions", json=body) as r:
+                last = await r.read()
+                if r.status == 200:
+                    return attempts
+            await asyncio.sleep(0.02)
+    raise TimeoutError(f"{model} not served within {timeout}s: {last[:300]!r}")
+
+
+async def run(adapters: int, adds: int, timeout: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="loraplex-hot-add-") as tmp:
+        root = Path(tmp)
+        model = await asyncio.to_thread(make_model, root / "tiny")
+        await asyncio.to_thread(make_adapter, model, root / "pvc" / CLAIM / "a")
+        stand_in = await asyncio.to_thread(
+            ssebench.start_upstream, root / "upstream.log", base=BASE, slots=8, load_ms=20
+        )
+        async with running_emulator(root) as cluster:
+            cluster.emulator.preload("loraplex.io/v1alpha1/basemodels", basemodel(model))
+            for i in range(adapters):
+                cluster.emulator.preload("loraplex.io/v1alpha1/loraadapters", lora(f"a-{i:05d}"))
+            op = OperatorProcess(cluster.kubeconfig, root).start()
+            kube = KubeClient(Connection(server=cluster.url), user_agent="loraplex-bench")
+            server = None
+            tasks: list[asyncio.Task[None]] = []
+            try:
+                start = time.monotonic()
+                await until(
+                    "manifest of every adapter",
+                    lambda: (m := published(cluster)) is not None and len(m.adapters) == adapters,
+                    timeout,
+                )
+                converged = time.monotonic() - start
+                for _ in range(120):
+                    dep = await kube.get(DEPLOYMENTS, NS, naming.deployment_name(BASE))
+                    secret = await kube.get(SECRETS, NS, naming.secret_name(BASE))
+                    if dep is not None and secret is not None:
+                        break
+                    await asyncio.sleep(0.5)
+                assert dep is not None and secret is not None, "no Deployment or Secret"
+                token = base64.b64decode(secret["data"]["token"]).decode()
+                (root / "token").write_text(token)
+                mount = root / "pod" / "manifest"
+                mount.mkdir(parents=True)
+                vol = next(
+                    v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "manifest"
+                )
+                volumes = LocalPod(root / "pod", {"manifest": mount}, {}, {}, {})
+                volumes.sources = {"manifest": vol}
+                tasks.append(asyncio.create_task(kubelet(kube, volumes)))
+                await until("mounted manifest", lambda: (mount / "manifest.json").exists(), 30)
+                server, admin_url = await asyncio.to_thread(
+                    start_server,
+                    vllm_url=stand_in.url,
+                    manifest=mount / naming.MANIFEST_KEY,
+                    cache_dir=root / "cache",
+                    pvc_root=root / "pvc",
+                    admin_token_file=root / "token",
+                    log_path=root / "server.log",
+                    wait=120.0,
+                )
+                public_port = int(server.url.rsplit(":", 1)[1])
+                admin_port = int(admin_url.rsplit(":", 1)[1])
+                pod = LocalPod(
+                    root / "pod",
+                    {},
+                    {},
+                    {},
+                    {naming.PUBLIC_PORT: public_port, naming.ADMIN_PORT: admin_port},
+                )
+                await publish_pod(kube, NS, BASE, pod, ready=True)
+                # Settled: the operator has written every adapter's status (it only writes
+                # one when the pod reports the adapter), and nothing for 3 s.
+                while time.monotonic() - start < timeout:
+                    mark = len(cluster.emulator.log)
+                    await asyncio.sleep(3)
+                    if not any(
+                        r.plural == "loraadapters" and r.method == "PATCH"
+                        for r in cluster.emulator.log[mark:]
+                    ):
+                        break
+                settled = time.monotonic() - start
+                results = []
+                for k in range(adds):
+                    name = f"hot-{adapters + k + 1}"
+                    t0 = time.monotonic()
+                    await kube.apply(lora(name))
+                    served = asyncio.create_task(first_completion(server.url, name))
+                    await until("published", lambda n=name: n in names(cluster), 60, every=0.01)
+                    t_published = time.monotonic() - t0
+                    attempts = await served
+                    t_served = time.monotonic() - t0
+                    results.append(
+                        {
+                            "adapter": name,
+                            "apply_to_published_s": round(t_published, 3),
+                            "apply_to_first_completion_s": round(t_served, 3),
+                            "attempts": attempts,
+                        }
+                    )
+                    await asyncio.sleep(2)
+            except BaseException:
+                for log in ("server.log", "upstream.log"):
+                    with contextlib.suppress(OSError):
+                        print(f"--- {log}", *(root / log).read_text().splitlines()[-15:], sep="\n")
+                raise
+            finally:
+                for t in tasks:
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
+                if server is not None:
+                    await asyncio.to_thread(server.stop)
+                await kube.close()
+                await asyncio.to_thread(op.stop)
+                stand_in.stop()
+    served_times = [r["apply_to_first_completion_s"] for r in results]
+    return {
+        "adapters": adapters,
+        "converged_s": round(converged, 1),
+        "settled_s": round(settled, 1),
+        "adds": results,
+        "median_apply_to_first_completion_s": statistics.median(served_times),
+        "max_apply_to_first_completion_s": max(served_times),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--adapters", type=int, default=10_000)
+    ap.add_argument("--adds", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=1200)
+    a = ap.parse_args()
+    print(json.dumps(asyncio.run(run(a.adapters, a.adds, a.timeout)), indent=2))
+
+
+if __name__ == "__main__":
+    main()

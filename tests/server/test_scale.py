@@ -1,0 +1,257 @@
+"""The server with 10,000 declared adapters, against a fake vLLM (in process, loopback only).
+
+Matrix: a pod starting on a sharded manifest serves the whole generation; a pod starting on a
+torn set (index of generation 2, a shard still of generation 1) waits and starts on the
+complete generation 2, never on part of it; a running pod that sees a torn set keeps serving
+its generation and takes the next one once consistent; the admin push of a 10,000-adapter
+manifest (plain and gzip-encoded) is accepted at the production body limit; GET /v1/adapters
+pages (limit/continue, bad values 400, no limit = everything) and the operator's poller
+follows the pages; /v1/models and a page of /v1/adapters answer fast with 10,000 declared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from loraplex.podsync import PodSync, PodTarget
+from loraplex_server import manifest_shards as ms
+from loraplex_server.manifest import AdapterManifest
+from loraplex_server.metrics import Metrics
+
+from .helpers import FakeVLLM, make_settings, manifest_doc, run_server, serve_app, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+PRODUCTION_BODY_LIMIT = 8 * 1024 * 1024  # settings.py's --max-body-bytes default
+
+
+@pytest.fixture
+def pvc_root(tiny_adapters: dict[str, Path]) -> Path:
+    return tiny_adapters["ad0"].parent.parent
+
+
+def many(n: int, generation: int = 1) -> dict[str, Any]:
+    """`n` declared adapters that all read the same tiny adapter from the PVC."""
+    adapters = [
+        {"name": f"t-{i:05d}", "servedName": f"t-{i:05d}", "source": "pvc://adapters/ad0"}
+        for i in range(n)
+    ]
+    return manifest_doc(adapters, generation, max_loras=2, max_cpu_loras=4)
+
+
+def write_sharded(folder: Path, doc: dict[str, Any], shard_bytes: int = 16 * 1024) -> None:
+    """What the projected volume holds: shards beside the index file."""
+    index, chunks = ms.split(
+        AdapterManifest.model_validate(doc), lambda n: f"x-manifest-{n}", shard_bytes=shard_bytes
+    )
+    for ref, chunk in zip(index.shards, chunks, strict=True):
+        (folder / ref.key).write_bytes(chunk)
+    (folder / "manifest.json").write_text(index.model_dump_json(by_alias=True))
+
+
+def shard_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.glob("shard-*.gz")}
+
+
+async def adapters_of(url: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/v1/adapters") as r:
+        assert r.status == 200
+        body: dict[str, Any] = await r.json()
+        return body
+
+
+async def test_a_pod_starting_on_shards_serves_the_whole_generation(
+    tmp_path: Path, pvc_root: Path
+) -> None:
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(tmp_path, vurl, many(1), pvc_root)
+        write_sharded(tmp_path, many(10_000, generation=7))
+        async with run_server(settings) as srv:
+            body = await adapters_of(srv.url)
+            assert body["generation"] == 7
+            assert len(body["adapters"]) == 10_000
+
+
+async def test_a_torn_set_at_start_is_waited_out_never_half_applied(
+    tmp_path: Path, pvc_root: Path
+) -> None:
+    old, new = many(3000, generation=1), many(3001, generation=2)
+    write_sharded(tmp_path, old)
+    old_files = shard_files(tmp_path)
+    write_sharded(tmp_path, new)
+    new_files = shard_files(tmp_path)
+    changed = next(k for k in old_files if old_files[k] != new_files[k])
+    (tmp_path / changed).write_bytes(old_files[changed])  # the kubelet is behind on one shard
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(tmp_path, vurl, many(1), pvc_root, manifest_wait=30.0)
+        write_sharded(tmp_path, new)  # make_settings wrote a plain manifest; restore the index
+        (tmp_path / changed).write_bytes(old_files[changed])
+
+        async def kubelet_catches_up() -> None:
+            await asyncio.sleep(1.0)
+            (tmp_path / changed).write_bytes(new_files[changed])
+
+        catch_up = asyncio.create_task(kubelet_catches_up())
+        async with run_server(settings) as srv:
+            assert catch_up.done()  # the server did not start before the set was whole
+            body = await adapters_of(srv.url)
+            assert body["generation"] == 2 and len(body["adapters"]) == 3001
+        await catch_up
+
+
+async def test_a_running_pod_keeps_its_generation_through_a_torn_set(
+    tmp_path: Path, pvc_root: Path
+) -> None:
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(tmp_path, vurl, many(1), pvc_root)
+        write_sharded(tmp_path, many(3000, generation=1))
+        async with run_server(settings) as srv:
+            assert (await adapters_of(srv.url))["generation"] == 1
+            new = many(3001, generation=2)
+            index, chunks = ms.split(
+                AdapterManifest.model_validate(new), lambda n: f"x-{n}", shard_bytes=16 * 1024
+            )
+            # The index arrives first; the shards lag behind.
+            (tmp_path / "manifest.json").write_text(index.model_dump_json(by_alias=True))
+            await asyncio.sleep(4 * settings.manifest_interval)
+            body = await adapters_of(srv.url)
+            assert body["generation"] == 1 and len(body["adapters"]) == 3000
+            for ref, chunk in zip(index.shards, chunks, strict=True):
+                (tmp_path / ref.key).write_bytes(chunk)
+            await wait_for(lambda: srv.server.registry.manifest.generation == 2)
+            assert len(srv.server.registry.entries) == 3001
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+async def test_admin_push_of_ten_thousand_adapters(
+    tmp_path: Path, pvc_root: Path, encoding: str
+) -> None:
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(
+            tmp_path, vurl, many(1), pvc_root, max_body_bytes=PRODUCTION_BODY_LIMIT
+        )
+        async with run_server(settings) as srv:
+            raw = json.dumps(many(10_000, generation=5)).encode()
+            headers = {**srv.auth, "Content-Type": "application/json"}
+            if encoding == "gzip":
+                raw = gzip.compress(raw)
+                headers["Content-Encoding"] = "gzip"
+            async with (
+                aiohttp.ClientSession() as s,
+                s.put(f"{srv.admin}/admin/manifest", data=raw, headers=headers) as r,
+            ):
+                assert r.status == 200, await r.text()
+                body = await r.json()
+            assert body["generation"] == 5 and len(body["adapters"]) == 10_000
+
+
+async def test_adapters_are_paged_and_the_operator_poller_follows_pages(
+    tmp_path: Path, pvc_root: Path
+) -> None:
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(tmp_path, vurl, many(2500, generation=3), pvc_root)
+        async with run_server(settings) as srv, aiohttp.ClientSession() as s:
+            names: list[str] = []
+            token: str | None = None
+            pages = 0
+            while True:
+                q = {"limit": "1000", **({"continue": token} if token else {})}
+                async with s.get(f"{srv.url}/v1/adapters", params=q) as r:
+                    assert r.status == 200
+                    page = await r.json()
+                pages += 1
+                assert len(page["adapters"]) <= 1000 and page["generation"] == 3
+                names += [a["name"] for a in page["adapters"]]
+                token = page["continue"]
+                if not token:
+                    break
+            assert pages == 3 and names == sorted(f"t-{i:05d}" for i in range(2500))
+            whole = await adapters_of(srv.url)  # no limit: everything, as before
+            assert len(whole["adapters"]) == 2500 and whole["continue"] is None
+            for bad in ({"limit": "0"}, {"limit": "x"}, {"limit": "1001"}, {"continue": "../a"}):
+                async with s.get(f"{srv.url}/v1/adapters", params=bad) as r:
+                    assert r.status == 400
+                    assert (await r.json())["error"]["param"] in bad
+            port = int(srv.url.rsplit(":", 1)[1])
+            poller = PodSync()
+            try:
+                report = await poller.poll(PodTarget("p", "127.0.0.1", port, 0))
+            finally:
+                await poller.close()
+            assert report is not None and len(report.adapters) == 2500
+
+
+async def test_lists_stay_fast_with_ten_thousand_adapters(tmp_path: Path, pvc_root: Path) -> None:
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(tmp_path, vurl, many(10_000), pvc_root)
+        async with run_server(settings) as srv, aiohttp.ClientSession() as s:
+            timings = {}
+            for path in ("/v1/models", "/v1/adapters?limit=1000", "/v1/adapters"):
+                start = time.monotonic()
+                async with s.get(f"{srv.url}{path}") as r:
+                    assert r.status == 200
+                    await r.read()
+                timings[path] = time.monotonic() - start
+            assert timings["/v1/models"] < 1.0, timings
+            assert timings["/v1/adapters?limit=1000"] < 0.5, timings
+
+
+def test_adapter_series_are_bounded_to_the_recently_used() -> None:
+    m = Metrics(max_adapter_series=3, idle_after=0)  # every slot may be taken at once
+    for i in range(10_000):
+        m.requests.labels(f"t-{i:05d}", "200").inc()
+        m.duration.labels(f"t-{i:05d}").observe(0.1)
+    m.requests.labels("t-09999", "200").inc()  # recent: keeps its series
+    m.requests.labels("unknown", "404").inc()  # shared labels are never evicted
+    text = m.render().decode()
+    labelled = {
+        line.split('adapter="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("loraplex_server_requests_total{")
+    }
+    assert labelled == {"t-09997", "t-09998", "t-09999", "unknown"}
+    assert 'loraplex_server_requests_total{adapter="t-09999",code="200"} 2.0' in text
+    durations = {
+        ln.split('adapter="')[1].split('"')[0]
+        for ln in text.splitlines()
+        if ln.startswith("loraplex_server_request_duration")
+    }
+    assert durations == {"t-09997", "t-09998", "t-09999"}  # nothing left of the other 9,997
+    off = Metrics(max_adapter_series=0)
+    off.requests.labels("t-1", "200").inc()
+    assert 'adapter="other"' in off.render().decode()
+
+
+def test_a_full_set_takes_newcomers_only_in_place_of_idle_adapters() -> None:
+    """More adapters busy than slots: the newcomers count under "other" (no churn of series)
+    until a slot's adapter has been idle for the window, then the newcomer takes that slot."""
+    now = [0.0]
+    m = Metrics(max_adapter_series=2, idle_after=300, clock=lambda: now[0])
+    for name in ("a", "b", "c", "d", "c"):
+        m.requests.labels(name, "200").inc()
+        now[0] += 1
+    text = m.render().decode()
+    assert 'loraplex_server_requests_total{adapter="a",code="200"} 1.0' in text
+    assert 'loraplex_server_requests_total{adapter="b",code="200"} 1.0' in text
+    assert 'loraplex_server_requests_total{adapter="other",code="200"} 3.0' in text
+    assert 'adapter="c"' not in text and 'adapter="d"' not in text
+    m.requests.labels("b", "200").inc()  # b stays busy; a goes idle
+    now[0] += 300
+    m.requests.labels("c", "200").inc()  # a idle for the window: c takes its slot
+    text = m.render().decode()
+    assert 'adapter="a"' not in text
+    assert 'loraplex_server_requests_total{adapter="c",code="200"} 1.0' in text
+    assert m.series.own() == ["b", "c"]
