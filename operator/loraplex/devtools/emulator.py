@@ -267,9 +267,8 @@ class Emulator(kmock.KubernetesEmulator):
         """One object by its key: a dict lookup, where kmock scans every stored object (which
         made each GET/PATCH cost O(objects), a 10,000-object run quadratic)."""
         if strict and request.name is not None and request.resource is not None:
-            found = self._objects._objects.get((request.resource, request.namespace, request.name))
-            if found is not None:
-                return found
+            # kmock's resource hashes (group, version, plural), which is what it compares.
+            return self._objects._objects.get((request.resource, request.namespace, request.name))
         return kmock.KubernetesEmulator._KubernetesEmulator__get_obj(  # type: ignore[attr-defined]
             self, request, strict
         )
