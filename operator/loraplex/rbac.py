@@ -23,8 +23,9 @@ class Rule:
 READ = ("get", "list", "watch")
 
 RULES: tuple[Rule, ...] = (
-    # Our own kinds: kopf watches them and patches metadata (finalizers, its annotations); the
-    # reconciler reads BaseModels one by one and lists adapters. Status is written separately.
+    # Our own kinds: kopf watches them and patches BaseModels' metadata (its finalizer and
+    # annotations); on LoRAAdapters it only removes the finalizer earlier builds put there.
+    # The reconciler reads BaseModels one by one and lists adapters. Status is separate.
     Rule("loraplex.io", ("basemodels",), (*READ, "patch")),
     Rule("loraplex.io", ("loraadapters",), ("list", "watch", "patch")),
     Rule("loraplex.io", ("basemodels/status", "loraadapters/status"), ("patch",)),

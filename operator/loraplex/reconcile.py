@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex import API_GROUP, naming
-from loraplex.adapters import Verdict
+from loraplex.adapters import Verdict, read_candidate
 from loraplex.api.basemodel import AdapterCounts, BaseModelStatus, WeightsStatus
 from loraplex.api.loraadapter import LoRAAdapterStatus
 from loraplex.conditions import get_condition, set_condition
@@ -64,6 +64,39 @@ log = logging.getLogger("loraplex.reconcile")
 EventSink = Callable[[dict[str, Any], str, str], None]
 
 
+# The metadata a reconcile reads from a LoRAAdapter; the rest (managedFields, annotations such
+# as an older operator's copy of the whole spec) is not kept in the cache.
+_CACHED_META = (
+    "name",
+    "namespace",
+    "uid",
+    "creationTimestamp",
+    "generation",
+    "resourceVersion",
+    "deletionTimestamp",
+    "finalizers",
+)
+
+
+def slim(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a LoRAAdapter the reconciler reads: at 10,000 adapters a full object with
+    its managedFields is most of the operator's memory."""
+    meta = obj.get("metadata") or {}
+    out: dict[str, Any] = {"metadata": {k: meta[k] for k in _CACHED_META if k in meta}}
+    for key in ("apiVersion", "kind", "spec", "status"):
+        if key in obj:
+            out[key] = obj[key]
+    return out
+
+
+def _essence(obj: Mapping[str, Any] | None) -> Any:
+    """What a reconcile of the adapter's BaseModel depends on: its spec and whether it is
+    going. A status-only change (our own writes) is not worth a pass."""
+    if obj is None:
+        return None
+    return obj.get("spec"), (obj.get("metadata") or {}).get("deletionTimestamp")
+
+
 class AdapterCache:
     """LoRAAdapters by (namespace, spec.baseModel), kept from watch events (an informer).
 
@@ -81,20 +114,28 @@ class AdapterCache:
             self.apply("ADDED", obj)
         self.primed = True
 
-    def apply(self, event_type: str, obj: Mapping[str, Any]) -> None:
+    def apply(self, event_type: str, obj: Mapping[str, Any]) -> set[str]:
+        """Take one event in; returns the BaseModels whose reconcile it changes (the old and
+        the new `spec.baseModel`), empty when only status or bookkeeping moved."""
         meta = obj.get("metadata") or {}
         ns, name = meta.get("namespace"), meta.get("name")
         if not isinstance(ns, str) or not isinstance(name, str):
-            return
+            return set()
+        before = None
         old = self._base_of.pop((ns, name), None)
         if old is not None:
-            self._by_base[old].pop(name, None)
+            before = self._by_base[old].pop(name, None)
             if not self._by_base[old]:
                 del self._by_base[old]
         base = base_of(dict(obj))
+        after = None
         if event_type != "DELETED" and base is not None:
-            self._by_base[(ns, base)][name] = dict(obj)
+            after = slim(obj)
+            self._by_base[(ns, base)][name] = after
             self._base_of[(ns, name)] = (ns, base)
+        if old == (ns, base) and _essence(before) == _essence(after):
+            return set()
+        return {b for b in (old[1] if old else None, base) if b is not None}
 
     def of(self, ns: str, base: str) -> list[dict[str, Any]]:
         return list(self._by_base.get((ns, base), {}).values())
@@ -258,7 +299,6 @@ class Reconciler:
         operator_pods: OperatorPods = DEFAULT_OPERATOR_PODS,
         sync_pods: bool = True,
         on_event: EventSink | None = None,
-        finalizer: str | None = None,
     ) -> None:
         self.kube = kube
         self.pods = pods
@@ -266,7 +306,6 @@ class Reconciler:
         self.images = images
         self.operator_pods = operator_pods
         self.sync_pods = sync_pods
-        self.finalizer = finalizer  # kopf's, when running under kopf (see _write_adapters)
         self.on_event = on_event or (lambda body, reason, message: None)
         # LoRAAdapters from the watch kopf already runs (handlers feed it); the namespaces the
         # operator watches (empty: all), for priming it.
@@ -633,7 +672,8 @@ class Reconciler:
         for obj in adapters:
             meta = obj["metadata"]
             aname = meta["name"]
-            old = _status_model(LoRAAdapterStatus, obj.get("status"))
+            current = self._known_status(ns, meta, obj.get("status"))
+            old = _status_model(LoRAAdapterStatus, current)
             verdict = verdicts[aname]
             views = []
             for pod, rep in sorted(reports.items()):
@@ -655,23 +695,47 @@ class Reconciler:
             )
             phases[aname] = new.phase
             self._phases[(ns, aname)] = new.phase
-            dumped = new.dump()
-            rv = meta.get("resourceVersion")
-            if self.finalizer and self.finalizer not in (meta.get("finalizers") or []):
-                # kopf has not taken this adapter in yet: it is adding its finalizer with a
-                # JSON patch guarded by this resourceVersion, which a status write now would
-                # void (422, and another round). Its own create handler brings us back.
-                continue
-            if dumped != (obj.get("status") or {}) and self._written.get((ns, aname)) != (
-                rv,
-                dumped,
-            ):
-                await self.kube.patch(LORAADAPTERS, ns, aname, {"status": dumped}, sub="status")
-                # The index learns of this write only when its watch event arrives; until then
-                # it still shows this resourceVersion, and the write must not be repeated.
-                self._written[(ns, aname)] = (rv, dumped)
+            await self._write_status(ns, meta, current, new.dump())
         self._update_phase_gauge()
         return phases
+
+    async def report_unplaced(self, ns: str, obj: dict[str, Any]) -> None:
+        """An adapter with no usable spec.baseModel: nothing to reconcile it under, so say why
+        on the adapter itself (once: its own write comes back as an event)."""
+        verdict = read_candidate(obj).error
+        if verdict is None:  # pragma: no cover - baseModel is required by the model
+            return
+        meta = obj.get("metadata") or {}
+        current = self._known_status(ns, meta, obj.get("status"))
+        new = adapter_status(
+            _status_model(LoRAAdapterStatus, current),
+            meta.get("generation"),
+            verdict,
+            served_name=None,
+            pods=[],
+        )
+        await self._write_status(ns, meta, current, new.dump())
+
+    def _known_status(self, ns: str, meta: Mapping[str, Any], cached: Any) -> Any:
+        """An adapter's current status: the one we last wrote while the cache (fed by the
+        watch, which learns of a write only later) still shows the resourceVersion that write
+        was based on. Deciding from the older copy would stamp new transition times on
+        unchanged conditions, and write every adapter twice."""
+        written = self._written.get((ns, meta["name"]))
+        if written is not None and written[0] == meta.get("resourceVersion"):
+            return written[1]
+        if written is not None:  # the cache has caught up: no need to keep a copy
+            del self._written[(ns, meta["name"])]
+        return cached
+
+    async def _write_status(
+        self, ns: str, meta: Mapping[str, Any], current: Any, dumped: dict[str, Any]
+    ) -> None:
+        """Write an adapter's status unless `current` (see `_known_status`) already is it."""
+        if dumped == (current or {}):
+            return
+        await self.kube.patch(LORAADAPTERS, ns, meta["name"], {"status": dumped}, sub="status")
+        self._written[(ns, meta["name"])] = (meta.get("resourceVersion"), dumped)
 
     def forget_adapter(self, ns: str, name: str) -> None:
         self._phases.pop((ns, name), None)

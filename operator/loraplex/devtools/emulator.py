@@ -27,6 +27,7 @@ itself, and tests check schemas separately.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import itertools
@@ -218,6 +219,7 @@ class Emulator(kmock.KubernetesEmulator):
         self.expired_watches: list[str] = []  # plurals answered 410
         self.collected: list[str] = []  # kind/name removed by garbage collection
         self._compacted_rv = 0
+        self._serial = asyncio.Lock()
         # Field ownership: object key -> manager -> (operation, owned paths).
         self._owners: dict[Any, dict[str, tuple[str, set[tuple[str, ...]]]]] = {}
 
@@ -250,7 +252,26 @@ class Emulator(kmock.KubernetesEmulator):
         # aiohttp caps bodies at 1 MiB, the API server at 3 MiB: lift aiohttp's cap so that
         # apilimits answers as the API server would (413 above 3 MiB, 422 for big objects).
         raw_request._client_max_size = 2 * apilimits.MAX_REQUEST_BYTES
-        return await super().__call__(raw_request)
+        if str(raw_request.query.get("watch", "")).lower() in ("true", "1"):
+            return await super().__call__(raw_request)
+        # One request at a time (watches aside, they stream for minutes): kmock routes each
+        # request by scanning every request not yet routed, so thousands of concurrent ones
+        # (an operator starting on 10,000 objects) cost the square of their number. Handling
+        # is CPU work on this one event loop anyway, so serving them in turn costs nothing.
+        async with self._serial:
+            return await super().__call__(raw_request)
+
+    def _KubernetesEmulator__get_obj(  # overrides kmock's name-mangled method
+        self, request: Any, strict: bool
+    ) -> Any:
+        """One object by its key: a dict lookup, where kmock scans every stored object (which
+        made each GET/PATCH cost O(objects), a 10,000-object run quadratic)."""
+        if strict and request.name is not None and request.resource is not None:
+            # kmock's resource hashes (group, version, plural), which is what it compares.
+            return self._objects._objects.get((request.resource, request.namespace, request.name))
+        return kmock.KubernetesEmulator._KubernetesEmulator__get_obj(  # type: ignore[attr-defined]
+            self, request, strict
+        )
 
     def _forget_routed(self) -> None:
         """Drop requests kmock has already routed to a reaction.
@@ -289,6 +310,11 @@ class Emulator(kmock.KubernetesEmulator):
             if entry is not None:
                 entry.status = int(getattr(exc, "status", 500))
             raise
+        finally:
+            if entry is None or not entry.watch:
+                # Answered: out of kmock's list (a request we answered ourselves, a 401 or a
+                # refused write, never reaches a reaction, so `_forget_routed` keeps it).
+                self._requests[:] = [r for r in self._requests if r is not request]
         if entry is not None:
             body = resp.body if isinstance(resp, aiohttp.web.Response) else None
             entry.status = resp.status
@@ -596,6 +622,16 @@ class Emulator(kmock.KubernetesEmulator):
         meta.setdefault("generation", 1)
         meta["resourceVersion"] = str(next(self._rv))
         self._objects[kmock.resource(resource), meta.get("namespace"), meta["name"]] = obj
+
+    def raw_objects(self, resource: str) -> list[dict[str, Any]]:
+        """The stored objects themselves, not copies (read them, never change them): for
+        benchmarks polling thousands of objects, where `objects_of`'s copies cost seconds."""
+        res = kmock.resource(resource)
+        return [
+            obj.raw
+            for (r, _, _), obj in list(self._objects.items())
+            if r == res and not obj.deleted
+        ]
 
     def objects_of(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
         """Live objects of one resource (e.g. 'apps/v1/deployments'), for assertions."""

@@ -95,6 +95,13 @@ class OperatorProcess:
         rss: int = psutil.Process(self.proc.pid).memory_info().rss
         return rss
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU the process has used so far (0 when it is not running)."""
+        if not self.alive or self.proc is None:
+            return 0.0
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return float(times.user + times.system)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
         if self.proc is None:
             return None
