@@ -19,7 +19,7 @@ transport: one `recv`, a few bytes of framing arithmetic, one `send`.
 - A client that hangs up: seen on the next event (the transport is closing) or by a watch
   every `WATCH_INTERVAL` while nothing arrives (a queued request); the connection to vLLM is
   aborted, which is how vLLM learns to abort the request.
-- Usage: the last few pieces are kept (a bounded deque) and parsed once at the end.
+- Usage: the last `TAIL_BYTES` of an SSE answer are kept and parsed once at the end.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ CONNECT_TIMEOUT = 5.0
 IDLE_MAX = 2.0  # a pooled connection idle longer is dropped: vLLM (uvicorn) closes at 5 s
 MAX_IDLE = 512  # pooled connections kept; more in flight are closed when they finish
 HEAD_LIMIT = 64 * 1024  # a response head from vLLM larger than this is refused
-TAIL_PIECES = 4  # SSE pieces kept for usage: vLLM writes the usage event in one piece
+TAIL_BYTES = 4096  # SSE kept for usage: the usage event and [DONE], with room to spare
 USAGE_LIMIT = 1 << 20  # a plain JSON body is kept for usage up to this size
 _SIZE_LINE_LIMIT = 1024
 
@@ -314,8 +314,6 @@ class Exchange(asyncio.Protocol):
             return
         self.head = head
         self.sse = head.content_type == "text/event-stream"
-        if self.sse:
-            self.tail = collections.deque(maxlen=TAIL_PIECES)
         if head.chunked:
             self.left = 0
         elif head.length is not None:
@@ -447,10 +445,14 @@ class Exchange(asyncio.Protocol):
             self.size_line = buf
 
     def _keep(self, data: bytes) -> None:
-        if self.sse:
-            self.tail.append(data)  # bounded: the last TAIL_PIECES
+        tail = self.tail
+        if self.sse:  # the last TAIL_BYTES, however TCP split them
+            tail.append(data)
+            self.kept += len(data)
+            while self.kept > TAIL_BYTES and len(tail) > 1:
+                self.kept -= len(tail.popleft())
         elif self.kept < USAGE_LIMIT:
-            self.tail.append(data)
+            tail.append(data)
             self.kept += len(data)
 
     def _pause(self) -> None:
