@@ -7,9 +7,10 @@ reach vLLM's admin routes (`/v1/load_lora_adapter`, `/adapters`, `/sleep`, ...).
 The body goes through byte for byte unless a `lora_name` field picks the adapter, in which case
 `model` is set to it and `lora_name` dropped (vLLM does not know that field). Adapters are
 registered in vLLM under their servedName, so responses and `/v1/models` show the names clients
-use. Responses are relayed chunk by chunk as they arrive, without looking inside them: usage is
-read once, from the tail of the response, so the cost per streamed token is one read and one
-write.
+use. This module decides (route, body, adapter, waiting bounds); `relay` then carries the
+answer from vLLM's socket to the client's in a protocol callback, without looking inside it:
+usage is read once, from the tail of the answer, so the cost per streamed token is one `recv`
+and one `send`.
 
 Every failure on this path is an `errors.Problem`, turned into a response by `app.problems`.
 """
