@@ -1,7 +1,8 @@
 """The proxy's cost per streamed token, against a compiled GPU-paced vLLM stand-in (issue 12).
 
 One command, one run, side by side: the same load from the compiled load generator straight
-to the compiled stand-in ("direct") and through loraplex-server ("proxy"), at 64/256/512
+to the compiled stand-in ("direct") and through loraplex-server ("proxy"), and through the
+floor (`bench/byte_pump.py`, a relay without HTTP) for reference, at 64/256/512
 streams x 50 tok/s and unpaced. As the issue measured it, the proxy gets core 0 alone and the
 stand-in and load generator share core 1 (with --workers 2 the proxy gets both cores and the
 load shares them: the scaling row, contended by construction on two cores). Proxy CPU is read
@@ -308,7 +309,10 @@ def write_docs(rows: list[Row], cmd: str) -> None:
         f"Command: `{cmd}` ({time.strftime('%Y-%m-%d', time.gmtime())}, 2-core box; proxy "
         "pinned to core 0, stand-in and load generator to core 1; 128 tokens per request; "
         "with 2 workers everything shares both cores). Compiled stand-in and load generator "
-        "from `/work/shared/bench/sse`.\n\n"
+        'from `/work/shared/bench/sse`. "this" is this checkout, "floor" is '
+        "`bench/byte_pump.py` (bytes copied both ways by a uvloop protocol, no HTTP: the least "
+        'a Python relay pays per event here), "compare" is `--compare`\'s checkout. CPU per '
+        "event is split into user and kernel time.\n\n"
         f"{table(rows)}\n\n![TTFB overhead and CPU per event](img/proxy_sse.png)\n{MARK_END}"
     )
     if MARK_BEGIN in text:
