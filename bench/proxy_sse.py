@@ -1,7 +1,8 @@
 """The proxy's cost per streamed token, against a compiled GPU-paced vLLM stand-in (issue 12).
 
 One command, one run, side by side: the same load from the compiled load generator straight
-to the compiled stand-in ("direct") and through loraplex-server ("proxy"), at 64/256/512
+to the compiled stand-in ("direct") and through loraplex-server ("proxy"), and through the
+floor (`bench/byte_pump.py`, a relay without HTTP) for reference, at 64/256/512
 streams x 50 tok/s and unpaced. As the issue measured it, the proxy gets core 0 alone and the
 stand-in and load generator share core 1 (with --workers 2 the proxy gets both cores and the
 load shares them: the scaling row, contended by construction on two cores). Proxy CPU is read
@@ -34,6 +35,7 @@ SSE_SRC = Path("/work/shared/bench/sse")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MARK_BEGIN = "<!-- proxy-sse:begin -->"
 MARK_END = "<!-- proxy-sse:end -->"
+FLOOR = Path("byte-pump")  # stands for bench/byte_pump.py where a checkout is expected
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Row:
     proxy: dict[str, float]
     proxy_cpu_cores: float
     cpu_us_per_event: float
+    user_us_per_event: float = 0.0
+    sys_us_per_event: float = 0.0
 
 
 def free_port() -> int:
@@ -73,13 +77,15 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of `pids` so far."""
+    user = system = 0
     for p in pids:
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLK_TCK
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def wait_http(url: str, timeout: float = 60) -> None:
@@ -131,7 +137,22 @@ def loadgen(bindir: Path, url: str, streams: int, tokens: int, seconds: float, c
 
 
 @contextlib.contextmanager
+def byte_pump(upstream: str, cpus: str) -> Iterator[tuple[str, int]]:
+    """The floor (`bench/byte_pump.py`): bytes copied both ways, nothing else."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.byte_pump", "--upstream", upstream[7:]]
+    with running([*argv, "--port", str(port)], cpus, cwd=ROOT) as p:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health")
+        yield url, p.pid
+
+
+@contextlib.contextmanager
 def proxy(checkout: Path, upstream: str, workers: int, cpus: str) -> Iterator[tuple[str, int]]:
+    if checkout == FLOOR:
+        with byte_pump(upstream, cpus) as got:
+            yield got
+        return
     with tempfile.TemporaryDirectory() as tmp:
         w = Path(tmp)
         (w / "manifest.json").write_text(
@@ -194,12 +215,14 @@ def measure(
         with proxy(checkout, upstream, workers, proxy_cpus) as (url, pid):
             loadgen(bindir, f"{url}/v1/completions", streams, args.tokens, 2, load_cpus)  # warm
             pids = tree(pid)
-            c0 = cpu_seconds(pids)
+            u0, s0 = cpu_seconds(pids)
             via = loadgen(
                 bindir, f"{url}/v1/completions", streams, args.tokens, args.seconds, load_cpus
             )
-            cpu = cpu_seconds(pids) - c0
-    events = via["events_s"] * via["seconds"]
+            u1, s1 = cpu_seconds(pids)
+    user, system = u1 - u0, s1 - s0
+    cpu = user + system
+    events = max(via["events_s"] * via["seconds"], 1)
     row = Row(
         label=label,
         workers=workers,
@@ -208,7 +231,9 @@ def measure(
         direct=direct,
         proxy=via,
         proxy_cpu_cores=round(cpu / via["seconds"], 3),
-        cpu_us_per_event=round(cpu / max(events, 1) * 1e6, 2),
+        cpu_us_per_event=round(cpu / events * 1e6, 2),
+        user_us_per_event=round(user / events * 1e6, 2),
+        sys_us_per_event=round(system / events * 1e6, 2),
     )
     print(json.dumps(asdict(row)), flush=True)
     return row
@@ -217,7 +242,7 @@ def measure(
 def table(rows: list[Row]) -> str:
     lines = [
         "| proxy | workers | streams x pace | events/s via proxy (direct) | proxy CPU | CPU/event "
-        "| TTFB p50 direct / proxy | TTFB p99 direct / proxy | errors |",
+        "(user + kernel) | TTFB p50 direct / proxy | TTFB p99 direct / proxy | errors |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -226,7 +251,8 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.label} | {r.workers} | {r.streams} x {pace} | {p['events_s']:,.0f} "
             f"({d['events_s']:,.0f}) | {r.proxy_cpu_cores:.2f} core | "
-            f"{r.cpu_us_per_event:.1f} us | {d['ttfb_p50_ms']:.1f} / {p['ttfb_p50_ms']:.1f} ms | "
+            f"{r.cpu_us_per_event:.1f} us ({r.user_us_per_event:.1f} + {r.sys_us_per_event:.1f})"
+            f" | {d['ttfb_p50_ms']:.1f} / {p['ttfb_p50_ms']:.1f} ms | "
             f"{d['ttfb_p99_ms']:.1f} / {p['ttfb_p99_ms']:.1f} ms | {p['errors']:.0f} |"
         )
     return "\n".join(lines)
@@ -283,7 +309,10 @@ def write_docs(rows: list[Row], cmd: str) -> None:
         f"Command: `{cmd}` ({time.strftime('%Y-%m-%d', time.gmtime())}, 2-core box; proxy "
         "pinned to core 0, stand-in and load generator to core 1; 128 tokens per request; "
         "with 2 workers everything shares both cores). Compiled stand-in and load generator "
-        "from `/work/shared/bench/sse`.\n\n"
+        'from `/work/shared/bench/sse`. "this" is this checkout, "floor" is '
+        "`bench/byte_pump.py` (bytes copied both ways by a uvloop protocol, no HTTP: the least "
+        'a Python relay pays per event here), "compare" is `--compare`\'s checkout. CPU per '
+        "event is split into user and kernel time.\n\n"
         f"{table(rows)}\n\n![TTFB overhead and CPU per event](img/proxy_sse.png)\n{MARK_END}"
     )
     if MARK_BEGIN in text:
@@ -308,12 +337,13 @@ def main() -> None:
         subprocess.run(
             [str(SSE_SRC / "build.sh")], env={**os.environ, "SSE_BIN": str(args.bin)}, check=True
         )
-    checkouts = [("this", ROOT)] + ([("compare", args.compare)] if args.compare else [])
+    checkouts = [("this", ROOT), ("floor", FLOOR)]
+    checkouts += [("compare", args.compare)] if args.compare else []
     rows: list[Row] = []
     for label, checkout in checkouts:
         for workers in [int(w) for w in args.workers.split(",")]:
             if workers > 1 and label != "this":
-                continue  # --workers is new on this branch
+                continue  # one process is the comparison
             streams = [int(s) for s in args.streams.split(",")] if workers == 1 else [256]
             for n in streams:
                 rows.append(measure(args, checkout, label, workers, n, 20))

@@ -1,7 +1,8 @@
 """The server in front of a real CPU vLLM, as in a pod (one shared pair, see conftest).
 
 Matrix: greedy tokens through the server == vLLM direct == transformers+peft, for the base and
-adapters; `lora_name`; streaming with the openai client; more adapters than maxLoras rotating
+adapters; `lora_name`; streaming with the openai client; a client that hangs up mid-stream
+stops vLLM's generation (the relay closes vLLM's connection); more adapters than maxLoras rotating
 (sequential and concurrent) all correct, pinned never evicted; hot add by manifest push (pvc
 and https tar) servable without restart, then removal -> 404; vLLM SIGKILLed during traffic ->
 /readyz false within 2 s, in-flight requests end with an error, and after vLLM restarts every
@@ -11,7 +12,10 @@ adapter that was loaded is loaded again.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import http.server
+import json
+import socket
 import threading
 import time
 import urllib.request
@@ -109,6 +113,38 @@ def test_streaming_with_openai_client(stack: Stack, expected: dict[str, list[int
         model="ad1", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
     )
     assert chat.model == "ad1" and chat.usage is not None
+
+
+def vllm_counter(stack: Stack, family: str) -> float:
+    """The sum of one family's samples in vLLM's own /metrics."""
+    with urllib.request.urlopen(f"{stack.vllm.url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(family + "{") or line.startswith(family + " ")
+    )
+
+
+def test_hang_up_mid_stream_aborts_the_vllm_request(stack: Stack) -> None:
+    """The relay closes vLLM's connection when the client goes, and vLLM stops generating."""
+    assert greedy(stack.url, "ad1")  # the adapter is loaded: the stream starts at once
+    before = vllm_counter(stack, "vllm:generation_tokens_total")
+    body = json.dumps(
+        {"model": "ad1", "prompt": PROMPT, "max_tokens": 240, "ignore_eos": True, "stream": True}
+    )
+    host, port = stack.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: ")
+    conn.sock.shutdown(socket.SHUT_RDWR)  # hang up after the first event
+    conn.close()
+    wait_until(lambda: vllm_counter(stack, "vllm:num_requests_running") == 0, 20)
+    time.sleep(0.5)  # the counter of generated tokens is updated per engine step
+    generated = vllm_counter(stack, "vllm:generation_tokens_total") - before
+    assert generated < 240, f"vLLM generated all {generated:.0f} tokens for a client that left"
 
 
 def test_rotation_beyond_max_loras_stays_correct(

@@ -246,6 +246,12 @@ async def drain(server: Backend) -> None:
         log.warning("drain timeout: cutting %d in-flight requests", server.proxy.inflight)
 
 
+async def _close_relay(app: web.Application) -> None:
+    """Close the pooled connections to vLLM (after the backend's own cleanup)."""
+    with contextlib.suppress(AssertionError):  # a backend that never started has no proxy
+        app[BACKEND].proxy.close()
+
+
 def public_app(backend: Backend) -> web.Application:
     settings = backend.settings
     public = web.Application(
@@ -253,6 +259,7 @@ def public_app(backend: Backend) -> web.Application:
     )
     public[BACKEND] = backend
     public.cleanup_ctx.append(backend.cleanup_ctx)
+    public.on_cleanup.append(_close_relay)
     handlers = {
         "/healthz": healthz,
         "/readyz": readyz,

@@ -7,9 +7,10 @@ reach vLLM's admin routes (`/v1/load_lora_adapter`, `/adapters`, `/sleep`, ...).
 The body goes through byte for byte unless a `lora_name` field picks the adapter, in which case
 `model` is set to it and `lora_name` dropped (vLLM does not know that field). Adapters are
 registered in vLLM under their servedName, so responses and `/v1/models` show the names clients
-use. Responses are relayed chunk by chunk as they arrive, without looking inside them: usage is
-read once, from the tail of the response, so the cost per streamed token is one read and one
-write.
+use. This module decides (route, body, adapter, waiting bounds); `relay` then carries the
+answer from vLLM's socket to the client's in a protocol callback, without looking inside it:
+usage is read once, from the tail of the answer, so the cost per streamed token is one `recv`
+and one `send`.
 
 Every failure on this path is an `errors.Problem`, turned into a response by `app.problems`.
 """
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -27,7 +29,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from loraplex_server import errors
+from loraplex_server import errors, relay
 from loraplex_server.metrics import Metrics
 from loraplex_server.settings import Settings
 from loraplex_server.workers import Gate
@@ -66,8 +68,10 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-_USAGE_PARSE_LIMIT = 1 << 20
-_TAIL_CHUNKS = 4  # vLLM writes the usage event in one piece; TCP may still split it a little
+_HOP_BY_HOP_RAW = frozenset(h.encode() for h in HOP_BY_HOP | {"expect"})
+_USAGE_PARSE_LIMIT = relay.USAGE_LIMIT
+# A chunk-size line between relayed pieces (SSE payloads never hold a raw CR LF).
+_CHUNK_FRAMING = re.compile(rb"(?:\A|\r\n)[0-9A-Fa-f]+(?:;[^\r\n]*)?\r\n")
 
 
 def upstream_url(base: str, path: str) -> URL:
@@ -150,6 +154,7 @@ class Proxy:
         self.urls = {
             p: upstream_url(settings.vllm_url, p) for p in ("/v1/models", *INFERENCE_ROUTES)
         }
+        self.upstream = relay.UpstreamPool(settings.vllm_url)
         self.inflight = 0
         self.idle = asyncio.Event()  # set while no inference request is in flight (drain)
         self.idle.set()
@@ -182,7 +187,7 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """One inference request: pick the adapter, wait for it if needed, relay the answer."""
         t0 = time.monotonic()
-        url = self.urls[request.path]  # app.path_gate let only INFERENCE_ROUTES through
+        path = self.urls[request.path].raw_path  # app.path_gate let only INFERENCE_ROUTES in
         self.inflight += 1
         self.idle.clear()
         label = "none"
@@ -199,7 +204,7 @@ class Proxy:
             name, raw = pick_model(raw, request.content_type)
             if name is None or name == self.gate.base():
                 label = "none" if name is None else name
-                return await self._forward(request, url, raw, label, t0)
+                return await self._forward(request, path, raw, label, t0)
             if not self.gate.declared(name):
                 raise errors.ModelNotFound(
                     f"The model `{name[:200]}` does not exist. "
@@ -208,7 +213,7 @@ class Proxy:
                 )
             label = name
             async with self.gate.hold(name, len(raw)) as release:
-                return await self._forward(request, url, raw, label, t0, release)
+                return await self._forward(request, path, raw, label, t0, release)
         except errors.Problem as exc:
             if isinstance(exc, errors.ModelNotFound):
                 label = "unknown"  # one label for every undeclared name: bounded series
@@ -225,96 +230,108 @@ class Proxy:
     async def _forward(
         self,
         request: web.Request,
-        url: URL,
+        path: str,
         raw: bytes,
         label: str,
         t0: float,
         accepted: Callable[[], None] | None = None,
     ) -> web.StreamResponse:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        """Send the request to vLLM and relay its answer (`relay`: bytes socket to socket)."""
+        http10 = request.version < aiohttp.HttpVersion11
+        headers = [(k, v) for k, v in request.raw_headers if k.lower() not in _HOP_BY_HOP_RAW]
+        head = self.upstream.request_head(path, headers, len(raw), http10)
         code = "502"
-        out: web.StreamResponse | None = None
+        ex: relay.Exchange | None = None
         try:
-            async with self.session.post(
-                url,
-                data=raw or None,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-            ) as upstream:
-                code = str(upstream.status)
-                if accepted is not None:
-                    accepted()  # vLLM holds the request now; its adapter may be evicted
-                out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                for k, v in upstream.headers.items():
-                    if k.lower() not in HOP_BY_HOP:
-                        out.headers[k] = v
-                sse = upstream.content_type == "text/event-stream"
-                await out.prepare(request)
-                code = await self._relay(request, upstream, out, sse, label, t0) or code
+            try:
+                ex, answer = await self.upstream.exchange(head, raw, request.transport, http10)
+            except relay.UpstreamError as exc:
+                log.warning("vLLM did not answer %s: %s", path, exc)
+                raise errors.Unavailable(status=502) from None
+            except ConnectionResetError:
+                code = "client_gone"  # hung up while vLLM had not answered yet
+                return web.Response(status=499)
+            code = str(answer.status)
+            if accepted is not None:
+                accepted()  # vLLM holds the request now; its adapter may be evicted
+            if not answer.chunked and answer.length is None and not http10:
+                # close-delimited: cannot be relayed as is inside aiohttp's chunked response
+                log.warning("vLLM answered %s without length or chunked framing", path)
+                code = "502"
+                raise errors.Unavailable(status=502)
+            if answer.chunked and http10:
+                log.warning("vLLM answered an HTTP/1.0 request %s with chunks", path)
+                code = "502"
+                raise errors.Unavailable(status=502)
+            out = web.StreamResponse(status=answer.status, reason=answer.reason)
+            for k, v in answer.headers:
+                if k.lower() not in HOP_BY_HOP:
+                    out.headers.add(k, v)
+            if answer.length is not None:
+                out.content_length = answer.length
+            writer = await out.prepare(request)
+            client = request.transport
+            if writer is None or client is None or client.is_closing():
+                code = "client_gone"
                 return out
-        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
-            if out is not None:
-                raise
-            log.warning("vLLM did not answer %s: %s", url.path, exc)
-            raise errors.Unavailable(status=502) from None
+            writer.send_headers()  # the body bypasses the writer, so its head goes first
+            ex.attach(client)
+            outcome = await ex.wait(writer.drain)
+            if ex.first_body_at is not None:
+                self.metrics.ttfb.labels(label).observe(ex.first_body_at - t0)
+            if outcome is relay.Outcome.CLIENT_GONE:
+                code = "client_gone"  # leaving closes vLLM's connection: it aborts the request
+                return out
+            if outcome is relay.Outcome.BROKEN:
+                code = "broken"
+                self._cut(client, ex, answer)
+                return out
+            self._count_usage(ex, answer, label)
+            self.upstream.release(ex)
+            ex = None
+            await out.write_eof()
+            return out
+        except ConnectionError:
+            code = "client_gone"
+            raise
         finally:
+            if ex is not None:
+                self.upstream.release(ex)  # not complete: aborts vLLM's request
             self.metrics.requests.labels(label, code).inc()
             if not code.isdigit() or code.startswith(("4", "5")):
                 self.metrics.request_errors.labels(label).inc()
             self.metrics.duration.labels(label).observe(time.monotonic() - t0)
 
-    async def _relay(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        out: web.StreamResponse,
-        sse: bool,
-        label: str,
-        t0: float,
-    ) -> str | None:
-        """Copy vLLM's body to the client as it comes; None when it all arrived.
+    def _count_usage(self, ex: relay.Exchange, answer: relay.Head, label: str) -> None:
+        """Usage from the last pieces relayed: parsed once, after the answer is complete."""
+        tail = ex.usage_bytes()
+        sse = answer.content_type == "text/event-stream"
+        if answer.chunked:
+            tail = _CHUNK_FRAMING.sub(b"", tail)
+        elif not sse and ex.kept >= _USAGE_PARSE_LIMIT:
+            return
+        prompt, completion = usage_of(tail, sse)
+        if prompt or completion:
+            self.metrics.prompt_tokens.labels(label).inc(prompt)
+            self.metrics.completion_tokens.labels(label).inc(completion)
 
-        `out.write` waits while the client's socket buffer is full, so a slow client slows the
-        read from vLLM instead of growing a buffer here. Per chunk the loop does one read and
-        one write; the usage is parsed once from the last chunks.
+    @staticmethod
+    def _cut(client: asyncio.Transport, ex: relay.Exchange, answer: relay.Head) -> None:
+        """vLLM broke off mid-answer: say so in the stream if the framing allows, then close.
+
+        Closing is the honest signal once headers are out; for SSE it also tells clients that
+        ignore error events that the stream is cut.
         """
-        content = upstream.content
-        write = out.write
-        tail: list[bytes] = []
-        kept = 0
-        try:
-            chunk = await content.readany()
-            self.metrics.ttfb.labels(label).observe(time.monotonic() - t0)
-            while chunk:
-                if sse:
-                    tail.append(chunk)
-                    if len(tail) > _TAIL_CHUNKS:
-                        del tail[0]
-                elif kept < _USAGE_PARSE_LIMIT:
-                    tail.append(chunk)
-                    kept += len(chunk)
-                try:
-                    await write(chunk)
-                except ConnectionError:
-                    return "client_gone"  # leaving the block closes vLLM's connection too
-                chunk = await content.readany()
-        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
-            log.warning("vLLM broke off a response: %s", exc)
-            if sse:
-                err = errors.error_body(
-                    "vLLM stopped mid-stream", "ServiceUnavailable", "vllm_unavailable"
-                )
-                with contextlib.suppress(ConnectionError):
-                    await write(b"data: " + json.dumps(err).encode() + b"\n\n")
-            # Closing the connection is the honest signal once headers are out; for SSE it
-            # also tells clients that ignore error events that the stream is cut.
-            if request.transport is not None:
-                request.transport.close()
-            return "broken"
-        if sse or kept < _USAGE_PARSE_LIMIT:
-            prompt, completion = usage_of(b"".join(tail), sse)
-            if prompt or completion:
-                self.metrics.prompt_tokens.labels(label).inc(prompt)
-                self.metrics.completion_tokens.labels(label).inc(completion)
-        await out.write_eof()
-        return None
+        log.warning("vLLM broke off a response")
+        if answer.content_type == "text/event-stream" and answer.chunked and ex.at_boundary:
+            err = errors.error_body(
+                "vLLM stopped mid-stream", "ServiceUnavailable", "vllm_unavailable"
+            )
+            event = b"data: " + json.dumps(err).encode() + b"\n\n"
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                client.write(b"%x\r\n%s\r\n" % (len(event), event))
+        client.close()
+
+    def close(self) -> None:
+        """Drop the pooled connections to vLLM (at shutdown)."""
+        self.upstream.close()
