@@ -335,8 +335,15 @@ async def run_in_process(adapters: int, adds: int) -> dict[str, Any]:
                     kube, NS, BASE, LocalPod(root / "pod", {}, {}, {}, ports), ready=True
                 )
                 await pod_settled(server.url, adapters)
+
+                def watched() -> None:  # what kopf's watch delivers after status writes
+                    rec.adapters.prime(emu.objects_of("loraplex.io/v1alpha1/loraadapters"))
+
+                watched()
                 await rec.reconcile_base(NS, BASE)  # polls the pod, writes Ready statuses
+                watched()
                 await rec.reconcile_base(NS, BASE)  # settled: nothing left to write
+                watched()
                 settled = time.monotonic() - start
                 results = []
                 for k in range(adds):
@@ -360,6 +367,7 @@ async def run_in_process(adapters: int, adds: int) -> dict[str, Any]:
                         }
                     )
                     await asyncio.sleep(2)
+                    watched()
             except BaseException:
                 for log in ("server.log", "upstream.log"):
                     with contextlib.suppress(OSError):
