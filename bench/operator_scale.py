@@ -261,7 +261,7 @@ async def hot_add(
                         break
                     await asyncio.sleep(1)
                 converged = time.monotonic() - start
-                # Settle: kopf runs a resume handler per adapter at start; wait until no
+                # Settle: statuses are written after the manifests; wait until no
                 # adapter has been written for 3 s.
                 while time.monotonic() - start < timeout:
                     n0 = len(cluster.emulator.log)
