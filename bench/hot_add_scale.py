@@ -29,6 +29,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -108,6 +109,32 @@ async def kubelet(kube: KubeClient, pod: LocalPod) -> None:
         with contextlib.suppress(KubeError):
             await sync_volumes(kube, NS, pod)
         await asyncio.sleep(1.0)
+
+
+async def in_thread(coro: Any) -> Any:
+    """Run `coro` on its own event loop in a thread: the clock must not wait for this loop,
+    which also runs the emulator (and, in-process, the reconciler)."""
+    return await asyncio.to_thread(asyncio.run, coro)
+
+
+async def pod_settled(url: str, adapters: int, timeout: float = 900) -> None:
+    """Until the server has fetched every adapter (its per-state gauge), so the operator's
+    passes that follow write every status once and the hot add meets a quiet pod."""
+    pattern = re.compile(r'^loraplex_server_adapters\{state="(\w+)"\} (\S+)$', re.M)
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            async with s.get(f"{url}/metrics") as r:
+                text = await r.text()
+            done = sum(
+                float(m.group(2))
+                for m in pattern.finditer(text)
+                if m.group(1) in ("cached", "loaded", "failed")
+            )
+            if done >= adapters:
+                return
+            await asyncio.sleep(1)
+    raise TimeoutError("the pod did not fetch every adapter")
 
 
 async def first_completion(url: str, model: str, timeout: float = 60) -> int:
@@ -192,6 +219,7 @@ async def run(adapters: int, adds: int, timeout: float) -> dict[str, Any]:
                         await publish_pod(kube, NS, BASE, pod, ready=True)
                         break
                     await asyncio.sleep(1)
+                await pod_settled(server.url, adapters)
                 # Settled: the operator has written every adapter's status (it only writes
                 # one when the pod reports the adapter), and nothing for 3 s.
                 while time.monotonic() - start < timeout:
@@ -208,7 +236,7 @@ async def run(adapters: int, adds: int, timeout: float) -> dict[str, Any]:
                     name = f"hot-{adapters + k + 1}"
                     t0 = time.monotonic()
                     await kube.apply(lora(name))
-                    served = asyncio.create_task(first_completion(server.url, name))
+                    served = asyncio.create_task(in_thread(first_completion(server.url, name)))
                     want = adapters + k + 1
                     await until("published", lambda w=want: declared(cluster) >= w, 60, every=0.01)
                     t_published = time.monotonic() - t0
@@ -306,15 +334,23 @@ async def run_in_process(adapters: int, adds: int) -> dict[str, Any]:
                 await publish_pod(
                     kube, NS, BASE, LocalPod(root / "pod", {}, {}, {}, ports), ready=True
                 )
+                await pod_settled(server.url, adapters)
+
+                def watched() -> None:  # what kopf's watch delivers after status writes
+                    rec.adapters.prime(emu.objects_of("loraplex.io/v1alpha1/loraadapters"))
+
+                watched()
                 await rec.reconcile_base(NS, BASE)  # polls the pod, writes Ready statuses
+                watched()
                 await rec.reconcile_base(NS, BASE)  # settled: nothing left to write
+                watched()
                 settled = time.monotonic() - start
                 results = []
                 for k in range(adds):
                     name = f"hot-{adapters + k + 1}"
                     t0 = time.monotonic()
                     created = await kube.create(LORAADAPTERS, NS, lora(name))
-                    served = asyncio.create_task(first_completion(server.url, name))
+                    served = asyncio.create_task(in_thread(first_completion(server.url, name)))
                     rec.adapters.apply("ADDED", created)  # kopf's watch event
                     outcome = await rec.reconcile_base(NS, BASE)
                     t_pass = time.monotonic() - t0
@@ -331,6 +367,7 @@ async def run_in_process(adapters: int, adds: int) -> dict[str, Any]:
                         }
                     )
                     await asyncio.sleep(2)
+                    watched()
             except BaseException:
                 for log in ("server.log", "upstream.log"):
                     with contextlib.suppress(OSError):

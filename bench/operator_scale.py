@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import time
 from collections import Counter
@@ -172,6 +173,8 @@ async def run(
         "statuses_seconds": None if statuses_at is None else round(statuses_at, 2),
         "operator_peak_rss_mb": round(peak / 2**20, 1),
         "operator_cpu_seconds": round(op_cpu, 1),
+        # Two cores are shared with other work: a load well above 2 stretches every time here.
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "emulator_and_bench_cpu_seconds": round(bench_cpu, 1),
         "api_calls_total": total,
         "api_calls_per_adapter": round(total / adapters, 2),
@@ -261,7 +264,7 @@ async def hot_add(
                         break
                     await asyncio.sleep(1)
                 converged = time.monotonic() - start
-                # Settle: kopf runs a resume handler per adapter at start; wait until no
+                # Settle: statuses are written after the manifests; wait until no
                 # adapter has been written for 3 s.
                 while time.monotonic() - start < timeout:
                     n0 = len(cluster.emulator.log)

@@ -5,9 +5,10 @@ this process on loopback): once with 0 declared adapters, once with N (default 1
 `pvc://` sources pointing at one small generated PEFT adapter, the manifest mounted as index
 + gzip shards as the operator writes it. Once every adapter is `cached`, it reads the
 process's RSS and times `/v1/models`, `GET /v1/adapters` (whole, and one page of 1,000) and
-`/metrics`. Prints a JSON line; run:
+`/metrics`; then again with `--workers 2` (fresh connections land on the owner or the
+follower: pages come from the owner either way). Prints a JSON line; run:
 
-    python bench/server_scale.py --adapters 10000
+    python bench/server_scale.py --adapters 10000 --workers 2
 """
 
 from __future__ import annotations
@@ -54,19 +55,22 @@ def manifest(n: int) -> AdapterManifest:
 
 
 async def timed(s: aiohttp.ClientSession, url: str, repeat: int = 5) -> float:
-    """Median seconds of `repeat` GETs."""
+    """Median seconds of `repeat` GETs, each on a fresh connection (with several workers the
+    kernel spreads connections over all of them)."""
     times = []
-    for _ in range(repeat):
-        t0 = time.monotonic()
-        async with s.get(url) as r:
-            assert r.status == 200, (url, r.status)
-            await r.read()
-        times.append(time.monotonic() - t0)
+    fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+    async with fresh:
+        for _ in range(repeat):
+            t0 = time.monotonic()
+            async with fresh.get(url) as r:
+                assert r.status == 200, (url, r.status)
+                await r.read()
+            times.append(time.monotonic() - t0)
     return sorted(times)[len(times) // 2]
 
 
-async def one_run(root: Path, pvc: Path, vllm_url: str, n: int) -> dict[str, Any]:
-    folder = root / f"run-{n}"
+async def one_run(root: Path, pvc: Path, vllm_url: str, n: int, workers: int = 1) -> dict[str, Any]:
+    folder = root / f"run-{n}-{workers}"
     (folder / "manifest").mkdir(parents=True)
     index, chunks = manifest_shards.split(manifest(n), lambda i: f"bench-manifest-{i}")
     for ref, chunk in zip(index.shards, chunks, strict=True):
@@ -82,6 +86,7 @@ async def one_run(root: Path, pvc: Path, vllm_url: str, n: int) -> dict[str, Any
         pvc_root=pvc,
         admin_token_file=folder / "token",
         log_path=folder / "server.log",
+        extra_args=["--workers", str(workers)],
         wait=120.0,
     )
     try:
@@ -99,6 +104,7 @@ async def one_run(root: Path, pvc: Path, vllm_url: str, n: int) -> dict[str, Any
             rss = rss_bytes(proc.pid)
             return {
                 "adapters": n,
+                "workers": workers,
                 "settled_s": round(settled, 2),
                 "rss_mb": round(rss / 1e6, 1),
                 "models_ms": round(1000 * await timed(s, f"{url}/v1/models"), 1),
@@ -113,7 +119,7 @@ async def one_run(root: Path, pvc: Path, vllm_url: str, n: int) -> dict[str, Any
         await asyncio.to_thread(proc.stop)
 
 
-async def main(n: int) -> None:
+async def main(n: int, workers: int) -> None:
     with tempfile.TemporaryDirectory(prefix="loraplex-server-scale-") as tmp:
         root = Path(tmp)
         base = await asyncio.to_thread(make_model, root / "tiny")
@@ -122,11 +128,16 @@ async def main(n: int) -> None:
         async with serve_app(vllm.app()) as vllm_url:
             empty = await one_run(root, root / "pvc", vllm_url, 0)
             full = await one_run(root, root / "pvc", vllm_url, n)
+            # Several workers: pages and scrapes answered by followers too (the owner's RSS).
+            many = await one_run(root, root / "pvc", vllm_url, n, workers) if workers > 1 else None
         per = (full["rss_mb"] - empty["rss_mb"]) * 1e6 / max(n, 1)
-        print(json.dumps({"empty": empty, "full": full, "rss_bytes_per_adapter": round(per)}))
+        out = {"empty": empty, "full": full, "rss_bytes_per_adapter": round(per)}
+        print(json.dumps(out | ({"workers": many} if many else {})))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapters", type=int, default=10_000)
-    asyncio.run(main(ap.parse_args().adapters))
+    ap.add_argument("--workers", type=int, default=2, help="also run with this many workers")
+    args = ap.parse_args()
+    asyncio.run(main(args.adapters, args.workers))
