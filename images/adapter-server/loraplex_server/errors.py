@@ -137,6 +137,23 @@ class ModelNotFound(Problem):
     code = "model_not_found"
 
 
+NAMES_SHOWN = 20  # served names listed in a 404: a base may serve 10,000 adapters
+
+
+def model_not_found(name: str, served: list[str]) -> ModelNotFound:
+    """A 404 that names a few served models and where to find the rest.
+
+    The list is cut short so that a mistyped name costs a small answer, not every served
+    name (about 150 kB at 10,000 adapters).
+    """
+    shown = ", ".join(served[:NAMES_SHOWN])
+    if len(served) > NAMES_SHOWN:
+        shown += f", ... and {len(served) - NAMES_SHOWN} more (GET /v1/models lists them all)"
+    return ModelNotFound(
+        f"The model `{name[:200]}` does not exist. Served models: {shown}", param="model"
+    )
+
+
 def error_body(message: str, err_type: str, code: str, param: str | None = None) -> dict[str, Any]:
     """The OpenAI error envelope, which the `openai` client turns into typed exceptions."""
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}

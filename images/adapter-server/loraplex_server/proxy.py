@@ -206,11 +206,7 @@ class Proxy:
                 label = "none" if name is None else name
                 return await self._forward(request, path, raw, label, t0)
             if not self.gate.declared(name):
-                raise errors.ModelNotFound(
-                    f"The model `{name[:200]}` does not exist. "
-                    f"Served models: {', '.join(self.gate.served_names())}",
-                    param="model",
-                )
+                raise errors.model_not_found(name, self.gate.served_names())
             label = name
             async with self.gate.hold(name, len(raw)) as release:
                 return await self._forward(request, path, raw, label, t0, release)

@@ -169,11 +169,7 @@ class LocalGate:
     async def hold(self, served: str, size: int) -> AsyncIterator[Release]:
         entry = self.registry.by_served_name(served)
         if entry is None:  # removed since a worker's copy of the status said otherwise
-            raise errors.ModelNotFound(
-                f"The model `{served[:200]}` does not exist. "
-                f"Served models: {', '.join(self.served_names())}",
-                param="model",
-            )
+            raise errors.model_not_found(served, self.served_names())
         # A use, for metric series (every adapter request of the pod passes here, a
         # follower's through its hold): before the load, so the load is counted under it.
         self.registry.metrics.series.label(served)
