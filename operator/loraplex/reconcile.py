@@ -316,6 +316,9 @@ class Reconciler:
         # (ns, adapter) -> (resourceVersion our last status write was based on, that status).
         self._written: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
         self._queued: dict[tuple[str, str], bool] = {}
+        # (ns, BaseModel) -> (resourceVersions of the index and its shards, the manifest they
+        # hold): joining 10,000 adapters' shards again each pass was a third of a hot add.
+        self._stored: dict[tuple[str, str], tuple[tuple[str, ...], AdapterManifest]] = {}
 
     async def reconcile_base(self, namespace: str, name: str) -> Outcome:
         """Converge one BaseModel and every LoRAAdapter that names it."""
@@ -344,6 +347,7 @@ class Reconciler:
         log.debug("reconciling BaseModel %s/%s with %d adapters", ns, name, len(mine))
         live = [a for a in mine if not a.get("metadata", {}).get("deletionTimestamp")]
         if bm is None or bm.get("metadata", {}).get("deletionTimestamp"):
+            self._stored.pop((ns, name), None)
             missing = Verdict(
                 False,
                 "BaseModelNotFound",
@@ -606,6 +610,7 @@ class Reconciler:
         Costs the index GET plus one GET per shard (two for 10,000 adapters)."""
         index_cm = await self.kube.get(CONFIGMAPS, ns, naming.configmap_name(name))
         if index_cm is None:
+            self._stored.pop((ns, name), None)
             return None, []
         refs = manifest_shards.shard_names(index_cm)
         shards = {}
@@ -613,11 +618,23 @@ class Reconciler:
             cm = await self.kube.get(CONFIGMAPS, ns, ref)
             if cm is not None:
                 shards[ref] = cm
+        # Any change to the index or a shard changes its resourceVersion: equal versions are
+        # the same bytes, already joined and checked.
+        versions = tuple(
+            str(obj.get("metadata", {}).get("resourceVersion") or "")
+            for obj in (index_cm, *(shards.get(ref, {}) for ref in refs))
+        )
+        known = self._stored.get((ns, name))
+        if known is not None and known[0] == versions and all(versions):
+            return known[1], refs
         try:
-            return manifest_shards.from_configmaps(index_cm, shards), refs
+            manifest = manifest_shards.from_configmaps(index_cm, shards)
         except (manifest_shards.TornManifest, ValueError) as exc:
             log.warning("stored manifest of %s/%s unreadable (%s); republishing", ns, name, exc)
+            self._stored.pop((ns, name), None)
             return None, refs
+        self._stored[(ns, name)] = (versions, manifest)
+        return manifest, refs
 
     async def _retire_shard(self, owner: Owner, name: str) -> bool:
         """Delete a manifest shard the new index no longer names (only one we own), so a
