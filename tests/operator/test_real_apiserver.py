@@ -260,12 +260,10 @@ async def test_a_missing_rbac_rule_is_refused_by_the_server(
         user = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{name}"
 
         def refused() -> list[str]:
-            log = plane.audit_log.read_bytes()[since:].decode()
-            events = [json.loads(ln) for ln in log.splitlines() if ln]
             return [
                 e["requestURI"]
-                for e in events
-                if e["user"]["username"] == user and e.get("responseStatus", {}).get("code") == 403
+                for e in plane.audit_events(since, user)
+                if e.get("responseStatus", {}).get("code") == 403
             ]
 
         uris = await eventually(refused, what="a 403 in the audit log")

@@ -636,28 +636,35 @@ class ControlPlane:
     def audit_offset(self) -> int:
         return self.audit_log.stat().st_size if self.audit_log.exists() else 0
 
-    def operator_calls(self, since: int = 0) -> list[ApiCall]:
-        """Every request the operator's service account made after byte `since` of the log."""
-        calls: dict[str, ApiCall] = {}
+    def audit_events(self, since: int = 0, user: str | None = None) -> list[dict[str, Any]]:
+        """The audit events after byte `since`, of `user` if given. The server is still
+        writing the log, so a last line without its newline is not an event yet."""
+        events = []
         with self.audit_log.open() as f:
             f.seek(since)
             for line in f:
                 if not line.endswith("\n"):
                     break
                 ev = json.loads(line)
-                if ev.get("user", {}).get("username") != self.operator_user:
-                    continue
-                ref = ev.get("objectRef") or {}
-                resource = ref.get("resource", "")
-                if ref.get("subresource"):
-                    resource += "/" + ref["subresource"]
-                calls[ev["auditID"]] = ApiCall(
-                    group=ref.get("apiGroup", ""),
-                    resource=resource,
-                    verb=ev["verb"],
-                    code=int((ev.get("responseStatus") or {}).get("code", 0)),
-                    uri=ev["requestURI"],
-                )
+                if user is None or ev.get("user", {}).get("username") == user:
+                    events.append(ev)
+        return events
+
+    def operator_calls(self, since: int = 0) -> list[ApiCall]:
+        """Every request the operator's service account made after byte `since` of the log."""
+        calls: dict[str, ApiCall] = {}
+        for ev in self.audit_events(since, self.operator_user):
+            ref = ev.get("objectRef") or {}
+            resource = ref.get("resource", "")
+            if ref.get("subresource"):
+                resource += "/" + ref["subresource"]
+            calls[ev["auditID"]] = ApiCall(
+                group=ref.get("apiGroup", ""),
+                resource=resource,
+                verb=ev["verb"],
+                code=int((ev.get("responseStatus") or {}).get("code", 0)),
+                uri=ev["requestURI"],
+            )
         return list(calls.values())
 
     def reset_namespace(self, namespace: str = "default") -> None:
