@@ -303,6 +303,7 @@ async def run_in_process(adapters: int, adds: int) -> dict[str, Any]:
             try:
                 start = time.monotonic()
                 await rec.reconcile_base(NS, BASE)  # objects, manifest, 10,000 statuses
+                await rec.statuses.flush()
                 converged = time.monotonic() - start
                 dep = await kube.get(DEPLOYMENTS, NS, naming.deployment_name(BASE))
                 secret = await kube.get(SECRETS, NS, naming.secret_name(BASE))
@@ -341,8 +342,10 @@ async def run_in_process(adapters: int, adds: int) -> dict[str, Any]:
 
                 watched()
                 await rec.reconcile_base(NS, BASE)  # polls the pod, writes Ready statuses
+                await rec.statuses.flush()
                 watched()
                 await rec.reconcile_base(NS, BASE)  # settled: nothing left to write
+                await rec.statuses.flush()
                 watched()
                 settled = time.monotonic() - start
                 results = []
@@ -380,6 +383,7 @@ async def run_in_process(adapters: int, adds: int) -> dict[str, Any]:
                         await t
                 if server is not None:
                     await asyncio.to_thread(server.stop)
+                await rec.statuses.close()
                 await kube.close()
                 await op_kube.close()
                 await pods.close()

@@ -350,6 +350,7 @@ async def pass_cost(adapters: int, bases: int, mode: str) -> dict[str, Any]:
 
                 feed()
                 await rec.reconcile_base("default", "base-00")  # warm-up: objects, statuses
+                await rec.statuses.flush()
                 feed()
                 new = _lora(adapters, bases)
                 new["metadata"]["name"] = "hot-added"
@@ -365,6 +366,7 @@ async def pass_cost(adapters: int, bases: int, mode: str) -> dict[str, Any]:
                 assert any(a.name == "hot-added" for a in outcome.manifest.adapters)
                 reqs = [r for r in emu.log[mark:] if "loraplex-bench" not in r.user_agent]
             finally:
+                await rec.statuses.close()
                 await kube.close()
                 await client.close()
     return {

@@ -131,10 +131,7 @@ async def adapter_event(
         r.forget_adapter(namespace or "", name)
         return
     if base_of(obj) is None:
-        try:
-            await r.report_unplaced(namespace, obj)
-        except KubeError as exc:
-            log.warning("LoRAAdapter %s/%s: status not written: %s", namespace, name, exc)
+        r.report_unplaced(namespace, obj)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED, id="owned-deployment")

@@ -55,6 +55,7 @@ from loraplex.render import (
 )
 from loraplex.routing import API_OF_KIND, RoutingProblem
 from loraplex.status import PodView, adapter_status, base_status
+from loraplex.statuswriter import StatusWriter
 from loraplex.weights import failure_message, loader_state, weights_cache
 from loraplex_server import manifest_shards
 from loraplex_server.manifest import AdapterManifest, AdaptersResponse
@@ -299,6 +300,7 @@ class Reconciler:
         operator_pods: OperatorPods = DEFAULT_OPERATOR_PODS,
         sync_pods: bool = True,
         on_event: EventSink | None = None,
+        status_writes_in_flight: int = 8,
     ) -> None:
         self.kube = kube
         self.pods = pods
@@ -313,8 +315,8 @@ class Reconciler:
         self.namespaces: tuple[str, ...] = ()
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._phases: dict[tuple[str, str], str] = {}
-        # (ns, adapter) -> (resourceVersion our last status write was based on, that status).
-        self._written: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
+        # Adapter statuses are written by their own task per BaseModel, never inside a pass.
+        self.statuses = StatusWriter(self._patch_adapter_status, in_flight=status_writes_in_flight)
         self._queued: dict[tuple[str, str], bool] = {}
         # (ns, BaseModel) -> (resourceVersions of the index and its shards, the manifest they
         # hold): joining 10,000 adapters' shards again each pass was a third of a hot add.
@@ -354,8 +356,8 @@ class Reconciler:
                 f"spec.baseModel: BaseModel {name!r} does not exist in namespace {ns!r}; "
                 "create it or point spec.baseModel at an existing one",
             )
-            await self._write_adapters(
-                ns, live, {a["metadata"]["name"]: missing for a in live}, {}, None
+            self._report_adapters(
+                ns, name, live, {a["metadata"]["name"]: missing for a in live}, {}, None
             )
             return Outcome(result="missing")
         meta = bm.get("metadata", {})
@@ -384,8 +386,8 @@ class Reconciler:
                 "IncompatibleBaseModel",
                 f"BaseModel {name!r} is invalid ({exc}); fix it first",
             )
-            await self._write_adapters(
-                ns, live, {a["metadata"]["name"]: bad for a in live}, {}, None
+            self._report_adapters(
+                ns, name, live, {a["metadata"]["name"]: bad for a in live}, {}, None
             )
             return Outcome(result="invalid")
         spec = decision.spec
@@ -395,7 +397,7 @@ class Reconciler:
         if manifest is None:
             log.warning("BaseModel %s/%s infeasible: %s", ns, name, plan.message)
             await self._write_base(ns, name, bm, base_status(old, gen, plan=plan))
-            await self._write_adapters(ns, live, verdicts, {}, None)
+            self._report_adapters(ns, name, live, verdicts, {}, None)
             outcome.result = "infeasible"
             return outcome
         weights: WeightsStatus | None = None
@@ -446,7 +448,7 @@ class Reconciler:
         if self.sync_pods:
             targets = ready_pods(await self.kube.list(PODS, ns, naming.selector_labels(name)))
             reports = await self.pods.sync(targets, manifest, token) if targets else {}
-        adapter_phases = await self._write_adapters(ns, live, verdicts, reports, manifest)
+        adapter_phases = self._report_adapters(ns, name, live, verdicts, reports, manifest)
         counts = AdapterCounts(
             declared=len(live), ready=sum(1 for p in adapter_phases.values() if p == "Ready")
         )
@@ -669,15 +671,17 @@ class Reconciler:
         if new != (bm.get("status") or {}):
             await self.kube.patch(BASEMODELS, ns, name, {"status": new}, sub="status")
 
-    async def _write_adapters(
+    def _report_adapters(
         self,
         ns: str,
+        base: str,
         adapters: list[dict[str, Any]],
         verdicts: dict[str, Verdict],
         reports: dict[str, AdaptersResponse | None],
         manifest: AdapterManifest | None,
     ) -> dict[str, str]:
-        """Write each adapter's status (only when it changed); returns name -> phase."""
+        """Decide each adapter's status and hand those that changed to the status writer;
+        returns name -> phase."""
         phases: dict[str, str] = {}
         # Each pod's report by adapter name, built once: a search per adapter is quadratic
         # (10,000 adapters: 100 million comparisons per pod per pass).
@@ -689,7 +693,7 @@ class Reconciler:
         for obj in adapters:
             meta = obj["metadata"]
             aname = meta["name"]
-            current = self._known_status(ns, meta, obj.get("status"))
+            current = self.statuses.known(ns, base, meta, obj.get("status"))
             old = _status_model(LoRAAdapterStatus, current)
             verdict = verdicts[aname]
             views = []
@@ -712,18 +716,18 @@ class Reconciler:
             )
             phases[aname] = new.phase
             self._phases[(ns, aname)] = new.phase
-            await self._write_status(ns, meta, current, new.dump())
+            self.statuses.submit(ns, base, meta, current, new.dump())
         self._update_phase_gauge()
         return phases
 
-    async def report_unplaced(self, ns: str, obj: dict[str, Any]) -> None:
+    def report_unplaced(self, ns: str, obj: dict[str, Any]) -> None:
         """An adapter with no usable spec.baseModel: nothing to reconcile it under, so say why
         on the adapter itself (once: its own write comes back as an event)."""
         verdict = read_candidate(obj).error
         if verdict is None:  # pragma: no cover - baseModel is required by the model
             return
         meta = obj.get("metadata") or {}
-        current = self._known_status(ns, meta, obj.get("status"))
+        current = self.statuses.known(ns, "", meta, obj.get("status"))
         new = adapter_status(
             _status_model(LoRAAdapterStatus, current),
             meta.get("generation"),
@@ -731,32 +735,14 @@ class Reconciler:
             served_name=None,
             pods=[],
         )
-        await self._write_status(ns, meta, current, new.dump())
+        self.statuses.submit(ns, "", meta, current, new.dump())
 
-    def _known_status(self, ns: str, meta: Mapping[str, Any], cached: Any) -> Any:
-        """An adapter's current status: the one we last wrote while the cache (fed by the
-        watch, which learns of a write only later) still shows the resourceVersion that write
-        was based on. Deciding from the older copy would stamp new transition times on
-        unchanged conditions, and write every adapter twice."""
-        written = self._written.get((ns, meta["name"]))
-        if written is not None and written[0] == meta.get("resourceVersion"):
-            return written[1]
-        if written is not None:  # the cache has caught up: no need to keep a copy
-            del self._written[(ns, meta["name"])]
-        return cached
-
-    async def _write_status(
-        self, ns: str, meta: Mapping[str, Any], current: Any, dumped: dict[str, Any]
-    ) -> None:
-        """Write an adapter's status unless `current` (see `_known_status`) already is it."""
-        if dumped == (current or {}):
-            return
-        await self.kube.patch(LORAADAPTERS, ns, meta["name"], {"status": dumped}, sub="status")
-        self._written[(ns, meta["name"])] = (meta.get("resourceVersion"), dumped)
+    async def _patch_adapter_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+        await self.kube.patch(LORAADAPTERS, ns, name, {"status": status}, sub="status")
 
     def forget_adapter(self, ns: str, name: str) -> None:
         self._phases.pop((ns, name), None)
-        self._written.pop((ns, name), None)
+        self.statuses.forget(ns, name)
         self._update_phase_gauge()
 
     def _update_phase_gauge(self) -> None:

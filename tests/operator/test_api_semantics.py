@@ -266,7 +266,9 @@ async def test_failed_json_patch_test_writes_nothing(kube: KubeClient) -> None:
 @pytest.fixture
 async def reconciler(cluster: RunningEmulator) -> AsyncIterator[Reconciler]:
     client = KubeClient(Connection(server=cluster.url), user_agent="loraplex-operator/test")
-    yield Reconciler(client, PodSync(), token_key=b"k" * 32, sync_pods=False)
+    rec = Reconciler(client, PodSync(), token_key=b"k" * 32, sync_pods=False)
+    yield rec
+    await rec.statuses.close()
     await client.close()
 
 

@@ -78,7 +78,9 @@ async def create_all(cluster: Cluster, kube: KubeClient, objs: list[dict[str, An
 @pytest.fixture
 async def reconciler(cluster: Cluster) -> AsyncIterator[Reconciler]:
     client = KubeClient(cluster.connection(), user_agent="loraplex-operator/test")
-    yield Reconciler(client, PodSync(), token_key=b"k" * 32, sync_pods=False)
+    rec = Reconciler(client, PodSync(), token_key=b"k" * 32, sync_pods=False)
+    yield rec
+    await rec.statuses.close()
     await client.close()
 
 
@@ -153,3 +155,34 @@ async def test_ten_thousand_adapters_on_one_base_model_within_api_limits(
     assert len(manifest.adapters) == N + 1
     assert any(a.name == f"tenant-{N:05d}" for a in manifest.adapters)
     print(f"reconcile pass storing the 10,001st adapter: {took:.2f}s")
+
+
+async def test_an_apply_does_not_wait_behind_the_status_writes_of_the_pass_before(
+    cluster: Cluster, kube: KubeClient
+) -> None:
+    """A pass hands adapter statuses to their own writer and returns: the pass for the next
+    apply (which publishes the manifest) runs while thousands of status PATCHes are still
+    queued, instead of after them (they held the BaseModel's lock for minutes at 10,000)."""
+    n = 2000
+    await create_all(cluster, kube, [basemodel(), *(adapter(i) for i in range(n))])
+    client = KubeClient(cluster.connection(), user_agent="loraplex-operator/test")
+    rec = Reconciler(
+        client, PodSync(), token_key=b"k" * 32, sync_pods=False, status_writes_in_flight=1
+    )
+    try:
+        outcome = await rec.reconcile_base(NS, BASE)
+        assert outcome.result == "ok"
+        assert rec.statuses.pending() > n // 2  # one write in flight at a time: most still queued
+        await kube.create(LORAADAPTERS, NS, adapter(n))
+        outcome = await rec.reconcile_base(NS, BASE)
+        assert outcome.manifest is not None and len(outcome.manifest.adapters) == n + 1
+        _, manifest = stored(cluster)
+        assert any(a.name == f"tenant-{n:05d}" for a in manifest.adapters)
+        assert rec.statuses.pending() > n // 2  # published while the writes still wait
+        await asyncio.wait_for(rec.statuses.flush(), 300)
+        adapters = await kube.list(LORAADAPTERS, NS)
+        assert len(adapters) == n + 1
+        assert all((a.get("status") or {}).get("phase") for a in adapters)
+    finally:
+        await rec.statuses.close()
+        await client.close()
