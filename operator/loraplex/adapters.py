@@ -55,6 +55,8 @@ class Candidate:
     created: str
     spec: LoRAAdapterSpec | None
     error: Verdict | None
+    # The adapter's manifest entry, built (and so validated) once when it is read.
+    entry: ManifestAdapter | None = None
 
     @property
     def served_name(self) -> str:
@@ -75,7 +77,16 @@ def read_candidate(obj: Mapping[str, Any]) -> Candidate:
         reason = "InvalidSource" if exc.field == "spec.source" else "InvalidSpec"
         return Candidate(base.name, base.uid, base.created, None, Verdict(False, reason, str(exc)))
     try:
-        ManifestAdapter(name=name, served_name=spec.served_name or name, source=spec.source)
+        entry = ManifestAdapter(
+            name=name,
+            served_name=spec.served_name or name,
+            source=spec.source,
+            revision=spec.revision,
+            sha256=spec.sha256,
+            pinned=spec.pinned,
+            uid=base.uid,
+            rank=spec.rank,
+        )
     except ValueError as exc:
         msg = str(exc).split("\n")[-1].strip() if "\n" in str(exc) else str(exc)
         return Candidate(
@@ -85,7 +96,7 @@ def read_candidate(obj: Mapping[str, Any]) -> Candidate:
             None,
             Verdict(False, "InvalidSpec", f"metadata.name/spec.servedName: {msg}"),
         )
-    return Candidate(name, base.uid, base.created, spec, None)
+    return Candidate(name, base.uid, base.created, spec, None, entry)
 
 
 def judge(
@@ -211,22 +222,7 @@ def build_manifest(
     checks: AdapterChecks | None = None,
 ) -> AdapterManifest:
     """The manifest for the accepted adapters, sorted by name so equal inputs give equal JSON."""
-    adapters = []
-    for cand in sorted(accepted, key=lambda c: c.name):
-        assert cand.spec is not None
-        s = cand.spec
-        adapters.append(
-            ManifestAdapter(
-                name=cand.name,
-                served_name=cand.served_name,
-                source=s.source,
-                revision=s.revision,
-                sha256=s.sha256,
-                pinned=s.pinned,
-                uid=cand.uid,
-                rank=s.rank,
-            )
-        )
+    adapters = [cand.entry for cand in sorted(accepted, key=lambda c: c.name) if cand.entry]
     return AdapterManifest(
         generation=generation,
         base_served_name=base_served_name,

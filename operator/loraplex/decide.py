@@ -6,7 +6,7 @@ users diff offline is exactly what the operator applies.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,13 +66,17 @@ def decide(
     config_json: Mapping[str, Any] | None = None,
     operator: OperatorPods = DEFAULT_OPERATOR_PODS,
     caps: Capabilities = ALL_APIS,
+    read: Callable[[Mapping[str, Any]], Candidate] = read_candidate,
 ) -> Decision:
-    """Validate, plan, build the manifest (bumping its generation only on change), render."""
+    """Validate, plan, build the manifest (bumping its generation only on change), render.
+
+    `read` parses one LoRAAdapter; the operator passes one that remembers unchanged adapters
+    (parsing 10,000 specs was a third of the pass that hot-adds the 10,001st)."""
     try:
         spec = parse_spec(BaseModelSpec, raw_spec)
     except InvalidSpec as exc:
         return Decision(invalid=exc)
-    cands = [read_candidate(a) for a in adapters]
+    cands = [read(a) for a in adapters]
     verdicts = judge(owner.name, spec, cands)
     accepted = [c for c in cands if verdicts[c.name].accepted]
     plan = plan_base_model(

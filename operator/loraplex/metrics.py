@@ -31,6 +31,17 @@ MANIFEST_PUSHES = Counter(
     ["result"],
     registry=REGISTRY,
 )
+STATUS_WRITES = Counter(
+    "loraplex_operator_status_writes",
+    "LoRAAdapter status PATCHes by result (ok; gone: deleted meanwhile; failed: decided again).",
+    ["result"],
+    registry=REGISTRY,
+)
+STATUS_PENDING = Gauge(
+    "loraplex_operator_status_writes_pending",
+    "LoRAAdapter statuses decided but not yet written (queued or in flight).",
+    registry=REGISTRY,
+)
 
 # Every series name the operator exports (dashboards are checked against this list).
 METRIC_NAMES: frozenset[str] = frozenset(
@@ -41,5 +52,7 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "loraplex_operator_reconcile_seconds_count",
         "loraplex_operator_adapters",
         "loraplex_operator_manifest_pushes_total",
+        "loraplex_operator_status_writes_total",
+        "loraplex_operator_status_writes_pending",
     }
 )

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex import API_GROUP, naming
-from loraplex.adapters import Verdict, read_candidate
+from loraplex.adapters import Candidate, Verdict, read_candidate
 from loraplex.api.basemodel import AdapterCounts, BaseModelStatus, WeightsStatus
 from loraplex.api.loraadapter import LoRAAdapterStatus
 from loraplex.conditions import get_condition, set_condition
@@ -321,6 +321,9 @@ class Reconciler:
         # (ns, BaseModel) -> (resourceVersions of the index and its shards, the manifest they
         # hold): joining 10,000 adapters' shards again each pass was a third of a hot add.
         self._stored: dict[tuple[str, str], tuple[tuple[str, ...], AdapterManifest]] = {}
+        # (ns, adapter) -> (uid, generation, what its spec was read as): a spec changes only
+        # with its generation (status has its own subresource), so most passes parse none.
+        self._read: dict[tuple[str, str], tuple[str, Any, Candidate]] = {}
 
     async def reconcile_base(self, namespace: str, name: str) -> Outcome:
         """Converge one BaseModel and every LoRAAdapter that names it."""
@@ -365,7 +368,7 @@ class Reconciler:
         old = _status_model(BaseModelStatus, bm.get("status"))
         owner = Owner(name, ns, str(meta.get("uid", "")))
         token = admin_token(self.token_key, ns, name, owner.uid)
-        stored, stored_shards = await self._stored_manifest(ns, name)
+        stored, stored_shards, read_back = await self._stored_manifest(ns, name)
         decision = decide(
             owner,
             bm.get("spec"),
@@ -376,6 +379,7 @@ class Reconciler:
             images=self.images,
             operator=self.operator_pods,
             config_json=read_local_config(bm.get("spec")),
+            read=self._read_candidate,
         )
         if decision.invalid is not None or decision.spec is None:
             exc = decision.invalid or InvalidSpec("spec", "missing")
@@ -421,7 +425,12 @@ class Reconciler:
                     # Never name a generation whose shards were not all stored: pods would
                     # wait on a torn set. They keep the index (and generation) they have.
                     continue
-                if await self._ensure(obj, owner_body=bm, uid=owner.uid, plan=plan):
+                observed = read_back.pop(obj["metadata"]["name"], None)
+                if obj["kind"] != "ConfigMap":
+                    observed = None
+                if await self._ensure(
+                    obj, owner_body=bm, uid=owner.uid, plan=plan, observed=observed
+                ):
                     outcome.writes.append(f"{obj['kind']}/{obj['metadata']['name']}")
             except OwnershipConflict as exc:
                 log.warning("BaseModel %s/%s: %s", ns, name, exc)
@@ -530,8 +539,12 @@ class Reconciler:
         owner_body: dict[str, Any],
         uid: str,
         plan: Plan | None = None,
+        observed: dict[str, Any] | None = None,
     ) -> bool:
         """Create or correct one owned object; True when something was written.
+
+        `observed` is the object as this pass already read it (the manifest's ConfigMaps, a
+        megabyte each at 10,000 adapters), used for the first look instead of another GET.
 
         Creates only what does not exist (POST, so a concurrent creator makes us re-read, not
         adopt), corrects only objects that are ours (`owned_by`), by server-side apply under
@@ -543,12 +556,14 @@ class Reconciler:
         if kind is SECRETS:
             return await self._ensure_secret(obj, uid)
         for _ in range(CONFLICT_RETRIES):
-            observed = await self.kube.get(kind, ns, name)
+            if observed is None:
+                observed = await self.kube.get(kind, ns, name)
             if observed is None:
                 try:
                     await self.kube.create(kind, ns, obj)
                 except KubeError as exc:
                     if exc.status == 409:  # created meanwhile: look at it again
+                        observed = None
                         continue
                     raise
                 log.info("created %s %s/%s", obj["kind"], ns, name)
@@ -568,6 +583,7 @@ class Reconciler:
             except KubeError as exc:
                 if exc.status == 409:
                     log.info("%s %s/%s changed while we wrote it; re-reading", kind.kind, ns, name)
+                    observed = None
                     continue
                 raise
             await self._replace_leftovers(kind, desired)
@@ -582,6 +598,8 @@ class Reconciler:
         by hand): they are not ours to remove by apply. The spec we render is ours whole, so
         when apply leaves it drifted, a merge patch replaces its lists outright; fields yielded
         to other managers (replicas under an HPA) are not in `desired` and stay theirs."""
+        if "spec" not in desired:  # a ConfigMap: its data has no lists of others' entries
+            return
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
         after = await self.kube.get(kind, ns, name)
         if after is not None and "spec" in desired and drifted(desired, after):
@@ -606,14 +624,16 @@ class Reconciler:
 
     async def _stored_manifest(
         self, ns: str, name: str
-    ) -> tuple[AdapterManifest | None, list[str]]:
-        """The manifest published last (None if absent or torn) and the shards it names.
+    ) -> tuple[AdapterManifest | None, list[str], dict[str, dict[str, Any]]]:
+        """The manifest published last (None if absent or torn), the shards it names, and
+        the ConfigMaps read (by name, for `_ensure` to compare with instead of reading again).
 
         Costs the index GET plus one GET per shard (two for 10,000 adapters)."""
-        index_cm = await self.kube.get(CONFIGMAPS, ns, naming.configmap_name(name))
+        index_name = naming.configmap_name(name)
+        index_cm = await self.kube.get(CONFIGMAPS, ns, index_name)
         if index_cm is None:
             self._stored.pop((ns, name), None)
-            return None, []
+            return None, [], {}
         refs = manifest_shards.shard_names(index_cm)
         shards = {}
         for ref in refs:
@@ -626,17 +646,18 @@ class Reconciler:
             str(obj.get("metadata", {}).get("resourceVersion") or "")
             for obj in (index_cm, *(shards.get(ref, {}) for ref in refs))
         )
+        read = {index_name: index_cm, **shards}
         known = self._stored.get((ns, name))
         if known is not None and known[0] == versions and all(versions):
-            return known[1], refs
+            return known[1], refs, read
         try:
             manifest = manifest_shards.from_configmaps(index_cm, shards)
         except (manifest_shards.TornManifest, ValueError) as exc:
             log.warning("stored manifest of %s/%s unreadable (%s); republishing", ns, name, exc)
             self._stored.pop((ns, name), None)
-            return None, refs
+            return None, refs, read
         self._stored[(ns, name)] = (versions, manifest)
-        return manifest, refs
+        return manifest, refs, read
 
     async def _retire_shard(self, owner: Owner, name: str) -> bool:
         """Delete a manifest shard the new index no longer names (only one we own), so a
@@ -690,6 +711,7 @@ class Reconciler:
             for pod, rep in reports.items()
             if rep is not None
         }
+        changed = 0
         for obj in adapters:
             meta = obj["metadata"]
             aname = meta["name"]
@@ -716,8 +738,10 @@ class Reconciler:
             )
             phases[aname] = new.phase
             self._phases[(ns, aname)] = new.phase
-            self.statuses.submit(ns, base, meta, current, new.dump())
+            changed += self.statuses.submit(ns, base, meta, current, new.dump())
         self._update_phase_gauge()
+        if changed:
+            log.info("BaseModel %s/%s: %d adapter statuses to write", ns, base, changed)
         return phases
 
     def report_unplaced(self, ns: str, obj: dict[str, Any]) -> None:
@@ -737,11 +761,26 @@ class Reconciler:
         )
         self.statuses.submit(ns, "", meta, current, new.dump())
 
-    async def _patch_adapter_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
-        await self.kube.patch(LORAADAPTERS, ns, name, {"status": status}, sub="status")
+    def _read_candidate(self, obj: Mapping[str, Any]) -> Candidate:
+        meta = obj.get("metadata") or {}
+        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        uid, gen = meta.get("uid"), meta.get("generation")
+        known = self._read.get(key)
+        if known is not None and uid and gen is not None and known[:2] == (uid, gen):
+            return known[2]
+        cand = read_candidate(obj)
+        if uid and gen is not None:
+            self._read[key] = (str(uid), gen, cand)
+        return cand
+
+    async def _patch_adapter_status(self, ns: str, name: str, status: dict[str, Any]) -> str | None:
+        """The resourceVersion the write produced; None when the adapter is gone."""
+        obj = await self.kube.patch(LORAADAPTERS, ns, name, {"status": status}, sub="status")
+        return None if obj is None else str(obj.get("metadata", {}).get("resourceVersion", ""))
 
     def forget_adapter(self, ns: str, name: str) -> None:
         self._phases.pop((ns, name), None)
+        self._read.pop((ns, name), None)
         self.statuses.forget(ns, name)
         self._update_phase_gauge()
 

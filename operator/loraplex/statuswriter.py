@@ -12,30 +12,47 @@ Pending statuses coalesce: a newer status for an adapter replaces the one not ye
 a write always carries the latest decision and a burst of passes costs one write per adapter.
 A write that fails is dropped, not retried here: the next pass sees the adapter's status still
 differs from its decision and hands it over again (level-based, as the rest of the operator).
+
+A pass decides from the status it believes stored, and the watch-fed cache can lag far behind
+our own writes (10,000 writes are 10,000 events for kopf to process). Comparing with a cached
+copy one write old made every pass rewrite every adapter, whose events made the lag longer:
+at 10,000 adapters the operator never settled. So after a write we remember what it stored and
+the resourceVersion it produced, and a pass decides from that until the cache shows that
+version (or `STALE_AFTER` passes: a watch that relisted may never show it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from loraplex.errors import KubeError
+from loraplex.metrics import STATUS_PENDING, STATUS_WRITES
 
 log = logging.getLogger("loraplex.statuswriter")
 
 Key = tuple[str, str]  # (namespace, adapter name)
-# (namespace, name, status): one PATCH of the status subresource.
-Patch = Callable[[str, str, dict[str, Any]], Awaitable[None]]
+# (namespace, name, status) -> the resourceVersion the PATCH produced (None: no such object).
+Patch = Callable[[str, str, dict[str, Any]], Awaitable[str | None]]
+# Seconds a written status stands in for a cache that has not shown it yet.
+STALE_AFTER = 120.0
 
 
 @dataclass(frozen=True)
 class _Write:
-    resource_version: Any  # of the adapter copy the status was decided from
     status: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Written:
+    resource_version: str  # the one our write produced
+    status: dict[str, Any]
+    at: float
 
 
 class StatusWriter:
@@ -47,41 +64,43 @@ class StatusWriter:
         # (ns, BaseModel) -> its adapters' statuses not yet written, oldest first.
         self._pending: dict[Key, OrderedDict[str, _Write]] = {}
         self._writing: dict[Key, _Write] = {}
-        # (ns, adapter) -> (resourceVersion the last write was decided from, what it wrote).
-        self._written: dict[Key, tuple[Any, dict[str, Any]]] = {}
+        self._written: dict[Key, _Written] = {}
         self._drains: dict[Key, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # writes in flight
         self._idle = asyncio.Condition()
 
     def known(self, ns: str, base: str, meta: Mapping[str, Any], cached: Any) -> Any:
         """An adapter's status as our writes will leave it: a pending or in-flight one, or the
-        one we last wrote while the cache (fed by the watch, which learns of a write only
-        later) still shows the resourceVersion that write was decided from. Deciding from the
-        older copy would stamp new transition times on unchanged conditions, and write twice."""
+        one we last wrote until the cache shows the version that write produced."""
         name = meta["name"]
         key = (ns, name)
         write = self._pending.get((ns, base), {}).get(name) or self._writing.get(key)
         if write is not None:
             return write.status
         written = self._written.get(key)
-        if written is not None and written[0] == meta.get("resourceVersion"):
-            return written[1]
-        if written is not None:  # the cache has caught up: no need to keep a copy
+        if written is None:
+            return cached
+        caught_up = meta.get("resourceVersion") == written.resource_version
+        if caught_up or time.monotonic() - written.at > STALE_AFTER:
             del self._written[key]
-        return cached
+            return cached
+        return written.status
 
     def submit(
         self, ns: str, base: str, meta: Mapping[str, Any], current: Any, status: dict[str, Any]
-    ) -> None:
-        """Queue `status` unless `current` (see `known`) already is it."""
+    ) -> bool:
+        """Queue `status` unless `current` (see `known`) already is it; True when queued."""
         if status == (current or {}):
-            return
+            return False
         queue = self._pending.setdefault((ns, base), OrderedDict())
-        queue[meta["name"]] = _Write(meta.get("resourceVersion"), status)
+        queue[meta["name"]] = _Write(status)
+        STATUS_PENDING.set(self.pending())
         drain = self._drains.get((ns, base))
         if drain is None or drain.done():
             self._drains[(ns, base)] = asyncio.create_task(
                 self._drain(ns, base), name=f"adapter statuses of {ns}/{base}"
             )
+        return True
 
     def forget(self, ns: str, name: str) -> None:
         """The adapter is gone: nothing to write for it, nothing to remember."""
@@ -100,14 +119,17 @@ class StatusWriter:
             await self._idle.wait_for(lambda: self.pending() == 0)
 
     async def close(self) -> None:
-        for task in self._drains.values():
+        tasks = [*self._drains.values(), *self._tasks]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._drains.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._drains.clear()
 
     async def _drain(self, ns: str, base: str) -> None:
+        """Start a write per pending status, as slots free up. Returns as soon as the queue is
+        empty, without awaiting after that check, so a `submit` that finds this task still
+        running knows it will see the new entry."""
         queue = self._pending[(ns, base)]
-        writes: set[asyncio.Task[None]] = set()
         while queue:
             await self._slots.acquire()
             if not queue:  # forgotten while we waited for a slot
@@ -116,20 +138,22 @@ class StatusWriter:
             name, write = queue.popitem(last=False)
             self._writing[(ns, name)] = write
             task = asyncio.create_task(self._write((ns, name), write))
-            writes.add(task)
-            task.add_done_callback(writes.discard)
-        await asyncio.gather(*writes)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _write(self, key: Key, write: _Write) -> None:
         try:
-            await self._patch(key[0], key[1], write.status)
-            self._written[key] = (write.resource_version, write.status)
+            produced = await self._patch(key[0], key[1], write.status)
+            STATUS_WRITES.labels("ok" if produced is not None else "gone").inc()
+            if produced is not None:  # None: deleted meanwhile, its DELETED event forgets it
+                self._written[key] = _Written(produced, write.status, time.monotonic())
         except KubeError as exc:
-            if exc.status != 404:  # 404: deleted meanwhile, its DELETED event forgets it
-                log.warning("LoRAAdapter %s/%s: status not written: %s", *key, exc)
+            STATUS_WRITES.labels("failed").inc()
+            log.warning("LoRAAdapter %s/%s: status not written: %s", *key, exc)
         finally:
             self._slots.release()
             if self._writing.get(key) is write:
                 del self._writing[key]
+            STATUS_PENDING.set(self.pending())
             async with self._idle:
                 self._idle.notify_all()

@@ -147,6 +147,7 @@ async def test_ten_thousand_adapters_on_one_base_model_within_api_limits(
 
     # The 10,001st: one more pass stores it (the operator's watch starts that pass at once).
     await kube.create(LORAADAPTERS, NS, adapter(N))
+    mark = len(cluster.running.emulator.log) if isinstance(cluster, EmulatedCluster) else 0
     start = time.monotonic()
     outcome = await reconciler.reconcile_base(NS, BASE)
     took = time.monotonic() - start
@@ -154,6 +155,13 @@ async def test_ten_thousand_adapters_on_one_base_model_within_api_limits(
     _, manifest = stored(cluster)
     assert len(manifest.adapters) == N + 1
     assert any(a.name == f"tenant-{N:05d}" for a in manifest.adapters)
+    if isinstance(cluster, EmulatedCluster):  # each megabyte-sized ConfigMap is read once
+        reads = [
+            r.name
+            for r in cluster.running.emulator.log[mark:]
+            if r.method == "GET" and r.plural == "configmaps"
+        ]
+        assert len(reads) == len(set(reads)) and len(reads) >= 3, reads
     print(f"reconcile pass storing the 10,001st adapter: {took:.2f}s")
 
 

@@ -274,3 +274,55 @@ def test_a_404_names_a_few_served_models_not_all_ten_thousand() -> None:
     assert "t-00000" in message and "t-00019" in message and "t-00020" not in message
     assert "9980 more (GET /v1/models lists them all)" in message
     assert len(message) < 1_000
+
+
+async def test_a_hot_add_is_pushed_before_the_pod_is_polled(tmp_path: Path, pvc_root: Path) -> None:
+    """The operator's sync: a pod it knows to be behind gets the new manifest first (the poll
+    before it is ten pages at 10,000 adapters), answered without the report it then polls
+    for; a pod not known to be behind is polled first, and only pushed to when its report is
+    older."""
+    seen: list[str] = []
+    answers: list[tuple[str, int]] = []
+    trace = aiohttp.TraceConfig()
+
+    async def on_start(_: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
+        seen.append(params.method)
+
+    async def on_end(_: Any, __: Any, params: aiohttp.TraceRequestEndParams) -> None:
+        answers.append((params.method, params.response.status))
+
+    trace.on_request_start.append(on_start)
+    trace.on_request_end.append(on_end)
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(tmp_path, vurl, many(20, generation=3), pvc_root)
+        async with run_server(settings) as srv:
+            pod = PodTarget(
+                "p", "127.0.0.1", int(srv.url.rsplit(":", 1)[1]), int(srv.admin.rsplit(":", 1)[1])
+            )
+            token = srv.auth["Authorization"].removeprefix("Bearer ")
+            sync = PodSync(trace_configs=[trace])
+            try:
+                current = AdapterManifest.model_validate(many(20, generation=3))
+                reports = await sync.sync([pod], current, token)
+                assert seen == ["GET"] and reports["p"] is not None  # up to date: no push
+                assert reports["p"].generation == 3
+                seen.clear()
+                added = AdapterManifest.model_validate(many(21, generation=4))
+                reports = await sync.sync([pod], added, token)
+                assert seen == ["PUT", "GET"], seen
+                # The push asks for no report (`Prefer: return=minimal`): the poll brings it.
+                assert ("PUT", 204) in answers, answers
+                report = reports["p"]
+                assert report is not None and report.generation == 4
+                assert any(a.name == "t-00020" for a in report.adapters)
+                # A new operator (nothing known of the pod) polls first, and finds it current.
+                seen.clear()
+                fresh = PodSync(trace_configs=[trace])
+                try:
+                    await fresh.sync([pod], added, token)
+                finally:
+                    await fresh.close()
+                assert seen == ["GET"]
+            finally:
+                await sync.close()

@@ -87,6 +87,10 @@ async def put_manifest(request: web.Request) -> web.StreamResponse:
             param="generation",
         )
     log.info("manifest generation %d applied from admin API", manifest.generation)
+    if "return=minimal" in request.headers.get("Prefer", ""):
+        # RFC 7240: the caller polls the paged report anyway (the operator does); building
+        # 10,000 adapters' report here held the event loop while the new adapter waited.
+        return web.Response(status=204, headers={"Preference-Applied": "return=minimal"})
     return web.json_response(reg.report().model_dump(mode="json", by_alias=True))
 
 
