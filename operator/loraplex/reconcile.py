@@ -724,8 +724,8 @@ class Reconciler:
                     views.append(PodView(pod, None, False))
                     continue
                 found = by_name[pod].get(aname)
-                current = manifest is not None and rep.generation >= manifest.generation
-                views.append(PodView(pod, found, current))
+                fresh = manifest is not None and rep.generation >= manifest.generation
+                views.append(PodView(pod, found, fresh))
             spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
             served = spec.get("servedName") or aname if isinstance(spec, dict) else aname
             new = adapter_status(
@@ -741,7 +741,15 @@ class Reconciler:
             changed += self.statuses.submit(ns, base, meta, current, new.dump())
         self._update_phase_gauge()
         if changed:
-            log.info("BaseModel %s/%s: %d adapter statuses to write", ns, base, changed)
+            log.info(
+                "BaseModel %s/%s: %d adapter statuses to write (manifest generation %s; pods "
+                "at %s)",
+                ns,
+                base,
+                changed,
+                manifest.generation if manifest else None,
+                {pod: rep.generation if rep else None for pod, rep in reports.items()},
+            )
         return phases
 
     def report_unplaced(self, ns: str, obj: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,17 @@ import pytest
 import yaml
 
 from loraplex import naming
-from loraplex.kube import BASEMODELS, LORAADAPTERS, KubeClient
-from loraplex.podsync import PodSync
+from loraplex.kube import BASEMODELS, LORAADAPTERS, PODS, KubeClient
+from loraplex.metrics import REGISTRY
+from loraplex.podsync import PodSync, PodTarget
 from loraplex.reconcile import Reconciler
 from loraplex_server import manifest_shards
+from loraplex_server.manifest import (
+    AdapterManifest,
+    AdapterReport,
+    AdaptersResponse,
+    AdapterState,
+)
 from tests.operator.conftest import Cluster, EmulatedCluster
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(900)]
@@ -191,6 +198,76 @@ async def test_an_apply_does_not_wait_behind_the_status_writes_of_the_pass_befor
         adapters = await kube.list(LORAADAPTERS, NS)
         assert len(adapters) == n + 1
         assert all((a.get("status") or {}).get("phase") for a in adapters)
+    finally:
+        await rec.statuses.close()
+        await client.close()
+
+
+class ReportingPods(PodSync):
+    """The pod seam answering as a pod that holds every adapter of the manifest (the reports
+    are the server's own response models; what is under test is what the reconciler writes
+    from them)."""
+
+    async def sync(
+        self, pods: Sequence[PodTarget], manifest: AdapterManifest, token: str
+    ) -> dict[str, AdaptersResponse | None]:
+        adapters = [
+            AdapterReport(name=a.name, served_name=a.served_name, state=AdapterState.CACHED)
+            for a in manifest.adapters
+        ]
+        report = AdaptersResponse(
+            generation=manifest.generation,
+            base_served_name=manifest.base_served_name,
+            vllm_healthy=True,
+            adapters=adapters,
+        )
+        return {p.name: report for p in pods}
+
+
+def ready_pod() -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"{BASE}-0", "namespace": NS, "labels": naming.selector_labels(BASE)},
+        "spec": {"containers": [{"name": "adapter-server", "image": "x"}]},
+        "status": {
+            "phase": "Running",
+            "podIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+async def test_statuses_are_written_once_while_pods_report_the_same(
+    cluster: Cluster, kube: KubeClient
+) -> None:
+    """With a ready pod reporting, a pass that changes nothing writes no adapter status, also
+    while the cache still shows the copies from before our writes (kopf's watch lags behind
+    them). A pod's freshness flag once took the place of the adapter's current status in the
+    comparison, so every pass rewrote every adapter: at 10,000, the operator never settled."""
+    n = 50
+    await create_all(cluster, kube, [basemodel(), *(adapter(i) for i in range(n))])
+    pod = ready_pod()
+    await kube.create(PODS, NS, pod)  # status is the kubelet's: set through its subresource
+    await kube.patch(PODS, NS, pod["metadata"]["name"], {"status": pod["status"]}, sub="status")
+    client = KubeClient(cluster.connection(), user_agent="loraplex-operator/test")
+    rec = Reconciler(client, ReportingPods(), token_key=b"k" * 32)
+    try:
+        rec.adapters.prime(await kube.list(LORAADAPTERS, NS))  # the cache, then never fed
+        await rec.reconcile_base(NS, BASE)
+        await asyncio.wait_for(rec.statuses.flush(), 60)
+        written = REGISTRY.get_sample_value(
+            "loraplex_operator_status_writes_total", {"result": "ok"}
+        )
+        adapters = await kube.list(LORAADAPTERS, NS)
+        # (Loading, AwaitingProof: probes are on by default and this pod proves nothing.)
+        assert all(a["status"]["pods"][0]["state"] == "cached" for a in adapters)
+        for _ in range(2):
+            await rec.reconcile_base(NS, BASE)
+            assert rec.statuses.pending() == 0
+        await asyncio.wait_for(rec.statuses.flush(), 60)
+        after = REGISTRY.get_sample_value("loraplex_operator_status_writes_total", {"result": "ok"})
+        assert after == written
     finally:
         await rec.statuses.close()
         await client.close()

@@ -104,6 +104,11 @@ async def test_a_pass_decides_from_the_pending_then_the_written_status() -> None
     # The cache shows the version our write produced: it is the truth again.
     assert writer.known(NS, "b", meta("a", "rv2"), {"phase": "Ready"}) == {"phase": "Ready"}
     assert writer.known(NS, "b", meta("a", "rv3"), {"phase": "x"}) == {"phase": "x"}
+    # Or a later version (a spec edit) that shows the status we wrote.
+    writer.submit(NS, "b", meta("a", "rv3"), {"phase": "x"}, {"phase": "Failed"})
+    await writer.flush()  # stored as rv3
+    assert writer.known(NS, "b", meta("a", "rv9"), {"phase": "Failed"}) == {"phase": "Failed"}
+    assert writer.known(NS, "b", meta("a", "rv1"), {"phase": "old"}) == {"phase": "old"}
     await writer.close()
 
 
