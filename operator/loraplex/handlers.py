@@ -138,8 +138,11 @@ async def adapter_event(
 @kopf.on.event("", "v1", "services", labels=OWNED, id="owned-service")
 @kopf.on.event("", "v1", "configmaps", labels=OWNED, id="owned-configmap")
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED, id="owned-job")
-async def owned_changed(body: kopf.Body, **kw: Any) -> None:
-    """An owned object changed or vanished (by hand, or its pods' readiness): converge now."""
+async def owned_changed(body: kopf.Body, event: kopf.RawEvent, **kw: Any) -> None:
+    """An owned object changed or vanished (by hand, or its pods' readiness): converge now.
+    Not for the version our own last write made: the pass that wrote it has converged."""
+    if event.get("type") == "MODIFIED" and _r().is_own_write(dict(body)):
+        return
     labels = body.get("metadata", {}).get("labels", {}) or {}
     base = labels.get(naming.BASE_LABEL)
     ns = body.get("metadata", {}).get("namespace")

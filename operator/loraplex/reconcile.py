@@ -244,6 +244,11 @@ def _report_routing(
         )
 
 
+def _object_key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = obj.get("metadata") or {}
+    return str(obj.get("kind")), str(meta.get("namespace")), str(meta.get("name"))
+
+
 def base_of(adapter: dict[str, Any]) -> str | None:
     spec = adapter.get("spec")
     value = spec.get("baseModel") if isinstance(spec, dict) else None
@@ -324,6 +329,8 @@ class Reconciler:
         # (ns, adapter) -> (uid, generation, what its spec was read as): a spec changes only
         # with its generation (status has its own subresource), so most passes parse none.
         self._read: dict[tuple[str, str], tuple[str, Any, Candidate]] = {}
+        # (kind, ns, name) of owned objects -> the resourceVersion our last write produced.
+        self._own_writes: dict[tuple[str, str, str], str] = {}
 
     async def reconcile_base(self, namespace: str, name: str) -> Outcome:
         """Converge one BaseModel and every LoRAAdapter that names it."""
@@ -560,12 +567,13 @@ class Reconciler:
                 observed = await self.kube.get(kind, ns, name)
             if observed is None:
                 try:
-                    await self.kube.create(kind, ns, obj)
+                    made = await self.kube.create(kind, ns, obj)
                 except KubeError as exc:
                     if exc.status == 409:  # created meanwhile: look at it again
                         observed = None
                         continue
                     raise
+                self._remember_write(made)
                 log.info("created %s %s/%s", obj["kind"], ns, name)
                 return True
             why = owned_by(observed, uid)
@@ -579,7 +587,7 @@ class Reconciler:
             changes = plan_changes(observed, desired) if kind is DEPLOYMENTS else []
             desired["metadata"]["resourceVersion"] = observed["metadata"].get("resourceVersion")
             try:
-                await self.kube.server_side_apply(desired)
+                self._remember_write(await self.kube.server_side_apply(desired))
             except KubeError as exc:
                 if exc.status == 409:
                     log.info("%s %s/%s changed while we wrote it; re-reading", kind.kind, ns, name)
@@ -768,6 +776,17 @@ class Reconciler:
             pods=[],
         )
         self.statuses.submit(ns, "", meta, current, new.dump())
+
+    def _remember_write(self, obj: Mapping[str, Any]) -> None:
+        self._own_writes[_object_key(obj)] = str(obj.get("metadata", {}).get("resourceVersion"))
+
+    def is_own_write(self, obj: Mapping[str, Any]) -> bool:
+        """Whether `obj` is exactly the version our last write of it produced: its watch
+        event needs no pass (the pass that wrote it already converged). At 10,000 adapters a
+        pass takes a second or two, and the pass our own manifest writes started was what a
+        hot add waited behind."""
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        return bool(rv) and self._own_writes.get(_object_key(obj)) == rv
 
     def _read_candidate(self, obj: Mapping[str, Any]) -> Candidate:
         meta = obj.get("metadata") or {}

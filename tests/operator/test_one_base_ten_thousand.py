@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from loraplex import naming
-from loraplex.kube import BASEMODELS, LORAADAPTERS, PODS, KubeClient
+from loraplex.kube import BASEMODELS, CONFIGMAPS, LORAADAPTERS, PODS, KubeClient
 from loraplex.metrics import REGISTRY
 from loraplex.podsync import PodSync, PodTarget
 from loraplex.reconcile import Reconciler
@@ -268,6 +268,13 @@ async def test_statuses_are_written_once_while_pods_report_the_same(
         await asyncio.wait_for(rec.statuses.flush(), 60)
         after = REGISTRY.get_sample_value("loraplex_operator_status_writes_total", {"result": "ok"})
         assert after == written
+        # The watch event of our own manifest write starts no pass; a hand edit does.
+        index = await kube.get(CONFIGMAPS, NS, naming.configmap_name(BASE))
+        assert index is not None and rec.is_own_write(index)
+        edited = await kube.patch(
+            CONFIGMAPS, NS, naming.configmap_name(BASE), {"metadata": {"labels": {"x": "y"}}}
+        )
+        assert edited is not None and not rec.is_own_write(edited)
     finally:
         await rec.statuses.close()
         await client.close()
