@@ -175,6 +175,9 @@ class Exchange(asyncio.Protocol):
         self.high = HIGH_WATER
         self._relay: Callable[[asyncio.Transport, bytes], None] = self._relay_plain
         self.clean = True  # no protocol oddity seen: the connection may carry another request
+        self.prefix = b""  # the client's response head, sent with the first piece of body
+        self.last_chunk = False  # pass vLLM's last chunk on to the client
+        self.delivered = False  # it was passed on: the client may leave, trailers still count
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -184,7 +187,7 @@ class Exchange(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         client = self.client
         if client is not None:  # the hot path: one relayed piece
-            if client.is_closing():
+            if client.is_closing() and not self.delivered:
                 self._finish(Outcome.CLIENT_GONE)
             else:
                 self._relay(client, data)
@@ -234,13 +237,22 @@ class Exchange(asyncio.Protocol):
         assert self.head_waiter is not None
         return await self.head_waiter
 
-    def attach(self, client: asyncio.Transport) -> None:
-        """From now on, body goes straight to `client`; what arrived meanwhile goes first."""
+    def attach(self, client: asyncio.Transport, prefix: bytes = b"", last: bool = False) -> None:
+        """From now on, body goes straight to `client`; what arrived meanwhile goes first.
+
+        `prefix` (the client's response head) goes out with the first piece of body, in one
+        send; with `last` vLLM's last chunk is passed on too (else the caller writes its own).
+        """
         self.client = client
         self.high = client.get_write_buffer_limits()[1]
         chunked = self.head is not None and self.head.chunked
         self._relay = self._relay_chunked if chunked else self._relay_plain
+        self.last_chunk = last
+        self.prefix = prefix  # joins the first piece relayed: one send (each write is one)
         self._flush_pending()
+        if self.prefix and not client.is_closing():
+            client.write(self.prefix)
+        self.prefix = b""
 
     async def wait(self, drain: Callable[[], Awaitable[None]]) -> Outcome:
         """Until the body is relayed (or cut); drains the client while vLLM is paused.
@@ -285,7 +297,7 @@ class Exchange(asyncio.Protocol):
         if self.outcome is not None:
             return
         watched = self.watched
-        if watched is not None and watched.is_closing():
+        if watched is not None and watched.is_closing() and not self.delivered:
             self._finish(Outcome.CLIENT_GONE)
             if self.head_waiter is not None and not self.head_waiter.done():
                 self.head_waiter.set_exception(ConnectionResetError("the client hung up"))
@@ -368,6 +380,8 @@ class Exchange(asyncio.Protocol):
                 self.clean = False
             self.left -= len(data)
         self._keep(data)
+        if self.prefix:
+            data, self.prefix = self.prefix + data, b""
         client.write(data)
         if not self.until_close and self.left == 0:
             self._finish(Outcome.COMPLETE)
@@ -422,9 +436,14 @@ class Exchange(asyncio.Protocol):
             i = j + 2
         self.left = left
         self.at_boundary = left == 0
-        if end:
+        if end or (last_at >= 0 and self.last_chunk):
             out = data if end == n else data[:end]
             self._keep(out)
+            if last_at >= 0 and self.last_chunk:
+                out += b"0\r\n\r\n"  # no trailers: vLLM sends none, and they are not relayed
+                self.delivered = True
+            if self.prefix:
+                out, self.prefix = self.prefix + out, b""
             client.write(out)
         if last_at >= 0:
             self.trailers = True
