@@ -126,6 +126,7 @@ class Front:
         self.make_aiohttp = make_aiohttp
         self.max_body: int = backend.settings.max_body_bytes
         self.conns: set[Connection] = set()
+        self.handed_over = 0  # connections given to aiohttp (tests read it)
         self._sweep: asyncio.TimerHandle | None = None
 
     def __call__(self) -> Connection:
@@ -298,6 +299,7 @@ class Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         self.front.conns.discard(self)
+        self.front.handed_over += 1
         protocol = self.front.make_aiohttp()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
