@@ -72,6 +72,7 @@ HOP_BY_HOP = frozenset(
 )
 _HOP_BY_HOP_RAW = frozenset(h.encode() for h in HOP_BY_HOP | {"expect"})
 _USAGE_PARSE_LIMIT = relay.USAGE_LIMIT
+_FRAMING_BYTES = b"\r\n0123456789abcdefABCDEF"
 # A chunk-size line between relayed pieces (SSE payloads never hold a raw CR LF).
 _CHUNK_FRAMING = re.compile(rb"(?:\A|\r\n)[0-9A-Fa-f]+(?:;[^\r\n]*)?\r\n")
 
@@ -83,6 +84,21 @@ def upstream_url(base: str, path: str) -> URL:
     return URL.build(scheme=b.scheme, host=b.host, port=b.port, path=path, encoded=True)
 
 
+def usage_event(tail: bytes) -> tuple[bytes, bytes] | None:
+    """The JSON of the last SSE data event that mentions `usage` in `tail`, and what follows
+    it; None if there is none."""
+    at = tail.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = tail.rfind(b"data:", 0, at)
+    if start < 0:
+        return None
+    end = tail.find(b"\n", at)
+    if end < 0:
+        return tail[start + 5 :], b""
+    return tail[start + 5 : end], tail[end:]
+
+
 def usage_of(tail: bytes, sse: bool) -> tuple[int, int]:
     """(prompt, completion) tokens from the last `usage` vLLM reported, or (0, 0).
 
@@ -90,14 +106,10 @@ def usage_of(tail: bytes, sse: bool) -> tuple[int, int]:
     before `[DONE]` (with `stream_options.include_usage`), so no per-event work is needed.
     """
     if sse:
-        at = tail.rfind(b'"usage"')
-        if at < 0:
+        found = usage_event(tail)
+        if found is None:
             return 0, 0
-        start = tail.rfind(b"data:", 0, at)
-        end = tail.find(b"\n", at)
-        if start < 0:
-            return 0, 0
-        tail = tail[start + 5 : end if end >= 0 else len(tail)]
+        tail = found[0]
     try:
         usage = json.loads(tail).get("usage")
     except (ValueError, AttributeError, RecursionError):
@@ -108,6 +120,15 @@ def usage_of(tail: bytes, sse: bool) -> tuple[int, int]:
         return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     except (TypeError, ValueError):
         return 0, 0
+
+
+def _whole_and_last(event: bytes, rest: bytes) -> bool:
+    """`event` is the usage event the framed tail would give with its framing stripped: it
+    holds no chunk framing (framing always has a CR, an SSE line never does), and nothing
+    after it but framing, blank lines and `[DONE]` (no later event split by framing)."""
+    if b"\r" in event:
+        return False
+    return not rest.replace(b"data: [DONE]", b"").translate(None, _FRAMING_BYTES)
 
 
 def pick_model(raw: bytes, content_type: str) -> tuple[str | None, bytes]:
@@ -309,7 +330,11 @@ class Proxy:
         tail = ex.usage_bytes()
         sse = answer.content_type == "text/event-stream"
         if answer.chunked:
-            tail = _CHUNK_FRAMING.sub(b"", tail)
+            found = usage_event(tail) if sse else None
+            if found is not None and _whole_and_last(*found):
+                tail, sse = found[0], False  # no need to strip the framing from all the tail
+            else:
+                tail = _CHUNK_FRAMING.sub(b"", tail)
         elif not sse and ex.kept >= _USAGE_PARSE_LIMIT:
             return
         prompt, completion = usage_of(tail, sse)

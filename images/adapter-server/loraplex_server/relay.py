@@ -170,7 +170,6 @@ class Exchange(asyncio.Protocol):
         self.outcome: Outcome | None = None
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
-        self.watch: asyncio.TimerHandle | None = None
         self.at_boundary = True  # the bytes relayed so far end between two chunks
         self.high = HIGH_WATER
         self._relay: Callable[[asyncio.Transport, bytes], None] = self._relay_plain
@@ -207,8 +206,7 @@ class Exchange(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if self.watch is not None:
-            self.watch.cancel()
+        self.pool.watching.discard(self)
         if self.head_waiter is not None and not self.head_waiter.done():
             err: UpstreamError = (
                 _Stale("vLLM closed a pooled connection")
@@ -231,7 +229,7 @@ class Exchange(asyncio.Protocol):
         self.head_waiter = asyncio.get_running_loop().create_future()
         self.watched = watched
         self.transport.writelines((head, body) if body else (head,))
-        self._arm_watch()
+        self.pool.watch(self)
 
     async def read_head(self) -> Head:
         assert self.head_waiter is not None
@@ -289,11 +287,8 @@ class Exchange(asyncio.Protocol):
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _arm_watch(self) -> None:
-        self.watch = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._check_client)
-
-    def _check_client(self) -> None:
-        self.watch = None
+    def check_client(self) -> None:
+        """The pool's watch: end the exchange if its client hung up (see `UpstreamPool.watch`)."""
         if self.outcome is not None:
             return
         watched = self.watched
@@ -301,8 +296,6 @@ class Exchange(asyncio.Protocol):
             self._finish(Outcome.CLIENT_GONE)
             if self.head_waiter is not None and not self.head_waiter.done():
                 self.head_waiter.set_exception(ConnectionResetError("the client hung up"))
-            return
-        self._arm_watch()
 
     def _read_head(self, data: bytes) -> None:
         buf = self.head_buf + data
@@ -488,9 +481,7 @@ class Exchange(asyncio.Protocol):
         if self.outcome is not None:
             return
         self.outcome = outcome
-        if self.watch is not None:
-            self.watch.cancel()
-            self.watch = None
+        self.pool.watching.discard(self)
         self.client = None  # nothing more goes to the client from here
         self._wake()
         if not self.reusable() and self.transport is not None and not self.lost:
@@ -525,6 +516,8 @@ class UpstreamPool:
         self.authority = f"{url.host}:{self.port}"
         self.idle: list[Exchange] = []
         self.open: set[Exchange] = set()
+        self.watching: set[Exchange] = set()  # exchanges in flight, checked every WATCH_INTERVAL
+        self._watch: asyncio.TimerHandle | None = None
 
     async def exchange(
         self, head: bytes, body: bytes, watched: asyncio.Transport | None, http10: bool
@@ -543,6 +536,20 @@ class UpstreamPool:
                 ex.abort()
                 raise
         raise UpstreamError("vLLM closed two connections in a row")
+
+    def watch(self, ex: Exchange) -> None:
+        """Check `ex`'s client every WATCH_INTERVAL until it ends: one timer for all exchanges
+        rather than one armed and cancelled per request."""
+        self.watching.add(ex)
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._check)
+
+    def _check(self) -> None:
+        self._watch = None
+        for ex in list(self.watching):
+            ex.check_client()
+        if self.watching:
+            self._watch = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._check)
 
     def request_head(
         self, path: str, headers: Iterable[tuple[bytes, bytes]], length: int, http10: bool
@@ -595,6 +602,9 @@ class UpstreamPool:
             self.idle.remove(ex)
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for ex in list(self.open):
             if ex.transport is not None:
                 ex.transport.abort()
