@@ -383,6 +383,20 @@ class Exchange(asyncio.Protocol):
 
     def _relay_chunked(self, client: asyncio.Transport, data: bytes) -> None:
         """Forward chunks verbatim, holding back a partial size line and the last chunk."""
+        if not (self.left or self.size_line or self.trailers or self.prefix) and self.first_body_at:
+            # The common piece at a GPU's pace: exactly one whole chunk (one SSE event).
+            j = data.find(b"\r\n", 0, _SIZE_LINE_LIMIT)
+            if j > 0:
+                try:
+                    size = int(data[:j], 16)
+                except ValueError:
+                    size = 0
+                if size > 0 and size + j + 4 == len(data):  # (the last chunk is size 0)
+                    self._keep(data)
+                    client.write(data)
+                    if client.get_write_buffer_size() > self.high:
+                        self._pause()
+                    return
         if self.first_body_at is None:
             self.first_body_at = time.monotonic()
         if self.trailers:
@@ -458,11 +472,12 @@ class Exchange(asyncio.Protocol):
 
     def _keep(self, data: bytes) -> None:
         tail = self.tail
-        if self.sse:  # the last TAIL_BYTES, however TCP split them
+        if self.sse:  # at least the last TAIL_BYTES, however TCP split them
             tail.append(data)
             self.kept += len(data)
-            while self.kept > TAIL_BYTES and len(tail) > 1:
-                self.kept -= len(tail.popleft())
+            if self.kept > 2 * TAIL_BYTES:  # trimmed now and then, not on every piece
+                while self.kept > TAIL_BYTES and len(tail) > 1:
+                    self.kept -= len(tail.popleft())
         elif self.kept < USAGE_LIMIT:
             tail.append(data)
             self.kept += len(data)
