@@ -165,6 +165,7 @@ class Connection(asyncio.Protocol):
         self.idle_since = time.monotonic()
         self.answer: relay.Head | None = None
         self._paused_writing = False
+        self._paused_reading = False
         self._drained: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -180,6 +181,7 @@ class Connection(asyncio.Protocol):
             self._next()
         elif len(self.buf) > HEAD_LIMIT + self.front.max_body and self._transport is not None:
             self._transport.pause_reading()  # a pipelining client waits for its answers
+            self._paused_reading = True
 
     def eof_received(self) -> bool | None:
         return None  # the client is done: close (an exchange in flight sees it and aborts)
@@ -289,7 +291,9 @@ class Connection(asyncio.Protocol):
             return
         self.busy = False
         self.idle_since = time.monotonic()
-        transport.resume_reading()
+        if self._paused_reading:
+            self._paused_reading = False
+            transport.resume_reading()
         if self.buf:
             self._next()  # a pipelined request
 
@@ -305,7 +309,8 @@ class Connection(asyncio.Protocol):
         protocol.connection_made(transport)
         buf, self.buf = self.buf, b""
         self._transport = None
-        transport.resume_reading()
+        if self._paused_reading:
+            transport.resume_reading()
         if buf:
             protocol.data_received(buf)
 
