@@ -236,3 +236,30 @@ async def test_connection_close_and_idle_keep_alive_are_closed(
         assert await asyncio.wait_for(reader.read(), 5) == b""  # ... until idle too long
         writer.close()
         assert s.handed_over == 0
+
+
+async def test_a_slow_upload_is_not_an_idle_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(front, "KEEPALIVE", 0.3)
+    monkeypatch.setattr(front, "_SWEEP_EVERY", 0.1)
+    request = post("/v1/completions", PLAIN_BODY)
+    async with served(tmp_path) as s:
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        for i in range(0, len(request), 8):  # about 1.5 s for the whole request
+            writer.write(request[i : i + 8])
+            await asyncio.sleep(0.1)
+        status, _, body = await read_answer(reader)
+        writer.close()
+    assert status == 200 and json.loads(body)["choices"] == [{"text": "tiny!"}]
+
+
+async def test_while_draining_requests_go_to_aiohttp_and_get_503(tmp_path: Path) -> None:
+    async with served(tmp_path) as s:
+        assert s.site.front is not None
+        s.site.front.backend.draining = True
+        ((status, headers, body),) = await s.talk(post("/v1/completions", PLAIN_BODY), 1)
+        assert s.handed_over == 1
+    assert (status, headers["retry-after"]) == (503, "1")
+    assert json.loads(body)["error"]["code"] == "shutting_down"
+    assert s.fake.seen_bodies == []

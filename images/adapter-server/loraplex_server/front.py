@@ -178,6 +178,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf = self.buf + data if self.buf else data
         if not self.busy:
+            self.idle_since = time.monotonic()  # a slow upload is not an idle connection
             self._next()
         elif len(self.buf) > HEAD_LIMIT + self.front.max_body and self._transport is not None:
             self._transport.pause_reading()  # a pipelining client waits for its answers
@@ -272,10 +273,12 @@ class Connection(asyncio.Protocol):
         try:
             await proxy.serve(self, request.path, body, request.content_type)
         except errors.Problem as exc:
-            if not transport.is_closing():
+            if self.answer is not None:
+                transport.close()  # (not raised once an answer started; if it were: cut)
+            elif not transport.is_closing():
                 transport.write(problem_bytes(exc, request.close))
         except ConnectionError:
-            pass
+            pass  # the client left: the transport is closing
         except Exception:
             log.exception("request to %s failed", request.path)
             if self.answer is None and not transport.is_closing():
