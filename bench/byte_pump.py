@@ -63,7 +63,9 @@ class _Client(asyncio.Protocol):
 async def serve(upstream: str, port: int) -> None:
     host, up_port = upstream.rsplit(":", 1)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Client(host, int(up_port)), "127.0.0.1", port)
+    server = await loop.create_server(
+        lambda: _Client(host, int(up_port)), "127.0.0.1", port, backlog=1024
+    )  # as the server's public port: a wave of new streams must not overflow the SYN queue
     await server.serve_forever()
 
 

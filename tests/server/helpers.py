@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from loraplex_server.app import create_app
+from loraplex_server.front import PublicSite
 from loraplex_server.server import Server
 from loraplex_server.settings import Settings
 
@@ -38,11 +39,13 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serve_app(app: web.Application) -> AsyncIterator[str]:
+async def serve_app(app: web.Application, *, public: bool = False) -> AsyncIterator[str]:
+    """`app` on a free loopback port; `public`: behind `front.PublicSite`, as the server runs."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    site = PublicSite if public else web.TCPSite
+    await site(runner, "127.0.0.1", port).start()
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -200,7 +203,7 @@ class Running:
 async def run_server(settings: Settings) -> AsyncIterator[Running]:
     """The real server in this process, on loopback ports: fast to start, easy to inspect."""
     apps = create_app(settings)
-    async with serve_app(apps.public) as url, serve_app(apps.admin) as admin:
+    async with serve_app(apps.public, public=True) as url, serve_app(apps.admin) as admin:
         yield Running(url, admin, apps.server)
 
 

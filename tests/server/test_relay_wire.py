@@ -138,6 +138,21 @@ async def test_chunks_split_anywhere_are_relayed_and_the_connections_reused(
     assert 'loraplex_server_requests_total{adapter="tiny",code="200"} 3.0' in text
 
 
+async def usage_split(r: asyncio.StreamReader, w: asyncio.StreamWriter, head: bytes) -> None:
+    w.write(SSE_HEAD + chunk(EVENT) + chunk(USAGE[:25]) + chunk(USAGE[25:]) + chunk(DONE))
+    w.write(b"0\r\n\r\n")
+    await w.drain()
+
+
+async def test_a_usage_event_split_across_chunks_is_counted(tmp_path: Path) -> None:
+    async with proxied(tmp_path, usage_split) as (url, _, _):
+        async with aiohttp.ClientSession() as c, c.post(f"{url}/v1/completions", json=BODY) as r:
+            assert await r.read() == EVENT + USAGE + DONE
+        text = await metrics(url)
+    assert 'loraplex_server_completion_tokens_total{adapter="tiny"} 7.0' in text
+    assert 'loraplex_server_prompt_tokens_total{adapter="tiny"} 3.0' in text
+
+
 async def test_length_body_and_interim_answers(tmp_path: Path) -> None:
     doc = json.dumps({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 5}})
 

@@ -269,6 +269,19 @@ def test_a_full_set_takes_newcomers_only_in_place_of_idle_adapters() -> None:
     assert m.series.own() == ["b", "c"]
 
 
+def test_an_adapter_back_in_a_slot_counts_on_a_live_series() -> None:
+    """The proxy's cached children are dropped with the series: a returning adapter's samples
+    reach the scrape (a stale child would take them and show nothing)."""
+    m = Metrics(max_adapter_series=1, idle_after=0)
+    m.requests.labels("a", "200").inc()
+    m.requests.labels("a", "200").inc()
+    m.requests.labels("b", "200").inc()  # takes a's slot
+    m.requests.labels("a", "200").inc()  # and back
+    text = m.render().decode()
+    assert 'loraplex_server_requests_total{adapter="a",code="200"} 1.0' in text
+    assert 'adapter="b"' not in text
+
+
 def test_a_404_names_a_few_served_models_not_all_ten_thousand() -> None:
     message = str(errors.model_not_found("nope", [f"t-{i:05d}" for i in range(10_000)]))
     assert "t-00000" in message and "t-00019" in message and "t-00020" not in message

@@ -50,6 +50,7 @@ async def serve(settings: Settings, followers: list[subprocess.Popen[bytes]]) ->
     from aiohttp import web
 
     from loraplex_server.app import create_app, drain
+    from loraplex_server.front import PublicSite
 
     apps = create_app(settings)
     # The drain below already waited for in-flight requests; cleanup then cuts what is left.
@@ -59,7 +60,7 @@ async def serve(settings: Settings, followers: list[subprocess.Popen[bytes]]) ->
     await adm.setup()
     try:
         reuse = settings.workers > 1
-        await web.TCPSite(public, settings.host, settings.port, reuse_port=reuse).start()
+        await PublicSite(public, settings.host, settings.port, reuse_port=reuse).start()
         await web.TCPSite(adm, settings.admin_host, settings.admin_port).start()
         log.info(
             "listening on %s:%d (admin %s:%d, %d workers), vLLM at %s",
@@ -90,6 +91,7 @@ async def serve_follower(settings: Settings) -> None:
     from aiohttp import web
 
     from loraplex_server.app import drain, public_app
+    from loraplex_server.front import PublicSite
     from loraplex_server.workers import Follower
 
     follower = Follower(settings)
@@ -101,7 +103,7 @@ async def serve_follower(settings: Settings) -> None:
         # Join the shared port only once the owner's state is known: a request this worker
         # took earlier could only be answered 503.
         await follower.wait_for_owner()
-        await web.TCPSite(runner, settings.host, settings.port, reuse_port=True).start()
+        await PublicSite(runner, settings.host, settings.port, reuse_port=True).start()
         await _until_signal()
         await drain(follower)
     finally:

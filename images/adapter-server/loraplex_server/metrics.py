@@ -108,7 +108,7 @@ class AdapterSeries:
         self.clock = clock
         self.base: set[str] = set()  # the base model's served name(s): shared, like "none"
         self._recent: OrderedDict[str, float] = OrderedDict()  # adapter -> last used
-        self._families: list[MetricWrapperBase] = []
+        self._families: list[Bounded[Any]] = []
 
     def label(self, adapter: str) -> str:
         if adapter in _SHARED or adapter in self.base:
@@ -161,9 +161,12 @@ class AdapterSeries:
         self._recent[adapter] = self.clock()
 
     def _drop(self, adapter: str) -> None:
-        if os.environ.get(MULTIPROC_ENV):
-            return  # the files cannot forget a series: `render` leaves it out instead
-        for family in self._families:
+        multiprocess_files = bool(os.environ.get(MULTIPROC_ENV))
+        for bounded in self._families:
+            bounded.forget(adapter)
+            if multiprocess_files:
+                continue  # the files cannot forget a series: `render` leaves it out instead
+            family = bounded.family
             # prometheus_client has no "remove by one label"; its children are keyed by tuple.
             for values in [v for v in list(family._metrics) if v and v[0] == adapter]:
                 family.remove(*values)
@@ -178,12 +181,23 @@ class Bounded(Generic[M]):
         self.family = family
         self._series = series
         self._touch = touch
-        series._families.append(family)
+        # Children by label values: prometheus_client's `labels` validates and locks on every
+        # call, and the proxy asks five times per request.
+        self._children: dict[tuple[str, ...], M] = {}
+        series._families.append(self)
 
     def labels(self, adapter: str, *rest: str) -> M:
         label = self._series.label(adapter) if self._touch else self._series.peek(adapter)
-        child: M = self.family.labels(label, *rest)
+        key = (label, *rest)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.family.labels(label, *rest)
         return child
+
+    def forget(self, adapter: str) -> None:
+        """`adapter` lost its series: its next sample makes a new child (or goes to "other")."""
+        for key in [k for k in self._children if k[0] == adapter]:
+            del self._children[key]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.family, name)

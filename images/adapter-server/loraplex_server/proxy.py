@@ -23,10 +23,12 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from yarl import URL
 
 from loraplex_server import errors, relay
@@ -70,6 +72,7 @@ HOP_BY_HOP = frozenset(
 )
 _HOP_BY_HOP_RAW = frozenset(h.encode() for h in HOP_BY_HOP | {"expect"})
 _USAGE_PARSE_LIMIT = relay.USAGE_LIMIT
+_FRAMING_BYTES = b"\r\n0123456789abcdefABCDEF"
 # A chunk-size line between relayed pieces (SSE payloads never hold a raw CR LF).
 _CHUNK_FRAMING = re.compile(rb"(?:\A|\r\n)[0-9A-Fa-f]+(?:;[^\r\n]*)?\r\n")
 
@@ -81,6 +84,21 @@ def upstream_url(base: str, path: str) -> URL:
     return URL.build(scheme=b.scheme, host=b.host, port=b.port, path=path, encoded=True)
 
 
+def usage_event(tail: bytes) -> tuple[bytes, bytes] | None:
+    """The JSON of the last SSE data event that mentions `usage` in `tail`, and what follows
+    it; None if there is none."""
+    at = tail.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = tail.rfind(b"data:", 0, at)
+    if start < 0:
+        return None
+    end = tail.find(b"\n", at)
+    if end < 0:
+        return tail[start + 5 :], b""
+    return tail[start + 5 : end], tail[end:]
+
+
 def usage_of(tail: bytes, sse: bool) -> tuple[int, int]:
     """(prompt, completion) tokens from the last `usage` vLLM reported, or (0, 0).
 
@@ -88,14 +106,10 @@ def usage_of(tail: bytes, sse: bool) -> tuple[int, int]:
     before `[DONE]` (with `stream_options.include_usage`), so no per-event work is needed.
     """
     if sse:
-        at = tail.rfind(b'"usage"')
-        if at < 0:
+        found = usage_event(tail)
+        if found is None:
             return 0, 0
-        start = tail.rfind(b"data:", 0, at)
-        end = tail.find(b"\n", at)
-        if start < 0:
-            return 0, 0
-        tail = tail[start + 5 : end if end >= 0 else len(tail)]
+        tail = found[0]
     try:
         usage = json.loads(tail).get("usage")
     except (ValueError, AttributeError, RecursionError):
@@ -106,6 +120,15 @@ def usage_of(tail: bytes, sse: bool) -> tuple[int, int]:
         return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     except (TypeError, ValueError):
         return 0, 0
+
+
+def _whole_and_last(event: bytes, rest: bytes) -> bool:
+    """`event` is the usage event the framed tail would give with its framing stripped: it
+    holds no chunk framing (framing always has a CR, an SSE line never does), and nothing
+    after it but framing, blank lines and `[DONE]` (no later event split by framing)."""
+    if b"\r" in event:
+        return False
+    return not rest.replace(b"data: [DONE]", b"").translate(None, _FRAMING_BYTES)
 
 
 def pick_model(raw: bytes, content_type: str) -> tuple[str | None, bytes]:
@@ -185,31 +208,42 @@ class Proxy:
         return web.json_response({"object": "list", "data": cards})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """One inference request: pick the adapter, wait for it if needed, relay the answer."""
-        t0 = time.monotonic()
+        """One inference request that came through aiohttp (`front` hands over what it does
+        not serve itself: HTTP/1.0, chunked or `Expect` bodies, query strings, draining)."""
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise errors.Problem(
+                f"request body is larger than {self.settings.max_body_bytes} bytes "
+                "(--max-body-bytes)",
+                status=413,
+                code="body_too_large",
+            ) from None
+        client = _AiohttpClient(request)
         path = self.urls[request.path].raw_path  # app.path_gate let only INFERENCE_ROUTES in
+        await self.serve(client, path, raw, request.content_type)
+        return client.out
+
+    async def serve(self, client: Client, path: str, raw: bytes, content_type: str) -> None:
+        """One inference request: pick the adapter, wait for it if needed, relay the answer.
+
+        Failures before an answer started raise `errors.Problem`; the caller writes it.
+        """
+        t0 = time.monotonic()
         self.inflight += 1
         self.idle.clear()
         label = "none"
         try:
-            try:
-                raw = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise errors.Problem(
-                    f"request body is larger than {self.settings.max_body_bytes} bytes "
-                    "(--max-body-bytes)",
-                    status=413,
-                    code="body_too_large",
-                ) from None
-            name, raw = pick_model(raw, request.content_type)
+            name, raw = pick_model(raw, content_type)
             if name is None or name == self.gate.base():
                 label = "none" if name is None else name
-                return await self._forward(request, path, raw, label, t0)
+                await self._forward(client, path, raw, label, t0)
+                return
             if not self.gate.declared(name):
                 raise errors.model_not_found(name, self.gate.served_names())
             label = name
             async with self.gate.hold(name, len(raw)) as release:
-                return await self._forward(request, path, raw, label, t0, release)
+                await self._forward(client, path, raw, label, t0, release)
         except errors.Problem as exc:
             if isinstance(exc, errors.ModelNotFound):
                 label = "unknown"  # one label for every undeclared name: bounded series
@@ -225,33 +259,34 @@ class Proxy:
 
     async def _forward(
         self,
-        request: web.Request,
+        client: Client,
         path: str,
         raw: bytes,
         label: str,
         t0: float,
         accepted: Callable[[], None] | None = None,
-    ) -> web.StreamResponse:
+    ) -> None:
         """Send the request to vLLM and relay its answer (`relay`: bytes socket to socket)."""
-        http10 = request.version < aiohttp.HttpVersion11
-        headers = [(k, v) for k, v in request.raw_headers if k.lower() not in _HOP_BY_HOP_RAW]
+        http10 = client.http10
+        headers = [(k, v) for k, v in client.raw_headers if k.lower() not in _HOP_BY_HOP_RAW]
         head = self.upstream.request_head(path, headers, len(raw), http10)
         code = "502"
         ex: relay.Exchange | None = None
         try:
             try:
-                ex, answer = await self.upstream.exchange(head, raw, request.transport, http10)
+                ex, answer = await self.upstream.exchange(head, raw, client.transport, http10)
             except relay.UpstreamError as exc:
                 log.warning("vLLM did not answer %s: %s", path, exc)
                 raise errors.Unavailable(status=502) from None
             except ConnectionResetError:
                 code = "client_gone"  # hung up while vLLM had not answered yet
-                return web.Response(status=499)
+                client.gone()
+                return
             code = str(answer.status)
             if accepted is not None:
                 accepted()  # vLLM holds the request now; its adapter may be evicted
             if not answer.chunked and answer.length is None and not http10:
-                # close-delimited: cannot be relayed as is inside aiohttp's chunked response
+                # close-delimited: cannot be relayed as is inside a chunked response
                 log.warning("vLLM answered %s without length or chunked framing", path)
                 code = "502"
                 raise errors.Unavailable(status=502)
@@ -259,34 +294,26 @@ class Proxy:
                 log.warning("vLLM answered an HTTP/1.0 request %s with chunks", path)
                 code = "502"
                 raise errors.Unavailable(status=502)
-            out = web.StreamResponse(status=answer.status, reason=answer.reason)
-            for k, v in answer.headers:
-                if k.lower() not in HOP_BY_HOP:
-                    out.headers.add(k, v)
-            if answer.length is not None:
-                out.content_length = answer.length
-            writer = await out.prepare(request)
-            client = request.transport
-            if writer is None or client is None or client.is_closing():
+            prefix = await client.start(answer)
+            transport = client.transport
+            if prefix is None or transport is None or transport.is_closing():
                 code = "client_gone"
-                return out
-            writer.send_headers()  # the body bypasses the writer, so its head goes first
-            ex.attach(client)
-            outcome = await ex.wait(writer.drain)
+                return
+            ex.attach(transport, prefix, client.writes_last_chunk)
+            outcome = await ex.wait(client.drain)
             if ex.first_body_at is not None:
                 self.metrics.ttfb.labels(label).observe(ex.first_body_at - t0)
             if outcome is relay.Outcome.CLIENT_GONE:
                 code = "client_gone"  # leaving closes vLLM's connection: it aborts the request
-                return out
+                return
             if outcome is relay.Outcome.BROKEN:
                 code = "broken"
-                self._cut(client, ex, answer)
-                return out
+                self._cut(transport, ex, answer)
+                return
             self._count_usage(ex, answer, label)
             self.upstream.release(ex)
             ex = None
-            await out.write_eof()
-            return out
+            await client.end()
         except ConnectionError:
             code = "client_gone"
             raise
@@ -303,7 +330,11 @@ class Proxy:
         tail = ex.usage_bytes()
         sse = answer.content_type == "text/event-stream"
         if answer.chunked:
-            tail = _CHUNK_FRAMING.sub(b"", tail)
+            found = usage_event(tail) if sse else None
+            if found is not None and _whole_and_last(*found):
+                tail, sse = found[0], False  # no need to strip the framing from all the tail
+            else:
+                tail = _CHUNK_FRAMING.sub(b"", tail)
         elif not sse and ex.kept >= _USAGE_PARSE_LIMIT:
             return
         prompt, completion = usage_of(tail, sse)
@@ -331,3 +362,71 @@ class Proxy:
     def close(self) -> None:
         """Drop the pooled connections to vLLM (at shutdown)."""
         self.upstream.close()
+
+
+class Client(Protocol):
+    """The client side of one relayed request: aiohttp's (`_AiohttpClient`) or `front`'s."""
+
+    http10: bool
+    writes_last_chunk: bool  # the relay passes vLLM's last chunk on (else `end` writes one)
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+    @property
+    def raw_headers(self) -> Iterable[tuple[bytes, bytes]]: ...
+
+    async def start(self, answer: relay.Head) -> bytes | None:
+        """Get ready to relay `answer`: the bytes to send before its body, None if gone."""
+
+    async def drain(self) -> None: ...
+
+    async def end(self) -> None: ...
+
+    def gone(self) -> None:
+        """The client hung up before vLLM answered."""
+
+
+class _AiohttpClient:
+    """A request aiohttp parsed: its response writer sends the head and the last chunk."""
+
+    writes_last_chunk = False
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.http10 = request.version < aiohttp.HttpVersion11
+        self.out = web.StreamResponse()
+        self._writer: AbstractStreamWriter | None = None
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.request.transport
+
+    @property
+    def raw_headers(self) -> Iterable[tuple[bytes, bytes]]:
+        return self.request.raw_headers
+
+    async def start(self, answer: relay.Head) -> bytes | None:
+        out = self.out = web.StreamResponse(status=answer.status, reason=answer.reason)
+        for k, v in answer.headers:
+            if k.lower() not in HOP_BY_HOP:
+                out.headers.add(k, v)
+        if answer.length is not None:
+            out.content_length = answer.length
+        writer = await out.prepare(self.request)
+        transport = self.request.transport
+        if writer is None or transport is None or transport.is_closing():
+            return None
+        writer.send_headers()  # the body bypasses the writer: its head goes first
+        self._writer = writer
+        return b""
+
+    async def drain(self) -> None:
+        assert self._writer is not None
+        await self._writer.drain()
+
+    async def end(self) -> None:
+        await self.out.write_eof()
+
+    def gone(self) -> None:
+        self.out = web.Response(status=499)

@@ -170,11 +170,13 @@ class Exchange(asyncio.Protocol):
         self.outcome: Outcome | None = None
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
-        self.watch: asyncio.TimerHandle | None = None
         self.at_boundary = True  # the bytes relayed so far end between two chunks
         self.high = HIGH_WATER
         self._relay: Callable[[asyncio.Transport, bytes], None] = self._relay_plain
         self.clean = True  # no protocol oddity seen: the connection may carry another request
+        self.prefix = b""  # the client's response head, sent with the first piece of body
+        self.last_chunk = False  # pass vLLM's last chunk on to the client
+        self.delivered = False  # it was passed on: the client may leave, trailers still count
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -184,7 +186,7 @@ class Exchange(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         client = self.client
         if client is not None:  # the hot path: one relayed piece
-            if client.is_closing():
+            if client.is_closing() and not self.delivered:
                 self._finish(Outcome.CLIENT_GONE)
             else:
                 self._relay(client, data)
@@ -204,8 +206,7 @@ class Exchange(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if self.watch is not None:
-            self.watch.cancel()
+        self.pool.watching.discard(self)
         if self.head_waiter is not None and not self.head_waiter.done():
             err: UpstreamError = (
                 _Stale("vLLM closed a pooled connection")
@@ -228,19 +229,28 @@ class Exchange(asyncio.Protocol):
         self.head_waiter = asyncio.get_running_loop().create_future()
         self.watched = watched
         self.transport.writelines((head, body) if body else (head,))
-        self._arm_watch()
+        self.pool.watch(self)
 
     async def read_head(self) -> Head:
         assert self.head_waiter is not None
         return await self.head_waiter
 
-    def attach(self, client: asyncio.Transport) -> None:
-        """From now on, body goes straight to `client`; what arrived meanwhile goes first."""
+    def attach(self, client: asyncio.Transport, prefix: bytes = b"", last: bool = False) -> None:
+        """From now on, body goes straight to `client`; what arrived meanwhile goes first.
+
+        `prefix` (the client's response head) goes out with the first piece of body, in one
+        send; with `last` vLLM's last chunk is passed on too (else the caller writes its own).
+        """
         self.client = client
         self.high = client.get_write_buffer_limits()[1]
         chunked = self.head is not None and self.head.chunked
         self._relay = self._relay_chunked if chunked else self._relay_plain
+        self.last_chunk = last
+        self.prefix = prefix  # joins the first piece relayed: one send (each write is one)
         self._flush_pending()
+        if self.prefix and not client.is_closing():
+            client.write(self.prefix)
+        self.prefix = b""
 
     async def wait(self, drain: Callable[[], Awaitable[None]]) -> Outcome:
         """Until the body is relayed (or cut); drains the client while vLLM is paused.
@@ -277,20 +287,15 @@ class Exchange(asyncio.Protocol):
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _arm_watch(self) -> None:
-        self.watch = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._check_client)
-
-    def _check_client(self) -> None:
-        self.watch = None
+    def check_client(self) -> None:
+        """The pool's watch: end the exchange if its client hung up (see `UpstreamPool.watch`)."""
         if self.outcome is not None:
             return
         watched = self.watched
-        if watched is not None and watched.is_closing():
+        if watched is not None and watched.is_closing() and not self.delivered:
             self._finish(Outcome.CLIENT_GONE)
             if self.head_waiter is not None and not self.head_waiter.done():
                 self.head_waiter.set_exception(ConnectionResetError("the client hung up"))
-            return
-        self._arm_watch()
 
     def _read_head(self, data: bytes) -> None:
         buf = self.head_buf + data
@@ -368,6 +373,8 @@ class Exchange(asyncio.Protocol):
                 self.clean = False
             self.left -= len(data)
         self._keep(data)
+        if self.prefix:
+            data, self.prefix = self.prefix + data, b""
         client.write(data)
         if not self.until_close and self.left == 0:
             self._finish(Outcome.COMPLETE)
@@ -376,6 +383,20 @@ class Exchange(asyncio.Protocol):
 
     def _relay_chunked(self, client: asyncio.Transport, data: bytes) -> None:
         """Forward chunks verbatim, holding back a partial size line and the last chunk."""
+        if not (self.left or self.size_line or self.trailers or self.prefix) and self.first_body_at:
+            # The common piece at a GPU's pace: exactly one whole chunk (one SSE event).
+            j = data.find(b"\r\n", 0, _SIZE_LINE_LIMIT)
+            if j > 0:
+                try:
+                    size = int(data[:j], 16)
+                except ValueError:
+                    size = 0
+                if size > 0 and size + j + 4 == len(data):  # (the last chunk is size 0)
+                    self._keep(data)
+                    client.write(data)
+                    if client.get_write_buffer_size() > self.high:
+                        self._pause()
+                    return
         if self.first_body_at is None:
             self.first_body_at = time.monotonic()
         if self.trailers:
@@ -422,9 +443,14 @@ class Exchange(asyncio.Protocol):
             i = j + 2
         self.left = left
         self.at_boundary = left == 0
-        if end:
+        if end or (last_at >= 0 and self.last_chunk):
             out = data if end == n else data[:end]
             self._keep(out)
+            if last_at >= 0 and self.last_chunk:
+                out += b"0\r\n\r\n"  # no trailers: vLLM sends none, and they are not relayed
+                self.delivered = True
+            if self.prefix:
+                out, self.prefix = self.prefix + out, b""
             client.write(out)
         if last_at >= 0:
             self.trailers = True
@@ -446,11 +472,12 @@ class Exchange(asyncio.Protocol):
 
     def _keep(self, data: bytes) -> None:
         tail = self.tail
-        if self.sse:  # the last TAIL_BYTES, however TCP split them
+        if self.sse:  # at least the last TAIL_BYTES, however TCP split them
             tail.append(data)
             self.kept += len(data)
-            while self.kept > TAIL_BYTES and len(tail) > 1:
-                self.kept -= len(tail.popleft())
+            if self.kept > 2 * TAIL_BYTES:  # trimmed now and then, not on every piece
+                while self.kept > TAIL_BYTES and len(tail) > 1:
+                    self.kept -= len(tail.popleft())
         elif self.kept < USAGE_LIMIT:
             tail.append(data)
             self.kept += len(data)
@@ -469,9 +496,7 @@ class Exchange(asyncio.Protocol):
         if self.outcome is not None:
             return
         self.outcome = outcome
-        if self.watch is not None:
-            self.watch.cancel()
-            self.watch = None
+        self.pool.watching.discard(self)
         self.client = None  # nothing more goes to the client from here
         self._wake()
         if not self.reusable() and self.transport is not None and not self.lost:
@@ -506,6 +531,8 @@ class UpstreamPool:
         self.authority = f"{url.host}:{self.port}"
         self.idle: list[Exchange] = []
         self.open: set[Exchange] = set()
+        self.watching: set[Exchange] = set()  # exchanges in flight, checked every WATCH_INTERVAL
+        self._watch: asyncio.TimerHandle | None = None
 
     async def exchange(
         self, head: bytes, body: bytes, watched: asyncio.Transport | None, http10: bool
@@ -524,6 +551,20 @@ class UpstreamPool:
                 ex.abort()
                 raise
         raise UpstreamError("vLLM closed two connections in a row")
+
+    def watch(self, ex: Exchange) -> None:
+        """Check `ex`'s client every WATCH_INTERVAL until it ends: one timer for all exchanges
+        rather than one armed and cancelled per request."""
+        self.watching.add(ex)
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._check)
+
+    def _check(self) -> None:
+        self._watch = None
+        for ex in list(self.watching):
+            ex.check_client()
+        if self.watching:
+            self._watch = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._check)
 
     def request_head(
         self, path: str, headers: Iterable[tuple[bytes, bytes]], length: int, http10: bool
@@ -576,6 +617,9 @@ class UpstreamPool:
             self.idle.remove(ex)
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for ex in list(self.open):
             if ex.transport is not None:
                 ex.transport.abort()
