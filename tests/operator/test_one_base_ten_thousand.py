@@ -208,11 +208,13 @@ class ReportingPods(PodSync):
     are the server's own response models; what is under test is what the reconciler writes
     from them)."""
 
+    state = AdapterState.CACHED
+
     async def sync(
         self, pods: Sequence[PodTarget], manifest: AdapterManifest, token: str
     ) -> dict[str, AdaptersResponse | None]:
         adapters = [
-            AdapterReport(name=a.name, served_name=a.served_name, state=AdapterState.CACHED)
+            AdapterReport(name=a.name, served_name=a.served_name, state=self.state)
             for a in manifest.adapters
         ]
         report = AdaptersResponse(
@@ -251,7 +253,8 @@ async def test_statuses_are_written_once_while_pods_report_the_same(
     await kube.create(PODS, NS, pod)  # status is the kubelet's: set through its subresource
     await kube.patch(PODS, NS, pod["metadata"]["name"], {"status": pod["status"]}, sub="status")
     client = KubeClient(cluster.connection(), user_agent="loraplex-operator/test")
-    rec = Reconciler(client, ReportingPods(), token_key=b"k" * 32)
+    pods = ReportingPods()
+    rec = Reconciler(client, pods, token_key=b"k" * 32)
     try:
         rec.adapters.prime(await kube.list(LORAADAPTERS, NS))  # the cache, then never fed
         await rec.reconcile_base(NS, BASE)
@@ -268,6 +271,13 @@ async def test_statuses_are_written_once_while_pods_report_the_same(
         await asyncio.wait_for(rec.statuses.flush(), 60)
         after = REGISTRY.get_sample_value("loraplex_operator_status_writes_total", {"result": "ok"})
         assert after == written
+        # Unchanged adapters are not decided again; a changed report is (every adapter).
+        pods.state = AdapterState.LOADING
+        await rec.reconcile_base(NS, BASE)
+        assert rec.statuses.pending() == n
+        await asyncio.wait_for(rec.statuses.flush(), 60)
+        adapters = await kube.list(LORAADAPTERS, NS)
+        assert all(a["status"]["pods"][0]["state"] == "loading" for a in adapters)
         # The watch event of our own manifest write starts no pass; a hand edit does.
         index = await kube.get(CONFIGMAPS, NS, naming.configmap_name(BASE))
         assert index is not None and rec.is_own_write(index)
