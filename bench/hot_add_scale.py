@@ -137,6 +137,23 @@ async def pod_settled(url: str, adapters: int, timeout: float = 900) -> None:
     raise TimeoutError("the pod did not fetch every adapter")
 
 
+def show_logs(root: Path) -> None:
+    """The tails of the server's and the stand-in's logs, for a run that failed."""
+    for log in ("server.log", "upstream.log"):
+        with contextlib.suppress(OSError):
+            print(f"--- {log}", *(root / log).read_text().splitlines()[-15:], sep="\n")
+
+
+async def stop_pod(tasks: list[asyncio.Task[None]], server: Any) -> None:
+    """Stop the bench's kubelet task(s) and the adapter-server (if it started)."""
+    for t in tasks:
+        t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+    if server is not None:
+        await asyncio.to_thread(server.stop)
+
+
 async def first_completion(url: str, model: str, timeout: float = 60) -> int:
     """POST until 200; returns the number of attempts."""
     body = {"model": model, "prompt": "hello", "max_tokens": 4}
@@ -252,17 +269,10 @@ async def run(adapters: int, adds: int, timeout: float) -> dict[str, Any]:
                     )
                     await asyncio.sleep(2)
             except BaseException:
-                for log in ("server.log", "upstream.log"):
-                    with contextlib.suppress(OSError):
-                        print(f"--- {log}", *(root / log).read_text().splitlines()[-15:], sep="\n")
+                show_logs(root)
                 raise
             finally:
-                for t in tasks:
-                    t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await t
-                if server is not None:
-                    await asyncio.to_thread(server.stop)
+                await stop_pod(tasks, server)
                 await kube.close()
                 await asyncio.to_thread(op.stop)
                 stand_in.stop()
@@ -372,17 +382,10 @@ async def run_in_process(adapters: int, adds: int) -> dict[str, Any]:
                     await asyncio.sleep(2)
                     watched()
             except BaseException:
-                for log in ("server.log", "upstream.log"):
-                    with contextlib.suppress(OSError):
-                        print(f"--- {log}", *(root / log).read_text().splitlines()[-15:], sep="\n")
+                show_logs(root)
                 raise
             finally:
-                for t in tasks:
-                    t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await t
-                if server is not None:
-                    await asyncio.to_thread(server.stop)
+                await stop_pod(tasks, server)
                 await rec.statuses.close()
                 await kube.close()
                 await op_kube.close()
