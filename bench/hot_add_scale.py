@@ -30,6 +30,7 @@ import base64
 import contextlib
 import json
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -144,6 +145,14 @@ def show_logs(root: Path) -> None:
             print(f"--- {log}", *(root / log).read_text().splitlines()[-15:], sep="\n")
 
 
+def copy_logs(logs: list[Path], folder: Path) -> None:
+    """Keep the run's logs: a pass slower than half a second logs its phases there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for kept in logs:
+        with contextlib.suppress(OSError):
+            shutil.copy(kept, folder / kept.name)
+
+
 async def stop_pod(tasks: list[asyncio.Task[None]], server: Any) -> None:
     """Stop the bench's kubelet task(s) and the adapter-server (if it started)."""
     for t in tasks:
@@ -170,7 +179,9 @@ async def first_completion(url: str, model: str, timeout: float = 60) -> int:
     raise TimeoutError(f"{model} not served within {timeout}s: {last[:300]!r}")
 
 
-async def run(adapters: int, adds: int, timeout: float) -> dict[str, Any]:
+async def run(
+    adapters: int, adds: int, timeout: float, keep_logs: Path | None = None
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="loraplex-hot-add-") as tmp:
         root = Path(tmp)
         model = await asyncio.to_thread(make_model, root / "tiny")
@@ -276,6 +287,9 @@ async def run(adapters: int, adds: int, timeout: float) -> dict[str, Any]:
                 await kube.close()
                 await asyncio.to_thread(op.stop)
                 stand_in.stop()
+                if keep_logs is not None:
+                    logs = [op.log_path, root / "server.log"]
+                    await asyncio.to_thread(copy_logs, logs, keep_logs)
     served_times = [r["apply_to_first_completion_s"] for r in results]
     return {
         "adapters": adapters,
@@ -409,11 +423,14 @@ def main() -> None:
     ap.add_argument("--adds", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--in-process", action="store_true", help="the reconciler without kopf")
+    ap.add_argument(
+        "--keep-logs", type=Path, help="copy the operator's and server's logs to this folder"
+    )
     a = ap.parse_args()
     if a.in_process:
         print(json.dumps(asyncio.run(run_in_process(a.adapters, a.adds)), indent=2))
     else:
-        print(json.dumps(asyncio.run(run(a.adapters, a.adds, a.timeout)), indent=2))
+        print(json.dumps(asyncio.run(run(a.adapters, a.adds, a.timeout, a.keep_logs)), indent=2))
 
 
 if __name__ == "__main__":

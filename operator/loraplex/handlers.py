@@ -141,7 +141,7 @@ async def adapter_event(
 async def owned_changed(body: kopf.Body, event: kopf.RawEvent, **kw: Any) -> None:
     """An owned object changed or vanished (by hand, or its pods' readiness): converge now.
     Not for the version our own last write made: the pass that wrote it has converged."""
-    if event.get("type") == "MODIFIED" and _r().is_own_write(dict(body)):
+    if event.get("type") == "MODIFIED" and await _r().was_own_write(dict(body)):
         return
     labels = body.get("metadata", {}).get("labels", {}) or {}
     base = labels.get(naming.BASE_LABEL)

@@ -89,8 +89,13 @@ class PodSync:
         self._traces = list(trace_configs)  # aiohttp's request hooks, for tracing
         self._session: aiohttp.ClientSession | None = None
         self._last_body: tuple[AdapterManifest, bytes] | None = None
-        # pod (ip, name) -> the manifest generation it last reported.
+        # pod (ip, name) -> the manifest generation it last reported; the generation last
+        # pushed to it (by `push_behind`, so `sync` does not push it again).
         self._seen: dict[tuple[str, str], int] = {}
+        self._pushed: dict[tuple[str, str], int] = {}
+        # pod (ip, name) -> (the version the pod gave its last full report, that report): the
+        # next poll asks "changed since?" and an unchanged pod answers 304 with no body.
+        self._reports: dict[tuple[str, str], tuple[str, AdaptersResponse]] = {}
 
     async def _sess(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -135,17 +140,31 @@ class PodSync:
 
         Pages bound each response (10,000 adapters are ~3 MB in one); a generation that moves
         between pages makes the result None, and the next pass polls again. A server without
-        paging ignores `limit` and answers in one page."""
+        paging ignores `limit` and answers in one page.
+
+        The first page carries the version of the report we hold (If-None-Match): a pod with
+        nothing changed answers 304 and the same report object comes back, which also lets
+        the reconciler see every adapter's inputs as unchanged without comparing them."""
+        key = (pod.ip, pod.name)
         url = f"http://{pod.ip}:{pod.public_port}/v1/adapters"
         params = {"limit": str(POLL_PAGE)}
+        held = self._reports.pop(key, None)
+        headers = {"If-None-Match": f'"{held[0]}"'} if held is not None else {}
         whole: AdaptersResponse | None = None
+        version = ""
         try:
             sess = await self._sess()
             while True:
-                async with sess.get(url, params=params) as resp:
+                async with sess.get(url, params=params, headers=headers) as resp:
+                    if resp.status == 304 and held is not None:
+                        self._hold(key, held)
+                        return held[1]
                     if resp.status != 200:
                         return None
+                    if whole is None:  # the version of the report as it was at page one
+                        version = resp.headers.get("ETag", "").strip('"')
                     page = AdaptersResponse.model_validate(await resp.json())
+                headers = {}
                 if whole is None:
                     whole = page
                 elif page.generation != whole.generation:
@@ -153,11 +172,43 @@ class PodSync:
                 else:
                     whole = whole.model_copy(update={"adapters": whole.adapters + page.adapters})
                 if not page.continue_:
-                    return whole.model_copy(update={"continue_": None})
+                    whole = whole.model_copy(update={"continue_": None})
+                    if version:
+                        self._hold(key, (version, whole))
+                    return whole
                 params = {"limit": str(POLL_PAGE), "continue": page.continue_}
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.info("poll of pod %s failed: %s", pod.name, type(exc).__name__)
             return None
+
+    def _hold(self, key: tuple[str, str], report: tuple[str, AdaptersResponse]) -> None:
+        if len(self._reports) >= SEEN_PODS:  # pods come and go: forgetting costs one full poll
+            self._reports.clear()
+        self._reports[key] = report
+
+    async def push_behind(
+        self, pods: Sequence[PodTarget], manifest: AdapterManifest, token: str
+    ) -> None:
+        """Push `manifest` to the pods known to be behind it (the manifest changed since their
+        last report: a hot add), before any poll. A pass calls this while it still holds its
+        BaseModel and `sync` after letting go, so a new adapter waits neither for this pass's
+        polls (ten pages per pod at 10,000 adapters) nor for another pass's."""
+
+        async def one(pod: PodTarget) -> None:
+            key = (pod.ip, pod.name)
+            if await self.push(pod, manifest, token):
+                self._pushed[key] = manifest.generation
+
+        await asyncio.gather(*(one(p) for p in pods if self._behind((p.ip, p.name), manifest)))
+
+    def _behind(self, key: tuple[str, str], manifest: AdapterManifest) -> bool:
+        """Known to hold an older generation, and not yet pushed this one."""
+        known = self._seen.get(key)
+        return (
+            known is not None
+            and known < manifest.generation
+            and self._pushed.get(key) != manifest.generation
+        )
 
     async def sync(
         self, pods: Sequence[PodTarget], manifest: AdapterManifest, token: str
@@ -166,20 +217,22 @@ class PodSync:
 
         A pod known to be behind (the manifest changed since its last report: a hot add) is
         pushed to first, without the poll before: at 10,000 adapters that poll is ten pages,
-        and the new adapter would wait for them."""
+        and the new adapter would wait for them. One `push_behind` already pushed to is only
+        polled."""
 
         async def one(pod: PodTarget) -> AdaptersResponse | None:
             key = (pod.ip, pod.name)
-            known = self._seen.get(key)
+            pushed = self._pushed.get(key) == manifest.generation
             report = None
-            if known is None or known >= manifest.generation:
+            if not self._behind(key, manifest):
                 report = await self.poll(pod)
             behind = report is None or report.generation < manifest.generation
-            if behind and await self.push(pod, manifest, token):
+            if behind and not pushed and await self.push(pod, manifest, token):
                 report = await self.poll(pod)
             if report is not None:
                 if len(self._seen) >= SEEN_PODS:  # pods come and go: forgetting costs one poll
                     self._seen.clear()
+                    self._pushed.clear()
                 self._seen[key] = report.generation
             return report
 

@@ -4,6 +4,12 @@ Everything about a BaseModel is decided in one pass under a per-object lock, lev
 whichever event triggered it (a BaseModel or LoRAAdapter change, a drifted Deployment, a
 timer tick), the pass reads the current state and converges to it. That makes restarts and
 missed events harmless: the next pass does the same thing.
+
+A pass has two halves under two per-object locks, taken hand over hand: the first reads,
+decides, writes the owned objects and pushes a changed manifest to the pods known to be
+behind; the second polls the pods and writes statuses. The next pass may publish while the
+previous one still polls (at 10,000 adapters a poll is ten pages per pod, and a hot add
+waited behind them), and reports still land in the order the passes published.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,11 +64,13 @@ from loraplex.status import PodView, adapter_status, base_status
 from loraplex.statuswriter import StatusWriter
 from loraplex.weights import failure_message, loader_state, weights_cache
 from loraplex_server import manifest_shards
-from loraplex_server.manifest import AdapterManifest, AdaptersResponse
+from loraplex_server.manifest import AdapterManifest, AdapterReport, AdaptersResponse
 
 log = logging.getLogger("loraplex.reconcile")
 # (object, reason, message): how the reconciler reports events without depending on kopf.
 EventSink = Callable[[dict[str, Any], str, str], None]
+# What a pass does after letting its BaseModel go: poll pods, write statuses.
+Report = Callable[[], Awaitable[None]]
 
 
 # The metadata a reconcile reads from a LoRAAdapter; the rest (managedFields, annotations such
@@ -292,6 +300,31 @@ class Outcome:
     routing_problem: RoutingProblem | None = None
 
 
+SLOW_PASS = 0.5  # seconds: a pass slower than this logs where its time went
+
+
+class Laps:
+    """Seconds spent in each phase of a pass, so a slow pass says where its time went (a hot
+    add at 10,000 adapters is a race against one second: the phases are what to cut)."""
+
+    def __init__(self) -> None:
+        self.start = self._mark = time.monotonic()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.laps.append((phase, now - self._mark))
+        self._mark = now
+
+    @property
+    def total(self) -> float:
+        return self._mark - self.start
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{phase} {seconds:.3f}" for phase, seconds in self.laps)
+        return f"{self.total:.3f} s ({parts})"
+
+
 class Reconciler:
     """Owns the API client, the pod seam and per-BaseModel locks."""
 
@@ -318,7 +351,10 @@ class Reconciler:
         # operator watches (empty: all), for priming it.
         self.adapters = AdapterCache()
         self.namespaces: tuple[str, ...] = ()
+        # Per BaseModel: one pass reads, decides and publishes at a time; its pod polls and
+        # status reports come after, under the second lock, in the same order.
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._report_locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._phases: dict[tuple[str, str], str] = {}
         # Adapter statuses are written by their own task per BaseModel, never inside a pass.
         self.statuses = StatusWriter(self._patch_adapter_status, in_flight=status_writes_in_flight)
@@ -332,6 +368,8 @@ class Reconciler:
         # (ns, adapter) -> (the inputs of its last decision, the status it was decided from,
         # the phase): an adapter whose inputs and status are unchanged is not decided again.
         self._decided: dict[tuple[str, str], tuple[Any, Any, str]] = {}
+        # (ns, pod) -> (its last report, that report by adapter name).
+        self._by_name: dict[tuple[str, str], tuple[AdaptersResponse, dict[str, AdapterReport]]] = {}
         # (kind, ns, name) of owned objects -> the resourceVersion our last write produced.
         self._own_writes: dict[tuple[str, str, str], str] = {}
 
@@ -344,19 +382,33 @@ class Reconciler:
             return Outcome(result="coalesced")
         start = time.monotonic()
         self._queued[key] = True
-        async with self._locks[key]:
-            self._queued[key] = False
+        laps = Laps()
+        reporting = self._report_locks[key]
+        try:
+            async with self._locks[key]:
+                self._queued[key] = False
+                outcome, report = await self._converge(namespace, name, laps)
+                # Hand over: the next pass may publish while this one polls pods and reports
+                # (a hot add waits for no poll), and reports still land in pass order.
+                await reporting.acquire()
             try:
-                outcome = await self._reconcile(namespace, name)
-            except Exception:
-                RECONCILES.labels("BaseModel", "error").inc()
-                raise
+                laps.lap("handover")
+                await report()
             finally:
-                RECONCILE_SECONDS.labels("BaseModel").observe(time.monotonic() - start)
+                reporting.release()
+        except Exception:
+            RECONCILES.labels("BaseModel", "error").inc()
+            raise
+        finally:
+            RECONCILE_SECONDS.labels("BaseModel").observe(time.monotonic() - start)
+        level = logging.INFO if laps.total > SLOW_PASS else logging.DEBUG
+        log.log(level, "BaseModel %s/%s: pass %s took %s", namespace, name, outcome.result, laps)
         RECONCILES.labels("BaseModel", outcome.result).inc()
         return outcome
 
-    async def _reconcile(self, ns: str, name: str) -> Outcome:
+    async def _converge(self, ns: str, name: str, laps: Laps) -> tuple[Outcome, Report]:
+        """Read, decide and publish (owned objects, pushes to pods known behind); returns
+        what is left to do once the BaseModel is let go: poll pods and write statuses."""
         bm = await self.kube.get(BASEMODELS, ns, name)
         mine = await self._adapters(ns, name)
         log.debug("reconciling BaseModel %s/%s with %d adapters", ns, name, len(mine))
@@ -369,16 +421,20 @@ class Reconciler:
                 f"spec.baseModel: BaseModel {name!r} does not exist in namespace {ns!r}; "
                 "create it or point spec.baseModel at an existing one",
             )
-            self._report_adapters(
-                ns, name, live, {a["metadata"]["name"]: missing for a in live}, {}, None
-            )
-            return Outcome(result="missing")
+
+            async def report_missing() -> None:
+                self._report_adapters(
+                    ns, name, live, {a["metadata"]["name"]: missing for a in live}, {}, None
+                )
+
+            return Outcome(result="missing"), report_missing
         meta = bm.get("metadata", {})
         gen = meta.get("generation")
         old = _status_model(BaseModelStatus, bm.get("status"))
         owner = Owner(name, ns, str(meta.get("uid", "")))
         token = admin_token(self.token_key, ns, name, owner.uid)
         stored, stored_shards, read_back = await self._stored_manifest(ns, name)
+        laps.lap("read")
         decision = decide(
             owner,
             bm.get("spec"),
@@ -391,29 +447,36 @@ class Reconciler:
             config_json=read_local_config(bm.get("spec")),
             read=self._read_candidate,
         )
+        laps.lap("decide")
         if decision.invalid is not None or decision.spec is None:
             exc = decision.invalid or InvalidSpec("spec", "missing")
             log.warning("BaseModel %s/%s invalid: %s", ns, name, exc)
-            await self._write_base(ns, name, bm, base_status(old, gen, invalid=exc))
             bad = Verdict(
                 False,
                 "IncompatibleBaseModel",
                 f"BaseModel {name!r} is invalid ({exc}); fix it first",
             )
-            self._report_adapters(
-                ns, name, live, {a["metadata"]["name"]: bad for a in live}, {}, None
-            )
-            return Outcome(result="invalid")
+
+            async def report_invalid() -> None:
+                await self._write_base(ns, name, bm, base_status(old, gen, invalid=exc))
+                self._report_adapters(
+                    ns, name, live, {a["metadata"]["name"]: bad for a in live}, {}, None
+                )
+
+            return Outcome(result="invalid"), report_invalid
         spec = decision.spec
         plan, verdicts, manifest = decision.plan, decision.verdicts, decision.manifest
         assert plan is not None
         outcome = Outcome(plan=plan, verdicts=verdicts, manifest=manifest)
         if manifest is None:
             log.warning("BaseModel %s/%s infeasible: %s", ns, name, plan.message)
-            await self._write_base(ns, name, bm, base_status(old, gen, plan=plan))
-            self._report_adapters(ns, name, live, verdicts, {}, None)
+
+            async def report_infeasible() -> None:
+                await self._write_base(ns, name, bm, base_status(old, gen, plan=plan))
+                self._report_adapters(ns, name, live, verdicts, {}, None)
+
             outcome.result = "infeasible"
-            return outcome
+            return outcome, report_infeasible
         weights: WeightsStatus | None = None
         index_name = naming.configmap_name(name)
         shard_names = {
@@ -462,30 +525,39 @@ class Reconciler:
                     outcome.writes.append(f"-ConfigMap/{stale}")
         if not spec.network_policy.enabled and await self._retire_networkpolicy(owner):
             outcome.writes.append(f"-NetworkPolicy/{naming.networkpolicy_name(name)}")
+        laps.lap("store")
         deployment = await self.kube.get(DEPLOYMENTS, ns, naming.deployment_name(name))
-        reports: dict[str, AdaptersResponse | None] = {}
+        targets: list[PodTarget] = []
         if self.sync_pods:
             targets = ready_pods(await self.kube.list(PODS, ns, naming.selector_labels(name)))
+            await self.pods.push_behind(targets, manifest, token)
+        laps.lap("push")
+
+        async def report() -> None:
             reports = await self.pods.sync(targets, manifest, token) if targets else {}
-        adapter_phases = self._report_adapters(ns, name, live, verdicts, reports, manifest)
-        counts = AdapterCounts(
-            declared=len(live), ready=sum(1 for p in adapter_phases.values() if p == "Ready")
-        )
-        status = base_status(
-            old,
-            gen,
-            plan=plan,
-            deployment=deployment,
-            replicas=spec.replicas,
-            adapters=counts,
-            endpoint=naming.endpoint(name, ns),
-            manifest_generation=manifest.generation,
-            weights=weights,
-        )
-        self._report_conflicts(status, gen, outcome.conflicts)
-        _report_routing(status, gen, spec, outcome.routing_problem)
-        await self._write_base(ns, name, bm, status)
-        return outcome
+            laps.lap("pods")
+            adapter_phases = self._report_adapters(ns, name, live, verdicts, reports, manifest)
+            laps.lap("report")
+            counts = AdapterCounts(
+                declared=len(live), ready=sum(1 for p in adapter_phases.values() if p == "Ready")
+            )
+            status = base_status(
+                old,
+                gen,
+                plan=plan,
+                deployment=deployment,
+                replicas=spec.replicas,
+                adapters=counts,
+                endpoint=naming.endpoint(name, ns),
+                manifest_generation=manifest.generation,
+                weights=weights,
+            )
+            self._report_conflicts(status, gen, outcome.conflicts)
+            _report_routing(status, gen, spec, outcome.routing_problem)
+            await self._write_base(ns, name, bm, status)
+            laps.lap("status")
+
+        return outcome, report
 
     async def _ensure_loader(
         self, ns: str, name: str, spec: Any, job: dict[str, Any], outcome: Outcome
@@ -718,9 +790,7 @@ class Reconciler:
         # Each pod's report by adapter name, built once: a search per adapter is quadratic
         # (10,000 adapters: 100 million comparisons per pod per pass).
         by_name = {
-            pod: {a.name: a for a in rep.adapters}
-            for pod, rep in reports.items()
-            if rep is not None
+            pod: self._indexed(ns, pod, rep) for pod, rep in reports.items() if rep is not None
         }
         changed = 0
         probe = manifest is not None and manifest.checks.probe
@@ -777,6 +847,18 @@ class Reconciler:
             )
         return phases
 
+    def _indexed(self, ns: str, pod: str, rep: AdaptersResponse) -> dict[str, AdapterReport]:
+        """A pod's report by adapter name, built once per report (an unchanged pod's poll
+        returns the report object it returned before)."""
+        known = self._by_name.get((ns, pod))
+        if known is not None and known[0] is rep:
+            return known[1]
+        if len(self._by_name) >= 4096:  # pods come and go: forgetting costs one rebuild
+            self._by_name.clear()
+        index = {a.name: a for a in rep.adapters}
+        self._by_name[(ns, pod)] = (rep, index)
+        return index
+
     def report_unplaced(self, ns: str, obj: dict[str, Any]) -> None:
         """An adapter with no usable spec.baseModel: nothing to reconcile it under, so say why
         on the adapter itself (once: its own write comes back as an event)."""
@@ -804,6 +886,18 @@ class Reconciler:
         hot add waited behind."""
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         return bool(rv) and self._own_writes.get(_object_key(obj)) == rv
+
+    async def was_own_write(self, obj: Mapping[str, Any]) -> bool:
+        """`is_own_write`, judged once the BaseModel's publishing pass (if one runs) has let
+        go: the watch can deliver a write's event before that pass has read the write's
+        response, and such an event used to start a whole pass of its own."""
+        meta = obj.get("metadata") or {}
+        base = (meta.get("labels") or {}).get(naming.BASE_LABEL)
+        lock = self._locks.get((str(meta.get("namespace", "")), str(base)))
+        if lock is not None and lock.locked():
+            async with lock:
+                pass
+        return self.is_own_write(obj)
 
     def _read_candidate(self, obj: Mapping[str, Any]) -> Candidate:
         meta = obj.get("metadata") or {}

@@ -285,6 +285,75 @@ async def test_statuses_are_written_once_while_pods_report_the_same(
             CONFIGMAPS, NS, naming.configmap_name(BASE), {"metadata": {"labels": {"x": "y"}}}
         )
         assert edited is not None and not rec.is_own_write(edited)
+        # The watch may deliver a write's event before the pass that wrote it has read the
+        # response: the event is judged after that pass lets the BaseModel go.
+        publishing = rec._locks[(NS, BASE)]
+        await publishing.acquire()
+        judged = asyncio.create_task(rec.was_own_write(edited))
+        await asyncio.sleep(0.05)
+        assert not judged.done()
+        rec._remember_write(edited)  # what the pass does once the write's response is read
+        publishing.release()
+        assert await asyncio.wait_for(judged, 5)
     finally:
         await rec.statuses.close()
         await client.close()
+
+
+class HeldPods(ReportingPods):
+    """ReportingPods whose polls wait for the test to let them answer, recording the
+    generation each `sync` was asked about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.polled: list[int] = []
+
+    async def sync(
+        self, pods: Sequence[PodTarget], manifest: AdapterManifest, token: str
+    ) -> dict[str, AdaptersResponse | None]:
+        self.polled.append(manifest.generation)
+        await self.gate.wait()
+        return await super().sync(pods, manifest, token)
+
+
+async def test_the_next_pass_publishes_while_the_one_before_polls_its_pods(
+    cluster: Cluster, kube: KubeClient
+) -> None:
+    """A pass lets its BaseModel go before it polls pods (ten pages per pod at 10,000
+    adapters): an apply's pass publishes its manifest meanwhile, and its own poll and status
+    report wait for the earlier pass's, so reports land in the order passes published."""
+    n = 20
+    await create_all(cluster, kube, [basemodel(), *(adapter(i) for i in range(n))])
+    pod = ready_pod()
+    await kube.create(PODS, NS, pod)
+    await kube.patch(PODS, NS, pod["metadata"]["name"], {"status": pod["status"]}, sub="status")
+    client = KubeClient(cluster.connection(), user_agent="loraplex-operator/test")
+    pods = HeldPods()
+    rec = Reconciler(client, pods, token_key=b"k" * 32)
+    try:
+        first = asyncio.create_task(rec.reconcile_base(NS, BASE))
+        await _until(lambda: pods.polled == [1])
+        await kube.create(LORAADAPTERS, NS, adapter(n))
+        second = asyncio.create_task(rec.reconcile_base(NS, BASE))
+        # Published while the first pass is still held in its poll.
+        await _until(lambda: len(stored(cluster)[1].adapters) == n + 1)
+        assert not first.done() and pods.polled == [1]  # the second waits to poll after it
+        pods.gate.set()
+        one, two = await asyncio.wait_for(asyncio.gather(first, second), 60)
+        assert (one.result, two.result) == ("ok", "ok") and pods.polled == [1, 2]
+        await asyncio.wait_for(rec.statuses.flush(), 60)
+        bm = await kube.get(BASEMODELS, NS, BASE)
+        assert bm is not None and bm["status"]["manifestGeneration"] == 2
+        added = await kube.get(LORAADAPTERS, NS, f"tenant-{n:05d}")
+        assert added is not None and added["status"]["pods"][0]["state"] == "cached"
+    finally:
+        await rec.statuses.close()
+        await client.close()
+
+
+async def _until(check: Any, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

@@ -194,6 +194,65 @@ async def test_adapters_are_paged_and_the_operator_poller_follows_pages(
             assert report is not None and len(report.adapters) == 2500
 
 
+async def test_an_unchanged_report_is_answered_304_and_a_change_is_not_missed(
+    tmp_path: Path, pvc_root: Path
+) -> None:
+    """The operator polls every pod every pass: at 10,000 adapters ten pages, half of a pass.
+    A pod whose report did not change answers 304 to the version the poller holds, and any
+    change (an adapter used, a new manifest) gives a full report again."""
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(
+            tmp_path, vurl, many(1500, generation=3), pvc_root, max_body_bytes=PRODUCTION_BODY_LIMIT
+        )
+        async with run_server(settings) as srv, aiohttp.ClientSession() as s:
+            reg = srv.server.registry
+            await wait_for(lambda: all(e.state.value == "cached" for e in reg.entries.values()))
+            statuses: list[int] = []
+
+            async def on_end(_: Any, __: Any, params: aiohttp.TraceRequestEndParams) -> None:
+                statuses.append(params.response.status)
+
+            trace = aiohttp.TraceConfig()
+            trace.on_request_end.append(on_end)
+            port = int(srv.url.rsplit(":", 1)[1])
+            pod = PodTarget("p", "127.0.0.1", port, 0)
+            poller = PodSync(trace_configs=[trace])
+            try:
+                first = await poller.poll(pod)
+                assert first is not None and statuses == [200, 200]  # two pages of 1,000
+                statuses.clear()
+                again = await poller.poll(pod)
+                assert again is first and statuses == [304]
+                # A request touches one adapter (last used, in flight): the report changed.
+                async with s.post(
+                    f"{srv.url}/v1/completions",
+                    json={"model": "t-01234", "prompt": "hi", "max_tokens": 1},
+                ) as r:
+                    assert r.status == 200, await r.text()
+                statuses.clear()
+                used = await poller.poll(pod)
+                assert used is not None and used is not first and statuses == [200, 200]
+                entry = next(a for a in used.adapters if a.name == "t-01234")
+                assert entry.last_used is not None and entry.state.value == "loaded"
+                # A new generation pushed by the admin API: a full report of it.
+                raw = json.dumps(many(1500, generation=4)).encode()
+                async with s.put(f"{srv.admin}/admin/manifest", data=raw, headers=srv.auth) as r:
+                    assert r.status == 200, await r.text()
+                newer = await poller.poll(pod)
+                assert newer is not None and newer.generation == 4
+            finally:
+                await poller.close()
+            # The header as a client sends it: weak tags and lists match, `*` and junk do not.
+            async with s.get(f"{srv.url}/v1/adapters?limit=1") as r:
+                tag = r.headers["ETag"]
+            for header, status in ((tag, 304), (f'W/{tag}, "x"', 304), ("*", 200), ("x", 200)):
+                async with s.get(
+                    f"{srv.url}/v1/adapters?limit=1", headers={"If-None-Match": header}
+                ) as r:
+                    assert r.status == status, header
+
+
 @pytest.mark.timeout(300)
 async def test_lists_stay_fast_with_ten_thousand_adapters(tmp_path: Path, pvc_root: Path) -> None:
     vllm = FakeVLLM()
@@ -329,6 +388,16 @@ async def test_a_hot_add_is_pushed_before_the_pod_is_polled(tmp_path: Path, pvc_
                 report = reports["p"]
                 assert report is not None and report.generation == 4
                 assert any(a.name == "t-00020" for a in report.adapters)
+                # A pass pushes first, while it holds its BaseModel, and polls after: the
+                # poll does not push the same generation again.
+                seen.clear()
+                again = AdapterManifest.model_validate(many(22, generation=5))
+                await sync.push_behind([pod], again, token)
+                assert seen == ["PUT"], seen
+                await sync.push_behind([pod], again, token)  # pushed already: not again
+                reports = await sync.sync([pod], again, token)
+                assert seen == ["PUT", "GET"], seen
+                assert (report := reports["p"]) is not None and report.generation == 5
                 # A new operator (nothing known of the pod) polls first, and finds it current.
                 seen.clear()
                 fresh = PodSync(trace_configs=[trace])

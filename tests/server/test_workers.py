@@ -249,3 +249,15 @@ async def test_adapter_pages_are_the_owners_on_every_worker(tmp_path: Path, pvc_
                 assert r.status == 400
                 assert (await r.json())["error"]["param"] == "limit"
         assert seen == [[f"ad{i}" for i in range(1, 6)]] * 10
+        # The report's version is the owner's too: either process answers 304 to it.
+        async with aiohttp.ClientSession() as c, c.get(f"{p.url}/v1/adapters") as r:
+            tag = r.headers["ETag"]
+        statuses = []
+        for _ in range(10):
+            async with (
+                aiohttp.ClientSession() as c,
+                c.get(f"{p.url}/v1/adapters", headers={"If-None-Match": tag}) as r,
+            ):
+                statuses.append(r.status)
+                assert r.headers["ETag"] == tag
+        assert statuses == [304] * 10

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def _registry(request: web.Request) -> Registry:
 
 
 async def put_manifest(request: web.Request) -> web.StreamResponse:
+    start = time.monotonic()
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -86,7 +88,12 @@ async def put_manifest(request: web.Request) -> web.StreamResponse:
             code="stale_generation",
             param="generation",
         )
-    log.info("manifest generation %d applied from admin API", manifest.generation)
+    log.info(
+        "manifest generation %d applied from admin API in %.3f s (%d bytes)",
+        manifest.generation,
+        time.monotonic() - start,
+        len(raw),
+    )
     if "return=minimal" in request.headers.get("Prefer", ""):
         # RFC 7240: the caller polls the paged report anyway (the operator does); building
         # 10,000 adapters' report here held the event loop while the new adapter waited.

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -110,7 +110,12 @@ class Backend(Protocol):
 
     async def current_status(self) -> Status: ...
 
-    async def adapters_page(self, limit: int | None, after: str | None) -> dict[str, Any]: ...
+    async def adapters_page(
+        self, limit: int | None, after: str | None, unless: Collection[str] = ()
+    ) -> tuple[str, dict[str, Any] | None]:
+        """The report's version and the page, or None for the page when the version is one
+        of `unless` (the caller's If-None-Match)."""
+        ...
 
     def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]: ...
 
@@ -176,7 +181,12 @@ async def _adapters_page(backend: Backend, request: web.Request) -> web.StreamRe
         limit, after = pages.page_args(request.query)
     except pages.BadPage as exc:
         return errors.json_error(400, str(exc), param=exc.param, code="invalid_page")
-    return web.json_response(await backend.adapters_page(limit, after))
+    unless = pages.etags(request.headers.get("If-None-Match", ""))
+    version, doc = await backend.adapters_page(limit, after, unless)
+    headers = {"ETag": f'"{version}"'}
+    if doc is None:
+        return web.Response(status=304, headers=headers)
+    return web.json_response(doc, headers=headers)
 
 
 async def models(request: web.Request) -> web.StreamResponse:

@@ -37,6 +37,13 @@ def page_args(query: Mapping[str, str]) -> tuple[int | None, str | None]:
     return limit, after
 
 
+def etags(if_none_match: str) -> frozenset[str]:
+    """The versions an If-None-Match header names (RFC 9110: a list of quoted tags, weak or
+    strong; a weak match is enough for GET). `*` is not a version, so it matches none."""
+    tags = (t.strip().removeprefix("W/") for t in if_none_match.split(","))
+    return frozenset(t[1:-1] for t in tags if len(t) >= 2 and t[0] == t[-1] == '"')
+
+
 def adapters_page(reg: Registry, limit: int | None, after: str | None) -> AdaptersResponse:
     """One page of the report; only the adapters on it are rendered."""
     names = sorted(n for n in reg.entries if after is None or n > after)

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Collection
 from typing import Any
 
 import aiohttp
@@ -123,9 +124,14 @@ class Server:
     async def current_status(self) -> Status:
         return self.status()
 
-    async def adapters_page(self, limit: int | None, after: str | None) -> dict[str, Any]:
+    async def adapters_page(
+        self, limit: int | None, after: str | None, unless: Collection[str] = ()
+    ) -> tuple[str, dict[str, Any] | None]:
+        version = self.registry.version()
+        if version in unless:  # the caller holds this version: nothing to build or send
+            return version, None
         page = pages.adapters_page(self.registry, limit, after)
-        return page.model_dump(mode="json", by_alias=True)
+        return version, page.model_dump(mode="json", by_alias=True)
 
     def status(self) -> Status:
         """For health routes and followers' polls: small (no adapter report) except `served`,

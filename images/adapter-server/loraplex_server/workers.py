@@ -27,7 +27,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -401,23 +401,33 @@ class Follower:
                     self._owner_ok = time.monotonic()
                     self._heard.set()
 
-    async def adapters_page(self, limit: int | None, after: str | None) -> dict[str, Any]:
-        """The owner's page, so paging reads one registry whichever worker answers."""
+    async def adapters_page(
+        self, limit: int | None, after: str | None, unless: Collection[str] = ()
+    ) -> tuple[str, dict[str, Any] | None]:
+        """The owner's page, so paging reads one registry whichever worker answers; the
+        caller's versions go along, so an unchanged report is not built there either."""
         assert self._session is not None
         params = {k: v for k, v in (("limit", limit), ("continue", after)) if v is not None}
+        headers = {"Authorization": f"Bearer {self.token()}"}
+        if unless:
+            headers["If-None-Match"] = ", ".join(f'"{v}"' for v in sorted(unless))
+        doc: Any = None
         try:
             async with self._session.get(
                 f"{self.owner_url}/internal/adapters",
                 params={k: str(v) for k, v in params.items()},
-                headers={"Authorization": f"Bearer {self.token()}"},
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=10),
             ) as r:
+                version = r.headers.get("ETag", "").strip('"')
+                if r.status == 304:
+                    return version, None
                 doc = await r.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError):
             raise errors.Unavailable("the adapter owner process is not answering") from None
-        if r.status != 200 or not isinstance(doc, dict):
+        if r.status != 200 or not isinstance(doc, dict) or not version:
             raise errors.Unavailable("the adapter owner process could not list adapters")
-        return doc
+        return version, doc
 
     async def wait_for_owner(self, seconds: float = 300.0) -> None:
         """Until the first status from the owner arrived (it polls from cleanup_ctx)."""
