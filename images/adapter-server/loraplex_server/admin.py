@@ -19,7 +19,7 @@ from aiohttp.typedefs import Middleware
 from pydantic import ValidationError
 
 from loraplex_server import errors
-from loraplex_server.manifest import ADAPTER_NAME_RE, AdapterManifest, AdapterState
+from loraplex_server.manifest import ADAPTER_NAME_RE, AdapterState, validate_against
 from loraplex_server.registry import Entry, Registry
 from loraplex_server.server import SERVER
 
@@ -72,14 +72,14 @@ async def put_manifest(request: web.Request) -> web.StreamResponse:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         return errors.json_error(400, f"manifest is not valid JSON: {exc}", code="invalid_json")
+    reg = _registry(request)
     try:
-        manifest = AdapterManifest.model_validate(doc)
+        manifest = validate_against(doc, reg.manifest)
     except ValidationError as exc:
         detail = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
         )
         return errors.json_error(422, f"invalid manifest: {detail}", code="invalid_manifest")
-    reg = _registry(request)
     if not await reg.apply(manifest):
         return errors.json_error(
             409,

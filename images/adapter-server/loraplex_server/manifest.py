@@ -11,7 +11,7 @@ import ipaddress
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -204,6 +204,25 @@ class AdapterManifest(_Wire):
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("maxCpuLoras must be >= maxLoras")
         return self
+
+
+def validate_against(doc: Any, current: AdapterManifest) -> AdapterManifest:
+    """`AdapterManifest.model_validate(doc)`, keeping `current`'s entry (validated, frozen) for
+    each adapter whose JSON is exactly what that entry dumps as.
+
+    Why: a push of 10,000 adapters with one new one validated all 10,000 again, 0.13 s of the
+    pod's event loop on the hot add's path; a dump and a dict comparison are a seventh of
+    that and hold no extra memory. Anything that differs in any way (a changed field, an
+    omitted default, an unknown key) is validated as before, so the result is the same."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("adapters"), list):
+        return AdapterManifest.model_validate(doc)
+    held = {a.name: a for a in current.adapters}
+    adapters: list[Any] = []
+    for raw in doc["adapters"]:
+        old = held.get(str(raw.get("name"))) if isinstance(raw, dict) else None
+        same = old is not None and old.model_dump(by_alias=True, mode="json") == raw
+        adapters.append(old if same else raw)
+    return AdapterManifest.model_validate({**doc, "adapters": adapters})
 
 
 class AdapterState(StrEnum):

@@ -86,10 +86,21 @@ def shard_key(n: int) -> str:
     return f"shard-{n}.gz"
 
 
+# The last manifest serialised and its bytes: a pass splits a manifest into shards and then
+# pushes the same object to its pods (2.5 MB at 10,000 adapters, tens of ms each time).
+_last_bytes: tuple[AdapterManifest, bytes] | None = None
+
+
 def manifest_bytes(manifest: AdapterManifest) -> bytes:
-    """The canonical JSON: compact and key-sorted, so equal manifests give equal bytes."""
+    """The canonical JSON: compact and key-sorted, so equal manifests give equal bytes.
+    (Manifests are frozen, so the same object always gives the same bytes.)"""
+    global _last_bytes
+    if _last_bytes is not None and _last_bytes[0] is manifest:
+        return _last_bytes[1]
     doc = manifest.model_dump(by_alias=True, mode="json")
-    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    raw = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    _last_bytes = (manifest, raw)
+    return raw
 
 
 def split(

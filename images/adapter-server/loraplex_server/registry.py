@@ -201,7 +201,7 @@ class Registry:
             wanted = {a.name: a for a in manifest.adapters}
             for name, e in list(self.entries.items()):
                 spec = wanted.get(name)
-                if spec is None or not _same_content(e.spec, spec):
+                if spec is None or (spec is not e.spec and not _same_content(e.spec, spec)):
                     await self._remove(e)
             for name, spec in wanted.items():
                 old = self.entries.get(name)
@@ -210,7 +210,8 @@ class Registry:
                     e.fetch_task = self._spawn(self._fetch(e))
                 else:
                     e = old
-                    e.spec = spec
+                    if e.spec is not spec:  # (an unchanged entry is the same object)
+                        e.spec = spec
                     if spec.pinned and e.state in _LOADABLE and self.vllm_healthy:
                         self._spawn(self.ensure_loaded(e, None))
                     elif e.state == S.LOADED and self._needs_probe(e):
