@@ -140,8 +140,10 @@ async def adapter_event(
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED, id="owned-job")
 async def owned_changed(body: kopf.Body, event: kopf.RawEvent, **kw: Any) -> None:
     """An owned object changed or vanished (by hand, or its pods' readiness): converge now.
-    Not for the version our own last write made: the pass that wrote it has converged."""
-    if event.get("type") == "MODIFIED" and await _r().was_own_write(dict(body)):
+    Not for the version our own last write made (a create's ADDED included): the pass that
+    wrote it has converged. At 100 BaseModels the ADDED events of the objects a first pass
+    creates started three more passes each."""
+    if event.get("type") in ("ADDED", "MODIFIED") and await _r().was_own_write(dict(body)):
         return
     labels = body.get("metadata", {}).get("labels", {}) or {}
     base = labels.get(naming.BASE_LABEL)
