@@ -1,6 +1,6 @@
 """Reconciling one BaseModel and its adapters: gather, decide (pure core), apply, report.
 
-Everything about a BaseModel is decided in one pass under a per-object lock, level-based:
+Everything about a BaseModel is decided in one pass, level-based:
 whichever event triggered it (a BaseModel or LoRAAdapter change, a drifted Deployment, a
 timer tick), the pass reads the current state and converges to it. That makes restarts and
 missed events harmless: the next pass does the same thing.
