@@ -44,7 +44,7 @@ from lightkube.config.kubeconfig import KubeConfig, SingleConfig
 from lightkube.config.models import Cluster, User, UserExec
 from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
-from lightkube.types import PatchType
+from lightkube.types import CascadeType, PatchType
 
 from loraplex.errors import KubeError
 
@@ -631,10 +631,14 @@ class KubeClient:
         )
 
     async def delete(self, kind: ResourceKind, namespace: str, name: str) -> None:
+        """Delete with its dependents, in the background (as kubectl does): a Job's pods go
+        with it, where the API's default for Jobs would orphan them."""
         try:
             await self._do(
                 f"DELETE {kind.plural}/{name}",
-                self._client.delete(kind.resource, name, namespace=namespace),
+                self._client.delete(
+                    kind.resource, name, namespace=namespace, cascade=CascadeType.BACKGROUND
+                ),
             )
         except KubeError as exc:
             if exc.status != 404:

@@ -40,9 +40,10 @@ RULES: tuple[Rule, ...] = (
     Rule("policy", ("poddisruptionbudgets",), ("get", "create", "patch")),
     # The weights cache: its PVC and loader Job are created once and never patched (a Job's
     # template is immutable; its name changes with the weights it loads). Jobs are watched so
-    # the Deployment follows a finished download at once.
+    # the Deployment follows a finished download at once; a superseded loader Job (this
+    # BaseModel's only) is deleted once its successor succeeded.
     Rule("", ("persistentvolumeclaims",), ("get", "create")),
-    Rule("batch", ("jobs",), (*READ, "create")),
+    Rule("batch", ("jobs",), (*READ, "create", "delete")),
     # The pods' NetworkPolicy: read back for drift on the timer (no watch), created, corrected,
     # and deleted when spec.networkPolicy.enabled turns false (only one this BaseModel owns).
     Rule("networking.k8s.io", ("networkpolicies",), ("get", "create", "patch", "delete")),

@@ -62,7 +62,7 @@ from loraplex.render import (
 from loraplex.routing import API_OF_KIND, RoutingProblem
 from loraplex.status import PodView, adapter_status, base_status
 from loraplex.statuswriter import StatusWriter
-from loraplex.weights import failure_message, loader_state, weights_cache
+from loraplex.weights import failure_message, job_succeeded, loader_state, weights_cache
 from loraplex_server import manifest_shards
 from loraplex_server.manifest import AdapterManifest, AdapterReport, AdaptersResponse
 
@@ -370,6 +370,8 @@ class Reconciler:
         self._decided: dict[tuple[str, str], tuple[Any, Any, str]] = {}
         # (ns, pod) -> (its last report, that report by adapter name).
         self._by_name: dict[tuple[str, str], tuple[AdaptersResponse, dict[str, AdapterReport]]] = {}
+        # (ns, loader Job) whose older loader Jobs were deleted once it succeeded.
+        self._loaders_retired: set[tuple[str, str]] = set()
         # (kind, ns, name) of owned objects -> the resourceVersion our last write produced.
         self._own_writes: dict[tuple[str, str, str], str] = {}
 
@@ -488,7 +490,7 @@ class Reconciler:
         for obj in decision.objects:
             try:
                 if obj["kind"] == "Job":
-                    weights = await self._ensure_loader(ns, name, spec, obj, outcome)
+                    weights = await self._ensure_loader(ns, name, spec, obj, outcome, owner.uid)
                     continue
                 if obj["kind"] == "Deployment" and weights is not None and weights.phase != "Ready":
                     # Held back until the weights are cached: a pod started now would find an
@@ -560,7 +562,7 @@ class Reconciler:
         return outcome, report
 
     async def _ensure_loader(
-        self, ns: str, name: str, spec: Any, job: dict[str, Any], outcome: Outcome
+        self, ns: str, name: str, spec: Any, job: dict[str, Any], outcome: Outcome, uid: str
     ) -> WeightsStatus:
         """Create the loader Job once (it is never patched: its name follows its content) and
         report the weights' state from it."""
@@ -577,7 +579,27 @@ class Reconciler:
         if observed is not None and (observed.get("status") or {}).get("failed"):
             pods = await self.kube.list(PODS, ns, naming.loader_labels(name))
             why = failure_message(pods, cache.job_name)
+        if job_succeeded(observed) and (ns, cache.job_name) not in self._loaders_retired:
+            await self._retire_loaders(ns, name, uid, keep=cache.job_name, outcome=outcome)
         return loader_state(cache, observed, expected, why)
+
+    async def _retire_loaders(
+        self, ns: str, name: str, uid: str, *, keep: str, outcome: Outcome
+    ) -> None:
+        """Delete this BaseModel's older loader Jobs (and their pods) once the current one has
+        succeeded: a Job is named after its content, so each change of the model, revision or
+        cache left one behind for good. Only Jobs whose controller is this BaseModel; once per
+        Job succeeded (a list is not worth paying on every pass)."""
+        for old in await self.kube.list(JOBS, ns, naming.loader_labels(name)):
+            meta = old.get("metadata") or {}
+            if meta.get("name") == keep or owned_by(old, uid) is not None:
+                continue
+            await self.kube.delete(JOBS, ns, meta["name"])
+            outcome.writes.append(f"-Job/{meta['name']}")
+            log.info("deleted loader Job %s/%s (superseded by %s)", ns, meta["name"], keep)
+        if len(self._loaders_retired) >= 4096:
+            self._loaders_retired.clear()
+        self._loaders_retired.add((ns, keep))
 
     async def _adapters(self, ns: str, name: str) -> list[dict[str, Any]]:
         """This BaseModel's LoRAAdapters: from the watch-fed cache when running under kopf (no

@@ -185,9 +185,16 @@ def cached_basemodel(name: str = "cached", replicas: int = 2) -> dict[str, Any]:
 
 
 async def finish_loader_job(kube: KubeClient, namespace: str, job: str) -> None:
-    """What the Job controller writes when the loader's pod exits 0 (nothing runs Jobs here)."""
+    """What the Job controller writes when the loader's pod exits 0 (no node runs the pod
+    here). Against a real API server its Job controller has already set startTime, which may
+    not change afterwards: the completion keeps it (the emulator has none, so one is set)."""
+    from datetime import UTC, datetime
+
     from loraplex.kube import JOBS
 
+    current = await kube.get(JOBS, namespace, job)
+    started = ((current or {}).get("status") or {}).get("startTime") or "2026-01-01T00:00:00Z"
+    done = max(started, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
     await kube.patch(
         JOBS,
         namespace,
@@ -196,20 +203,12 @@ async def finish_loader_job(kube: KubeClient, namespace: str, job: str) -> None:
             "status": {
                 "active": 0,
                 "succeeded": 1,
-                "startTime": "2026-01-01T00:00:00Z",
-                "completionTime": "2026-01-01T00:10:00Z",
+                "startTime": started,
+                "completionTime": done,
                 # A real API server refuses Complete without SuccessCriteriaMet (1.33+).
                 "conditions": [
-                    {
-                        "type": "SuccessCriteriaMet",
-                        "status": "True",
-                        "lastTransitionTime": "2026-01-01T00:10:00Z",
-                    },
-                    {
-                        "type": "Complete",
-                        "status": "True",
-                        "lastTransitionTime": "2026-01-01T00:10:00Z",
-                    },
+                    {"type": "SuccessCriteriaMet", "status": "True", "lastTransitionTime": done},
+                    {"type": "Complete", "status": "True", "lastTransitionTime": done},
                 ],
             }
         },

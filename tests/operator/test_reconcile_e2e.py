@@ -37,7 +37,7 @@ from loraplex.kube import (
     KubeClient,
 )
 from loraplex_server import manifest_shards
-from tests.operator.conftest import Cluster, cached_basemodel, eventually
+from tests.operator.conftest import Cluster, cached_basemodel, eventually, finish_loader_job
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(240)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -532,8 +532,21 @@ async def test_rbac_is_exactly_the_calls_the_operator_makes(
     )
     # The weights cache (PVC, loader Job; the Deployment waits for the Job, which no node runs
     # here) and a PodDisruptionBudget (a second BaseModel with 2 replicas), hand-edited.
-    await kube.apply(cached_basemodel(replicas=1))
-    await eventually(lambda: cluster.objects_of("batch/v1/jobs", NS), what="loader Job")
+    cached = cached_basemodel(replicas=1)
+    await kube.apply(cached)
+    [first] = await eventually(lambda: cluster.objects_of("batch/v1/jobs", NS), what="loader Job")
+    # A new revision: a new loader Job; the old one is deleted once the new one succeeded.
+    await finish_loader_job(kube, NS, first["metadata"]["name"])
+    cached["spec"]["model"]["revision"] = "v2"
+    await kube.apply(cached)
+    old = first["metadata"]["name"]
+
+    def jobs() -> set[str]:
+        return {j["metadata"]["name"] for j in cluster.objects_of("batch/v1/jobs", NS)}
+
+    second = await eventually(lambda: next(iter(jobs() - {old}), None), what="next loader Job")
+    await finish_loader_job(kube, NS, second)
+    await eventually(lambda: jobs() == {second}, what="superseded Job deleted")
     pair = json.loads(json.dumps(examples()[0]))
     pair["metadata"]["name"] = "pair"
     pair["spec"]["replicas"] = 2

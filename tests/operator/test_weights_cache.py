@@ -188,3 +188,49 @@ async def test_failed_loader_names_the_reason(
     assert f"kubectl delete job {name}" in ready["message"]
     assert st["weights"]["attempts"] == 5
     assert one(cluster, "apps/v1/deployments", "gated") is None
+
+
+async def test_a_superseded_loader_job_is_deleted_once_the_new_one_succeeds(
+    cluster: Cluster, kube: KubeClient, operator: OperatorProcess
+) -> None:
+    """A loader Job is named after what it loads, so a new revision makes a new Job; the old
+    one (and its pods) is deleted once the new one has succeeded, never before (the running
+    Deployment still reads what it loaded), and a look-alike Job that is not this
+    BaseModel's is left alone."""
+    bm = cached_basemodel("rev", replicas=1)
+    await kube.apply(bm)
+    first = (await loader_job(cluster))["metadata"]["name"]
+    await finish_loader_job(kube, NS, first)
+    await eventually(lambda: one(cluster, "apps/v1/deployments", "rev"), what="Deployment")
+    stranger = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": "rev-weights-by-hand",
+            "namespace": NS,
+            "labels": (await kube.get(JOBS, NS, first) or {})["metadata"]["labels"],
+        },
+        "spec": {
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "x", "image": "busybox"}],
+                }
+            }
+        },
+    }
+    await kube.create(JOBS, NS, stranger)
+    bm["spec"]["model"]["revision"] = "v2"
+    await kube.apply(bm)
+
+    def names() -> set[str]:
+        return {j["metadata"]["name"] for j in cluster.objects_of("batch/v1/jobs", NS)}
+
+    second = await eventually(
+        lambda: next(iter(names() - {first, "rev-weights-by-hand"}), None), what="the new Job"
+    )
+    await cluster_settles(cluster)
+    assert first in names(), "kept while the new one has not succeeded"
+    await finish_loader_job(kube, NS, second)
+    await eventually(lambda: first not in names(), what="the old Job deleted")
+    assert names() == {second, "rev-weights-by-hand"}
