@@ -144,12 +144,15 @@ class Registry:
 
     def by_served_name(self, served: str) -> Entry | None:
         """The entry serving `served`: every inference request asks, so a dict, not a scan
-        (10,000 declared adapters made the scan a millisecond per request)."""
+        (10,000 declared adapters made the scan a millisecond per request).
+
+        The index never lags the entries: `apply` adds entries and rebuilds it with no await
+        in between, and an entry it removes is marked `removed` first. (A scan of the entries
+        while an apply ran used to back this up; it could find nothing the index lacked, and
+        cost every request a millisecond during a push at 10,000 adapters.)"""
         e = self._served.get(served)
         if e is not None and not e.removed and e.spec.served_name == served:
             return e
-        if self._apply_lock.locked():  # mid-apply the index may lag the entries: look
-            return next((e for e in self.entries.values() if e.spec.served_name == served), None)
         return None
 
     def _index_served(self) -> None:
