@@ -253,10 +253,10 @@ async def test_adapter_pages_are_the_owners_on_every_worker(tmp_path: Path, pvc_
         async with aiohttp.ClientSession() as c, c.get(f"{p.url}/v1/adapters") as r:
             tag = r.headers["ETag"]
         statuses = []
-        for _ in range(10):
+        for header in [tag] * 5 + ["*"] * 5:
             async with (
                 aiohttp.ClientSession() as c,
-                c.get(f"{p.url}/v1/adapters", headers={"If-None-Match": tag}) as r,
+                c.get(f"{p.url}/v1/adapters", headers={"If-None-Match": header}) as r,
             ):
                 statuses.append(r.status)
                 assert r.headers["ETag"] == tag

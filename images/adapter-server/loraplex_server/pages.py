@@ -9,7 +9,7 @@ without a snapshot: the caller compares `generation` across pages to see a chang
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from loraplex_server.manifest import ADAPTER_NAME_RE, AdaptersResponse
 from loraplex_server.registry import Registry
@@ -37,11 +37,27 @@ def page_args(query: Mapping[str, str]) -> tuple[int | None, str | None]:
     return limit, after
 
 
+ANY = "*"  # If-None-Match: * matches whatever version is current (RFC 9110 13.1.2)
+
+
 def etags(if_none_match: str) -> frozenset[str]:
-    """The versions an If-None-Match header names (RFC 9110: a list of quoted tags, weak or
-    strong; a weak match is enough for GET). `*` is not a version, so it matches none."""
+    """The versions an If-None-Match header names (RFC 9110: `*`, or a list of quoted tags,
+    weak or strong; a weak match is enough for GET). Anything else names none."""
+    if if_none_match.strip() == ANY:
+        return frozenset({ANY})
     tags = (t.strip().removeprefix("W/") for t in if_none_match.split(","))
     return frozenset(t[1:-1] for t in tags if len(t) >= 2 and t[0] == t[-1] == '"')
+
+
+def if_none_match(versions: Collection[str]) -> str:
+    """The header that names `versions` again (a follower forwarding its caller's)."""
+    if ANY in versions:
+        return ANY
+    return ", ".join(f'"{v}"' for v in sorted(versions))
+
+
+def unchanged(version: str, versions: Collection[str]) -> bool:
+    return version in versions or ANY in versions
 
 
 def adapters_page(reg: Registry, limit: int | None, after: str | None) -> AdaptersResponse:

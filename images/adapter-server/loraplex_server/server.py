@@ -128,7 +128,7 @@ class Server:
         self, limit: int | None, after: str | None, unless: Collection[str] = ()
     ) -> tuple[str, dict[str, Any] | None]:
         version = self.registry.version()
-        if version in unless:  # the caller holds this version: nothing to build or send
+        if pages.unchanged(version, unless):  # the caller holds it: nothing to build or send
             return version, None
         page = pages.adapters_page(self.registry, limit, after)
         return version, page.model_dump(mode="json", by_alias=True)

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from loraplex_server import errors
+from loraplex_server import errors, pages
 from loraplex_server.epp_metrics import LoraState, VLLMMetrics
 from loraplex_server.manifest import AdapterState
 from loraplex_server.metrics import Metrics
@@ -410,7 +410,7 @@ class Follower:
         params = {k: v for k, v in (("limit", limit), ("continue", after)) if v is not None}
         headers = {"Authorization": f"Bearer {self.token()}"}
         if unless:
-            headers["If-None-Match"] = ", ".join(f'"{v}"' for v in sorted(unless))
+            headers["If-None-Match"] = pages.if_none_match(unless)
         doc: Any = None
         try:
             async with self._session.get(
