@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from loraplex_server.manifest import AdapterManifest, _Wire
+from loraplex_server.manifest import AdapterManifest, _Wire, validate_against
 
 INDEX_FORMAT = "loraplex.io/manifest-index/v1"
 # The index ConfigMap's key (the file the server's --manifest names); shards sit beside it.
@@ -139,9 +139,14 @@ def split(
     return index, chunks
 
 
-def join(index: ManifestIndex, read: Callable[[ShardRef], bytes | None]) -> AdapterManifest:
+def join(
+    index: ManifestIndex,
+    read: Callable[[ShardRef], bytes | None],
+    held: AdapterManifest | None = None,
+) -> AdapterManifest:
     """The manifest the index names, from shards `read` returns; `TornManifest` if they
-    are missing or belong to another generation."""
+    are missing or belong to another generation. With `held` (what a pod serves), adapters
+    unchanged since are not validated again (`validate_against`)."""
     parts: list[bytes] = []
     for ref in index.shards:
         data = read(ref)
@@ -158,7 +163,10 @@ def join(index: ManifestIndex, read: Callable[[ShardRef], bytes | None]) -> Adap
         raise TornManifest(f"shards do not decompress: {exc}") from exc
     if hashlib.sha256(raw).hexdigest() != index.sha256:
         raise TornManifest(f"joined shards do not match generation {index.generation}")
-    manifest = AdapterManifest.model_validate_json(raw)
+    if held is None:
+        manifest = AdapterManifest.model_validate_json(raw)
+    else:
+        manifest = validate_against(json.loads(raw), held)
     if manifest.generation != index.generation or len(manifest.adapters) != index.adapters:
         raise TornManifest(f"joined shards do not hold generation {index.generation}")
     return manifest
@@ -172,9 +180,10 @@ def parse(raw: bytes | str) -> ManifestIndex | AdapterManifest:
     return AdapterManifest.model_validate(doc)
 
 
-def read_mounted(path: Path) -> tuple[str, AdapterManifest]:
+def read_mounted(path: Path, held: AdapterManifest | None = None) -> tuple[str, AdapterManifest]:
     """The manifest behind the mounted `path` (an index whose shards sit beside it, or a plain
-    manifest) and the sha256 of the file at `path`, for change detection."""
+    manifest) and the sha256 of the file at `path`, for change detection; `held` as in
+    `join`."""
     raw = path.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
     doc = parse(raw)
@@ -187,7 +196,7 @@ def read_mounted(path: Path) -> tuple[str, AdapterManifest]:
         except FileNotFoundError:
             return None
 
-    return digest, join(doc, read)
+    return digest, join(doc, read, held)
 
 
 def from_configmaps(

@@ -71,7 +71,10 @@ class Server:
         return self._proxy
 
     def read_manifest(self) -> tuple[str, AdapterManifest]:
-        return manifest_shards.read_mounted(self.settings.manifest)
+        """The mounted manifest; once serving, adapters unchanged since the held manifest keep
+        their validated entries (the read runs in a thread, and validation holds the GIL)."""
+        held = self._registry.manifest if self._registry is not None else None
+        return manifest_shards.read_mounted(self.settings.manifest, held)
 
     async def _first_manifest(self) -> tuple[str, AdapterManifest]:
         """A complete generation: while the kubelet has refreshed only some of the shards,
