@@ -215,13 +215,15 @@ class PodSync:
 
         async def one(pod: PodTarget) -> AdaptersResponse | None:
             key = (pod.ip, pod.name)
-            pushed = self._pushed.get(key) == manifest.generation
+            pushed = self._pushed.get(key) == manifest.generation  # by this pass's push_behind
             report = None
             if not self._behind(key, manifest):
                 report = await self.poll(pod)
             behind = report is None or report.generation < manifest.generation
             if behind and not pushed and await self.push(pod, manifest, token):
                 report = await self.poll(pod)
+            # Forgotten now: a pod that restarted behind is pushed to again by the next pass.
+            self._pushed.pop(key, None)
             if report is not None:
                 if len(self._seen) >= SEEN_PODS:  # pods come and go: forgetting costs one poll
                     self._seen.clear()

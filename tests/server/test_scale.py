@@ -440,6 +440,25 @@ async def test_a_hot_add_is_pushed_before_the_pod_is_polled(tmp_path: Path, pvc_
                 reports = await sync.sync([pod], again, token)
                 assert seen == ["PUT", "GET"], seen
                 assert (report := reports["p"]) is not None and report.generation == 5
+                # The pod restarts (same name and IP) on its mounted generation 3: the next
+                # pass's poll finds it behind and pushes again.
+                (tmp_path / "restarted").mkdir()
+                restarted = make_settings(
+                    tmp_path / "restarted", vurl, many(20, generation=3), pvc_root
+                )
+                async with run_server(restarted) as again_srv:
+                    moved = PodTarget(
+                        "p",
+                        "127.0.0.1",
+                        int(again_srv.url.rsplit(":", 1)[1]),
+                        int(again_srv.admin.rsplit(":", 1)[1]),
+                    )
+                    again_token = again_srv.auth["Authorization"].removeprefix("Bearer ")
+                    seen.clear()
+                    await sync.push_behind([moved], again, again_token)  # known current
+                    reports = await sync.sync([moved], again, again_token)
+                    assert seen == ["GET", "PUT", "GET"], seen
+                    assert (report := reports["p"]) is not None and report.generation == 5
                 # A new operator (nothing known of the pod) polls first, and finds it current.
                 seen.clear()
                 fresh = PodSync(trace_configs=[trace])
