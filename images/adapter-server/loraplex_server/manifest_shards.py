@@ -172,6 +172,19 @@ def join(
     return manifest
 
 
+def index_generation(raw: bytes) -> int | None:
+    """The generation `raw` names if it is an index (a few hundred bytes: cheap to look at
+    before any shard is read), else None."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT:
+        return None
+    generation = doc.get("generation")
+    return generation if isinstance(generation, int) else None
+
+
 def parse(raw: bytes | str) -> ManifestIndex | AdapterManifest:
     """An index or, for compatibility, a plain manifest document."""
     doc = json.loads(raw)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Collection
@@ -218,16 +217,10 @@ class Server:
                 log.info("manifest generation %d applied from file", manifest.generation)
 
     def _held_already(self, raw: bytes) -> bool:
-        """Whether `raw` is an index (a few hundred bytes; a plain manifest is read in full
-        below) of a generation no newer than the one served."""
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            return False  # the full read below reports it
-        if not isinstance(doc, dict) or doc.get("format") != manifest_shards.INDEX_FORMAT:
-            return False
-        generation = doc.get("generation")
-        return isinstance(generation, int) and generation <= self.registry.manifest.generation
+        """Whether `raw` is an index of a generation no newer than the one served (a plain
+        manifest is read in full below)."""
+        generation = manifest_shards.index_generation(raw)
+        return generation is not None and generation <= self.registry.manifest.generation
 
     async def cleanup_ctx(self, app: web.Application) -> Any:
         """aiohttp cleanup context: start with the public app, stop with it."""
