@@ -46,6 +46,9 @@ def manifest(n: int) -> AdapterManifest:
             "maxLoras": 2,
             "maxLoraRank": 8,
             "maxCpuLoras": 4,
+            # The stand-in vLLM returns no logprobs to probe with: with probes on (the
+            # default since adapters are proven before Ready) every adapter would fail.
+            "checks": {"probe": False},
             "adapters": [
                 {"name": f"t-{i:05d}", "servedName": f"t-{i:05d}", "source": "pvc://adapters/a"}
                 for i in range(n)
@@ -98,6 +101,9 @@ async def one_run(root: Path, pvc: Path, vllm_url: str, n: int, workers: int = 1
                 m = re.search(r'loraplex_server_adapters\{state="cached"\} (\S+)', text)
                 if m and float(m.group(1)) >= n:
                     break
+                failed = re.search(r'loraplex_server_adapters\{state="failed"\} (\S+)', text)
+                if failed and float(failed.group(1)) > 0:  # never settles: say so, not hang
+                    raise RuntimeError(f"{failed.group(1)} adapters failed; see {folder}")
                 await asyncio.sleep(0.25)
             settled = time.monotonic() - t0
             await asyncio.sleep(1.0)
