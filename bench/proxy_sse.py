@@ -1,15 +1,18 @@
 """The proxy's cost per streamed token, against a compiled GPU-paced vLLM stand-in (issue 12).
 
 One command, one run, side by side: the same load from the compiled load generator straight
-to the compiled stand-in ("direct") and through loraplex-server ("proxy"), and through the
-floor (`bench/byte_pump.py`, a relay without HTTP) for reference, at 64/256/512
-streams x 50 tok/s and unpaced. As the issue measured it, the proxy gets core 0 alone and the
-stand-in and load generator share core 1 (with --workers 2 the proxy gets both cores and the
-load shares them: the scaling row, contended by construction on two cores). Proxy CPU is read
-from /proc/PID/stat of the server and every process under it.
+to the compiled stand-in ("direct") and through loraplex-server ("proxy"), and for reference
+through two floors: `bench/byte_pump.py` (a Python relay without HTTP) and
+`bench/relay_floor.c` (a C epoll relay: the kernel's part alone, which no relay in any
+language can go below), at 64/256/512 streams x 50 tok/s and unpaced. As the issue measured
+it, the proxy gets core 0 alone and the stand-in and load generator share core 1 (with
+--workers 2 the proxy gets both cores and the load shares them: the scaling row, contended
+by construction on two cores). Proxy CPU is read from /proc/PID/stat of the server and every
+process under it.
 
     flock /tmp/loraplex-heavy.lock .venv/bin/python -m bench.proxy_sse
-    (options: --seconds 15 --streams 64,256,512 --workers 1,2 --compare /work/main)
+    (options: --seconds 15 --streams 64,256,512 --workers 1,2 --compare /work/main
+     --splice (the C floor by splice(2) as well) --only "this,kernel floor")
 
 Writes bench/results/proxy_sse.json, docs/img/proxy_sse.png and the table in
 docs/benchmarks.md (between the `proxy-sse` markers).
@@ -36,6 +39,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MARK_BEGIN = "<!-- proxy-sse:begin -->"
 MARK_END = "<!-- proxy-sse:end -->"
 FLOOR = Path("byte-pump")  # stands for bench/byte_pump.py where a checkout is expected
+# bench/relay_floor.c, built into --bin under these names, with these compiler flags
+KERNEL_FLOOR, KERNEL_FLOOR_SPLICE = Path("relay_floor"), Path("relay_floor_splice")
+KERNEL_FLOORS = {KERNEL_FLOOR: [], KERNEL_FLOOR_SPLICE: ["-DSPLICE"]}
 
 
 @dataclass
@@ -148,9 +154,33 @@ def byte_pump(upstream: str, cpus: str) -> Iterator[tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def proxy(checkout: Path, upstream: str, workers: int, cpus: str) -> Iterator[tuple[str, int]]:
+def relay_floor(binary: Path, upstream: str, cpus: str) -> Iterator[tuple[str, int]]:
+    """The kernel's floor (`bench/relay_floor.c`): a C epoll relay, what any relay pays."""
+    port = free_port()
+    with running([str(binary), str(port), upstream.rsplit(":", 1)[1]], cpus) as p:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health")
+        yield url, p.pid
+
+
+def build_relay_floors(bindir: Path) -> None:
+    """Compiles `bench/relay_floor.c` twice: recv/send, and splice(2) through a pipe."""
+    for name, flags in KERNEL_FLOORS.items():
+        source = str(ROOT / "bench" / "relay_floor.c")
+        cmd = ["cc", "-O2", "-Wall", *flags, "-o", str(bindir / name.name), source]
+        subprocess.run(cmd, check=True)
+
+
+@contextlib.contextmanager
+def proxy(
+    checkout: Path, upstream: str, workers: int, cpus: str, bindir: Path
+) -> Iterator[tuple[str, int]]:
     if checkout == FLOOR:
         with byte_pump(upstream, cpus) as got:
+            yield got
+        return
+    if checkout in KERNEL_FLOORS:
+        with relay_floor(bindir / checkout.name, upstream, cpus) as got:
             yield got
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,7 +242,7 @@ def measure(
         direct = loadgen(
             bindir, f"{upstream}/v1/completions", streams, args.tokens, args.seconds, load_cpus
         )
-        with proxy(checkout, upstream, workers, proxy_cpus) as (url, pid):
+        with proxy(checkout, upstream, workers, proxy_cpus, bindir) as (url, pid):
             loadgen(bindir, f"{url}/v1/completions", streams, args.tokens, 2, load_cpus)  # warm
             pids = tree(pid)
             u0, s0 = cpu_seconds(pids)
@@ -311,8 +341,10 @@ def write_docs(rows: list[Row], cmd: str) -> None:
         "with 2 workers everything shares both cores). Compiled stand-in and load generator "
         'from `/work/shared/bench/sse`. "this" is this checkout, "floor" is '
         "`bench/byte_pump.py` (bytes copied both ways by a uvloop protocol, no HTTP: the least "
-        'a Python relay pays per event here), "compare" is `--compare`\'s checkout. CPU per '
-        "event is split into user and kernel time.\n\n"
+        'a Python relay pays per event here), "kernel floor" is `bench/relay_floor.c` (the '
+        "same in C with epoll: the kernel's part alone, the least any relay pays per event "
+        'here), "compare" is `--compare`\'s checkout. CPU per event is split into user and '
+        "kernel time.\n\n"
         f"{table(rows)}\n\n![TTFB overhead and CPU per event](img/proxy_sse.png)\n{MARK_END}"
     )
     if MARK_BEGIN in text:
@@ -332,13 +364,19 @@ def main() -> None:
     p.add_argument("--unpaced-streams", type=int, default=64)
     p.add_argument("--workers", default="1,2")
     p.add_argument("--compare", type=Path, help="another checkout's server, e.g. /work/main")
+    p.add_argument("--splice", action="store_true", help="also the kernel floor by splice(2)")
+    p.add_argument("--only", help='rows to run, e.g. "this,kernel floor" (default: all)')
     args = p.parse_args()
     if not (args.bin / "loadgen").exists():
         subprocess.run(
             [str(SSE_SRC / "build.sh")], env={**os.environ, "SSE_BIN": str(args.bin)}, check=True
         )
-    checkouts = [("this", ROOT), ("floor", FLOOR)]
+    build_relay_floors(args.bin)
+    checkouts = [("this", ROOT), ("floor", FLOOR), ("kernel floor", KERNEL_FLOOR)]
+    checkouts += [("kernel floor, splice", KERNEL_FLOOR_SPLICE)] if args.splice else []
     checkouts += [("compare", args.compare)] if args.compare else []
+    if args.only:
+        checkouts = [c for c in checkouts if c[0] in args.only.split(",")]
     rows: list[Row] = []
     for label, checkout in checkouts:
         for workers in [int(w) for w in args.workers.split(",")]:
