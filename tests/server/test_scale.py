@@ -12,8 +12,10 @@ follows the pages; /v1/models and a page of /v1/adapters answer fast with 10,000
 from __future__ import annotations
 
 import asyncio
+import collections
 import gzip
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import pytest
 from loraplex.podsync import PodSync, PodTarget
 from loraplex_server import errors
 from loraplex_server import manifest_shards as ms
-from loraplex_server.manifest import AdapterManifest
+from loraplex_server.manifest import AdapterManifest, AdapterState
 from loraplex_server.metrics import Metrics
 
 from .helpers import FakeVLLM, make_settings, manifest_doc, run_server, serve_app, wait_for
@@ -469,3 +471,45 @@ async def test_a_hot_add_is_pushed_before_the_pod_is_polled(tmp_path: Path, pvc_
                 assert seen == ["GET"]
             finally:
                 await sync.close()
+
+
+def state_gauge(metrics_text: str) -> dict[str, float]:
+    found = re.findall(r'^loraplex_server_adapters\{state="(\w+)"\} (\S+)$', metrics_text, re.M)
+    return {state: float(value) for state, value in found}
+
+
+async def test_the_state_gauge_says_what_the_adapters_are_after_every_kind_of_change(
+    tmp_path: Path, pvc_root: Path
+) -> None:
+    """The per-state gauge is kept by each state write, not recounted from the entries (a
+    recount per event-loop turn made settling 10,000 adapters take ~40 s). So after adds, a
+    failed fetch, loads, evictions and removals, it must still agree with the report."""
+    S = AdapterState
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        doc = many(300)
+        broken = {"name": "broken", "servedName": "broken", "source": "pvc://adapters/missing"}
+        doc["adapters"].append(broken)
+        settings = make_settings(tmp_path, vurl, doc, pvc_root, download_attempts=1)
+        async with run_server(settings) as srv, aiohttp.ClientSession() as s:
+            reg = srv.server.registry
+            done = {S.CACHED, S.FAILED, S.LOADED, S.EVICTED}
+            await wait_for(lambda: {e.state for e in reg.entries.values()} <= done, within=60)
+            for i in range(6):  # max_cpu_loras is 4: loads, then evictions
+                body = {"model": f"t-{i:05d}", "prompt": "hi", "max_tokens": 2}
+                async with s.post(f"{srv.url}/v1/completions", json=body) as r:
+                    assert r.status == 200, await r.text()
+            second = many(340, generation=2)  # keeps 240 of the first, drops 60, adds 40
+            second["adapters"] = second["adapters"][:240] + second["adapters"][300:] + [broken]
+            headers = {**srv.auth, "Content-Type": "application/json"}
+            async with s.put(f"{srv.admin}/admin/manifest", json=second, headers=headers) as r:
+                assert r.status == 200, await r.text()
+            await wait_for(lambda: {e.state for e in reg.entries.values()} <= done, within=60)
+            await asyncio.sleep(0.05)  # the gauge is set at the end of an event-loop turn
+            async with s.get(f"{srv.url}/metrics") as r:
+                gauge = state_gauge(await r.text())
+            report = await adapters_of(srv.url)
+    states = collections.Counter(a["state"] for a in report["adapters"])
+    assert gauge == {state.value: float(states[state.value]) for state in AdapterState}
+    assert len(report["adapters"]) == 281 and states["failed"] == 1
+    assert states["evicted"] >= 1 and states["loaded"] >= 1
