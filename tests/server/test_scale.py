@@ -513,3 +513,21 @@ async def test_the_state_gauge_says_what_the_adapters_are_after_every_kind_of_ch
     assert gauge == {state.value: float(states[state.value]) for state in AdapterState}
     assert len(report["adapters"]) == 281 and states["failed"] == 1
     assert states["evicted"] >= 1 and states["loaded"] >= 1
+
+
+async def test_a_request_for_an_adapter_still_queued_for_its_download_goes_first(
+    tmp_path: Path, pvc_root: Path
+) -> None:
+    """Thousands of adapters at a pod's start queue for the download slots (10,000 take ~40 s
+    here); a request for one near the end of the queue must not wait for all the others."""
+    vllm = FakeVLLM()
+    async with serve_app(vllm.app()) as vurl:
+        settings = make_settings(tmp_path, vurl, many(2000), pvc_root)
+        async with run_server(settings) as srv, aiohttp.ClientSession() as s:
+            reg = srv.server.registry
+            body = {"model": "t-01999", "prompt": "hi", "max_tokens": 2}
+            async with s.post(f"{srv.url}/v1/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+            cached = sum(e.state != AdapterState.DOWNLOADING for e in reg.entries.values())
+            assert reg.entries["t-01999"].state == AdapterState.LOADED
+            assert cached < 1000, f"{cached} of 2000 fetched first"

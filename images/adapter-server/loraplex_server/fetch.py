@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -27,6 +27,7 @@ from yarl import URL
 
 from loraplex_server import errors
 from loraplex_server.cache import CacheBudget, Quota, deadline_passed
+from loraplex_server.download_slots import DownloadSlots
 from loraplex_server.manifest import (
     ADAPTER_NAME_RE,
     AdapterLimits,
@@ -145,9 +146,7 @@ class Fetcher:
         self.cache_dir = settings.cache_dir
         self.budget = CacheBudget(AdapterLimits().cache_bytes)
         self._installed: dict[str, int] = {}
-        self._active = 0
-        self._limit = 1  # the download limit of the latest manifest, for waking waiters
-        self._slots = asyncio.Condition()
+        self.slots = DownloadSlots()
         # Removals get their own thread: eviction runs while worker threads of the default
         # pool may all be waiting for it (CacheBudget.take_sync), so it must not need one.
         self._remover = ThreadPoolExecutor(1, thread_name_prefix="cache-remove")
@@ -214,7 +213,7 @@ class Fetcher:
         for attempt in range(1, attempts + 1):
             on_attempt(attempt)
             try:
-                async with self._slot(limits.max_concurrent_downloads):
+                async with self.slots.slot(spec.name, limits.max_concurrent_downloads):
                     deadline = time.monotonic() + limits.download_timeout_seconds
                     try:
                         async with asyncio.timeout(limits.download_timeout_seconds):
@@ -236,25 +235,6 @@ class Fetcher:
                 )
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
-
-    @contextlib.asynccontextmanager
-    async def _slot(self, limit: int) -> AsyncIterator[None]:
-        """At most `limit` downloads at once (the limit may change with each manifest).
-
-        A release wakes only as many waiters as there are free slots: with 10,000 adapters
-        declared at once, waking every waiter on each release made settling quadratic
-        (minutes instead of seconds).
-        """
-        async with self._slots:
-            self._limit = limit
-            await self._slots.wait_for(lambda: self._active < limit)
-            self._active += 1
-        try:
-            yield
-        finally:
-            async with self._slots:
-                self._active -= 1
-                self._slots.notify(max(1, self._limit - self._active))
 
     def _marker(self, spec: ManifestAdapter) -> dict[str, Any]:
         return {"source": spec.source, "revision": spec.revision, "sha256": spec.sha256}

@@ -356,6 +356,7 @@ class Registry:
         if e.state == S.UNCACHED and e.fetch_task is not None and e.fetch_task.done():
             e.fetch_task = self._spawn(self._fetch(e))  # its files were evicted from the cache
         if e.fetch_task is not None:
+            self.fetcher.slots.hurry(e.spec.name)  # someone waits for it: next free slot
             try:
                 await asyncio.shield(e.fetch_task)
             except asyncio.CancelledError:
