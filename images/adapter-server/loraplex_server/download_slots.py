@@ -9,33 +9,35 @@ would wait all that time, so `hurry` moves its fetch to the front: the next free
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncIterator
 
 
 class DownloadSlots:
     """A counting semaphore whose limit may change with each manifest, and whose waiters can
-    be moved to the front by name."""
+    be moved to the front by name.
+
+    Queues are deques, so a grant is O(1) however many wait: a cancelled waiter is not taken
+    out (its turn is skipped when reached), and a hurried one is queued again in front (its
+    old place is skipped once its turn is done). Only `hurry` walks the queue.
+    """
 
     def __init__(self) -> None:
         self.active = 0
         self.limit = 1
-        # Waiting fetches in arrival order, by their future (one name may wait twice for a
-        # moment: a fetch cancelled for a changed spec, and its successor).
-        self._waiting: dict[asyncio.Future[None], str] = {}
-        self._hurried: dict[asyncio.Future[None], str] = {}
+        self._waiting: collections.deque[tuple[asyncio.Future[None], str]] = collections.deque()
+        self._hurried: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @contextlib.asynccontextmanager
     async def slot(self, name: str, limit: int) -> AsyncIterator[None]:
         self.limit = limit
         turn = asyncio.get_running_loop().create_future()
-        self._waiting[turn] = name
+        self._waiting.append((turn, name))
         self._grant()  # the limit may have grown: not only a release hands out slots
         try:
             await turn
         except asyncio.CancelledError:
-            self._waiting.pop(turn, None)
-            self._hurried.pop(turn, None)
             if turn.done() and not turn.cancelled():
                 self._release()  # granted and cancelled in the same turn: pass it on
             raise
@@ -46,10 +48,9 @@ class DownloadSlots:
 
     def hurry(self, name: str) -> bool:
         """Give `name`'s waiting fetch the next free slot; whether it was waiting for one."""
-        for turn, waiting in self._waiting.items():  # once per request for a queued adapter
-            if waiting == name:
-                del self._waiting[turn]
-                self._hurried[turn] = name
+        for turn, waiting in self._waiting:  # once per request for a queued adapter
+            if waiting == name and not turn.done():
+                self._hurried.append(turn)
                 return True
         return False
 
@@ -58,9 +59,8 @@ class DownloadSlots:
         self._grant()
 
     def _grant(self) -> None:
-        while self.active < self.limit and (queue := self._hurried or self._waiting):
-            turn = next(iter(queue))
-            del queue[turn]
-            if not turn.done():  # (a cancelled waiter not yet run: it removes itself)
+        while self.active < self.limit and (self._hurried or self._waiting):
+            turn = self._hurried.popleft() if self._hurried else self._waiting.popleft()[0]
+            if not turn.done():  # (cancelled, or granted already from the hurried queue)
                 self.active += 1
                 turn.set_result(None)
