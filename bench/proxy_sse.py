@@ -373,7 +373,7 @@ def main() -> None:
         )
     build_relay_floors(args.bin)
     checkouts = [("this", ROOT), ("floor", FLOOR), ("kernel floor", KERNEL_FLOOR)]
-    checkouts += [("kernel floor, splice", KERNEL_FLOOR_SPLICE)] if args.splice else []
+    checkouts += [("kernel floor (splice)", KERNEL_FLOOR_SPLICE)] if args.splice else []
     checkouts += [("compare", args.compare)] if args.compare else []
     if args.only:
         checkouts = [c for c in checkouts if c[0] in args.only.split(",")]
