@@ -593,26 +593,22 @@ class Registry:
         state in it, from the tally every state write keeps (`Entry.__setattr__`).
 
         Counting the entries instead is quadratic: 10,000 adapters starting took minutes when
-        each change recounted, and still ~40 s (against ~6 s) when each turn did, because the
-        fetches finish a few per turn."""
+        each change recounted, and a recount per turn still cost settling them 42 -> 36 s,
+        because the fetches finish a few per turn."""
         if self._gauges_due:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._recount()
+            self._set_gauges()
             return
         self._gauges_due = True
-        loop.call_soon(self._recount)
+        loop.call_soon(self._set_gauges)
 
-    def _recount(self) -> None:
+    def _set_gauges(self) -> None:
         self._gauges_due = False
         for s in S:
             self.metrics.adapters.labels(s.value).set(self._tally[s])
-
-    def states(self) -> collections.Counter[AdapterState]:
-        """How many entries are in each state (what the gauge shows)."""
-        return +self._tally
 
     def _spawn(self, coro: Coroutine[Any, Any, None], quiet: bool = False) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
